@@ -1,0 +1,166 @@
+"""The LMDB of JPEG frames: its on-disk format and a reader.
+
+Format (compatible with the reference project's `make_lmdb_kin.py`, plus our own
+metadata so that readers never have to decode a frame to learn a video's size):
+
+    b"%09d" % video_id      msgpack list of the video's JPEG frames (raw bytes), in order
+    b"__keys__"             msgpack list of those keys, in id order
+    b"__len__"              msgpack int, the number of videos
+    b"__order__"            msgpack list of names ("class/video", no extension), in id order
+    b"__vlen__"             msgpack list of frame counts, in id order
+    b"__meta__"             ours: msgpack list of dicts {name, label, frames, height, width, fps, source}
+    b"__classes__"          ours: msgpack list of class names; a label indexes it
+    b"__info__"             ours: msgpack dict of build settings {format, version, short_side, fps, quality}
+
+LMDBs built by the reference project lack the last three; the reader then derives
+the metadata from `__order__`/`__vlen__` and the first frame's JPEG header.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import lmdb
+import msgpack
+
+KEYS_KEY = b"__keys__"
+LEN_KEY = b"__len__"
+ORDER_KEY = b"__order__"
+VLEN_KEY = b"__vlen__"
+META_KEY = b"__meta__"
+CLASSES_KEY = b"__classes__"
+INFO_KEY = b"__info__"
+FORMAT_NAME = "cstp-dali-lmdb"
+FORMAT_VERSION = 1
+
+# A sane ceiling for anything we size from file contents (frames per video).
+MAX_FRAMES_PER_VIDEO = 1_000_000
+
+
+def video_key(video_id: int) -> bytes:
+    return b"%09d" % video_id
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes):
+    return msgpack.unpackb(data, raw=False)
+
+
+@dataclass(frozen=True)
+class VideoMeta:
+    name: str
+    label: int
+    frames: int
+    height: int
+    width: int
+    fps: float = 0.0
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(name=self.name, label=self.label, frames=self.frames, height=self.height,
+                    width=self.width, fps=self.fps, source=self.source)
+
+
+class LmdbFormatError(RuntimeError):
+    """The database is not an LMDB of JPEG frames in the expected layout."""
+
+
+def open_readonly(path: str) -> lmdb.Environment:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"LMDB not found: {path} (build one with `python -m preprocessing build-lmdb`)")
+    return lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
+                     readahead=False, meminit=False, max_readers=512)
+
+
+# One read-only environment per database per process: py-lmdb refuses to open the
+# same files twice in a process, and several readers (loaders, metadata) share one.
+_SHARED_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
+
+
+def shared_env(path: str) -> lmdb.Environment:
+    key = os.path.realpath(path)
+    cached = _SHARED_ENVS.get(key)
+    if cached is not None:
+        pid, env = cached
+        if pid == os.getpid():
+            return env
+        # Inherited through fork (a DALI worker): an LMDB environment must not be
+        # used after fork. Closing the child's copy only unmaps the child's view and
+        # closes its file descriptors (lock=False: no locks to release), and lets
+        # py-lmdb open the files afresh in this process.
+        try:
+            env.close()
+        except lmdb.Error:
+            pass
+    env = open_readonly(path)
+    _SHARED_ENVS[key] = (os.getpid(), env)
+    return env
+
+
+def jpeg_size(jpeg: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG header, without decoding the image."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as im:
+        width, height = im.size
+    return height, width
+
+
+def read_metadata(path: str) -> tuple[list[VideoMeta], list[str]]:
+    """All videos' metadata and the class names."""
+    with shared_env(path).begin(buffers=False) as txn:
+        raw_meta = txn.get(META_KEY)
+        if raw_meta is not None:
+            metas = [VideoMeta(**{k: m[k] for k in VideoMeta.__dataclass_fields__ if k in m})
+                     for m in unpack(raw_meta)]
+            raw_classes = txn.get(CLASSES_KEY)
+            classes = list(unpack(raw_classes)) if raw_classes is not None else []
+            return metas, classes
+        return _reference_metadata(txn, path)
+
+
+def _reference_metadata(txn, path: str) -> tuple[list[VideoMeta], list[str]]:
+    """Metadata for an LMDB built by the reference project (no `__meta__`)."""
+    raw_order, raw_vlen = txn.get(ORDER_KEY), txn.get(VLEN_KEY)
+    raw_keys = txn.get(KEYS_KEY)
+    if raw_order is None or raw_keys is None:
+        raise LmdbFormatError(f"{path}: no {ORDER_KEY!r}/{KEYS_KEY!r} entries; not a video-frame LMDB")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in unpack(raw_order)]
+    classes = sorted({n.split("/")[0] for n in names if "/" in n})
+    class_index = {c: i for i, c in enumerate(classes)}
+    metas = []
+    for video_id, name in enumerate(names):
+        raw = txn.get(video_key(video_id))
+        frames = unpack(raw) if raw is not None else []
+        height, width = jpeg_size(frames[0]) if frames else (0, 0)
+        label = class_index.get(name.split("/")[0], -1)
+        metas.append(VideoMeta(name=name, label=label, frames=len(frames), height=height, width=width))
+    return metas, classes
+
+
+class LmdbFrameReader:
+    """Reads selected JPEG frames of a video. Picklable: the environment is opened
+    lazily in whichever process reads (DALI worker processes included)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def all_frames(self, video_id: int) -> list[bytes]:
+        with shared_env(self.path).begin(buffers=False) as txn:
+            raw = txn.get(video_key(video_id))
+        if raw is None:
+            raise KeyError(f"{self.path}: no entry for video {video_id} (key {video_key(video_id).decode()})")
+        frames = unpack(raw)
+        if not isinstance(frames, list) or len(frames) > MAX_FRAMES_PER_VIDEO:
+            raise LmdbFormatError(f"{self.path}: entry {video_id} is not a list of JPEG frames")
+        return frames
+
+    def frames(self, video_id: int, indices) -> list[bytes]:
+        """The JPEG bytes of the given frame indices (repeats allowed)."""
+        frames = self.all_frames(video_id)
+        return [frames[int(i)] for i in indices]

@@ -1,0 +1,83 @@
+"""The one place where the data side meets the learning side: an iterable of
+batches (dicts of torch tensors on the training device) built on a DALI pipeline.
+
+    loader = PretrainLoader(db_path, plan_cfg, batch_size=16, device="gpu", local_rank=0, ...)
+    for epoch in range(loader.start_epoch, epochs):
+        for batch in loader:          # one epoch; batch["view1"]: (B, 3, T, S, S) float in [-1, 1]
+            ...
+
+Build it before `torch.distributed.init_process_group` when DALI workers are
+forked (dali-under-torchrun.md §1): forked workers must not inherit the process
+group's sockets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .lmdb_store import read_metadata
+from .plan import PlanConfig
+from .pretrain_pipeline import PRETRAIN_OUTPUTS, cstp_pretrain_pipeline
+from .sharding import samples_per_rank
+from .sources import PretrainLmdbSource
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    batch_size: int = 16
+    num_threads: int = 2          # DALI CPU threads per pipeline
+    workers: int = 0              # parallel external_source worker processes; 0 = in the pipeline thread
+    start_method: str = "fork"
+    prefetch: int = 2             # pipeline prefetch queue depth
+    shuffle: bool = True
+    seed: int = 1
+
+
+class PretrainLoader:
+    def __init__(self, db_path: str, plan_cfg: PlanConfig, settings: LoaderSettings, *,
+                 device: str = "cpu", local_rank: int = 0, rank: int = 0, world_size: int = 1,
+                 start_epoch: int = 0, start_sample: int = 0):
+        # Imported here so that `import pipelines` works without DALI (e.g. for plans).
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.metas, self.classes = read_metadata(db_path)
+        if not self.metas:
+            raise ValueError(f"{db_path} holds no videos")
+        self.batch_size = settings.batch_size
+        self.samples_per_rank = samples_per_rank(len(self.metas), world_size, settings.batch_size)
+        self.steps_per_epoch = self.samples_per_rank // settings.batch_size
+        self.start_epoch = start_epoch
+        self.device = device
+        self.source = PretrainLmdbSource(db_path, self.metas, plan_cfg, seed=settings.seed,
+                                         batch_size=settings.batch_size, rank=rank, world_size=world_size,
+                                         shuffle=settings.shuffle, start_epoch=start_epoch,
+                                         start_sample=start_sample)
+        parallel = settings.workers > 0
+        extra = dict(py_num_workers=settings.workers, py_start_method=settings.start_method) if parallel else {}
+        self.pipeline = cstp_pretrain_pipeline(
+            source=self.source, device=device, parallel=parallel,
+            batch_size=settings.batch_size, num_threads=settings.num_threads,
+            device_id=local_rank if device == "gpu" else None,
+            prefetch_queue_depth=settings.prefetch, **extra)
+        self.pipeline.build()
+        self._iterator = DALIGenericIterator([self.pipeline], list(PRETRAIN_OUTPUTS), auto_reset=False,
+                                             last_batch_policy=LastBatchPolicy.DROP,
+                                             prepare_first_batch=False)
+        self._first_epoch_steps = self.steps_per_epoch - start_sample // settings.batch_size
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self._first_epoch_steps if epoch == self.start_epoch else self.steps_per_epoch
+
+    def __iter__(self):
+        """One epoch of batches."""
+        for outputs in self._iterator:
+            batch = outputs[0]
+            for name in PRETRAIN_OUTPUTS[2:]:
+                batch[name] = batch[name].long()
+            yield batch
+        self._iterator.reset()
+
+    def close(self):
+        # Deleting the iterator frees the pipeline and its worker processes.
+        self._iterator = None
+        self.pipeline = None

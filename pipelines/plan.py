@@ -1,0 +1,235 @@
+"""The CSTP sampling plan: every random decision of one pretraining sample, made up
+front in plain numpy (cstp-method-spec.md §2).
+
+A plan is a pure function of (seed, epoch, sample index, video size). The DALI
+executor applies it on the GPU or CPU; tests and the reference executor apply the
+same plan with numpy, so labels are exact by construction and runs reproduce
+across devices, thread counts and restarts.
+
+Conventions: frames are 0-indexed; a box is (x, y, w, h) in pixels of the
+*un-rotated* source frame (DESIGN.md: boxes are placed in the un-rotated frame and
+the crops rotated afterwards, so the spatial-overlap label describes shared
+content); a rotation k means k·90° counter-clockwise (PIL's ROTATE_90, np.rot90);
+label 0 of an overlap class means full overlap (rate 1.0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PLAN_RNG_VERSION = 1  # bump when a change alters the plans drawn for a given seed
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Geometry and label sets of the pretraining plan; defaults are the reference's."""
+
+    frames: int = 16                                   # T, frames per view
+    crop_size: int = 112                               # S, output side
+    strides: tuple[int, ...] = (1, 2, 4, 8)            # playback rates (PACE)
+    temporal_rates: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2)
+    spatial_rates: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4, 0.2)
+    min_area: float = 0.2                              # RandomResizedCrop area range
+    max_area: float = 1.0
+    min_ratio: float = 3 / 4                           # aspect ratio range
+    max_ratio: float = 4 / 3
+    rotations: int = 4                                 # 0/90/180/270
+    flip_prob: float = 0.5
+    max_box_attempts: int = 100                        # bounded rejection sampling
+
+    def __post_init__(self):
+        if self.frames < 2:
+            raise ValueError(f"frames must be >= 2, got {self.frames}")
+        if self.crop_size < 8:
+            raise ValueError(f"crop_size must be >= 8, got {self.crop_size}")
+        if not self.strides or any(s < 1 for s in self.strides):
+            raise ValueError(f"strides must be positive integers, got {self.strides}")
+        if self.temporal_rates[0] != 1.0 or self.spatial_rates[0] != 1.0:
+            raise ValueError("class 0 of the overlap rates must be 1.0 (full overlap)")
+        if not 0 < self.min_area <= self.max_area <= 1:
+            raise ValueError(f"need 0 < min_area <= max_area <= 1, got {self.min_area}, {self.max_area}")
+
+
+@dataclass(frozen=True)
+class Box:
+    x: int
+    y: int
+    w: int
+    h: int
+
+    def intersection_area(self, other: "Box") -> int:
+        dx = min(self.x + self.w, other.x + other.w) - max(self.x, other.x)
+        dy = min(self.y + self.h, other.y + other.h) - max(self.y, other.y)
+        return max(dx, 0) * max(dy, 0)
+
+    def inside(self, width: int, height: int) -> bool:
+        return self.x >= 0 and self.y >= 0 and self.x + self.w <= width and self.y + self.h <= height
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    frames: np.ndarray   # (T,) int64 frame indices into the video
+    box: Box             # crop in the un-rotated frame
+    rotation: int        # k: k·90° counter-clockwise, applied to the crop
+    flip: bool           # horizontal flip, applied last
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    video_index: int
+    stride: int
+    view1: ViewPlan
+    view2: ViewPlan
+    speed_label: int      # index into PlanConfig.strides
+    temporal_label: int   # index into temporal_rates
+    spatial_label: int    # index into spatial_rates
+    clip_range: int       # (T-1)·stride, the span of one window in frames
+    starts: tuple[int, int] = field(default=(0, 0))
+
+    @property
+    def temporal_overlap(self) -> float:
+        """Overlap duration / window duration, measured from the two windows."""
+        if self.clip_range == 0:
+            return 1.0
+        shift = abs(self.starts[1] - self.starts[0])
+        return max(self.clip_range - shift, 0) / self.clip_range
+
+    @property
+    def spatial_overlap(self) -> float:
+        """Intersection area / area of one box (not IoU; Fig. 1 of the paper)."""
+        return self.view1.box.intersection_area(self.view2.box) / (self.view1.box.w * self.view1.box.h)
+
+
+def plan_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """Counter-based: independent streams per (seed, epoch, sample), whatever the
+    sharding, worker count or restart point."""
+    return np.random.default_rng([PLAN_RNG_VERSION, seed, epoch, index])
+
+
+# ---------------------------------------------------------------- temporal
+
+
+def max_speed_label(num_frames: int, cfg: PlanConfig) -> int:
+    """Highest stride class a video of `num_frames` allows (spec §2.1:
+    int(log2(N / (T-1))), capped by the number of strides, never negative)."""
+    if num_frames <= 0:
+        return 0
+    return int(min(len(cfg.strides) - 1, max(0, math.floor(math.log2(num_frames / (cfg.frames - 1))))))
+
+
+def temporal_shift(rate: float, clip_range: int) -> int:
+    # The reference truncates: int((1-0.8)*15) == 2, so an "0.8" pair overlaps ~0.87.
+    return int((1 - rate) * clip_range)
+
+
+def sample_temporal(rng: np.random.Generator, num_frames: int, cfg: PlanConfig):
+    """(stride, speed_label, start1, start2, temporal_label, clip_range)."""
+    speed_label = int(rng.integers(0, max_speed_label(num_frames, cfg) + 1))
+    stride = cfg.strides[speed_label]
+    clip_range = (cfg.frames - 1) * stride
+    last_start = num_frames - clip_range - 1        # inclusive; windows stay inside the video
+    if last_start < 0:
+        # Too short for even one window: both views read the same wrapped frames.
+        return stride, speed_label, 0, 0, 0, clip_range
+    start1 = int(rng.integers(0, last_start + 1))
+    # The reference redraws (label, direction) until start2 fits; a uniform choice
+    # among the valid pairs has exactly that distribution, without the loop.
+    valid = []
+    for label, rate in enumerate(cfg.temporal_rates):
+        shift = temporal_shift(rate, clip_range)
+        for direction in (-1, 1):
+            start2 = start1 + direction * shift
+            if 0 <= start2 <= last_start:
+                valid.append((label, start2))
+    label, start2 = valid[int(rng.integers(0, len(valid)))]
+    return stride, speed_label, start1, start2, label, clip_range
+
+
+def window_indices(start: int, stride: int, num_frames: int, cfg: PlanConfig) -> np.ndarray:
+    """Frame indices of one window; for videos shorter than a window they wrap
+    back to frame 0 (spec §2.1 short-video case), so every index is in range."""
+    idx = start + stride * np.arange(cfg.frames, dtype=np.int64)
+    return idx % max(num_frames, 1)
+
+
+# ---------------------------------------------------------------- spatial
+
+
+def sample_first_box(rng: np.random.Generator, width: int, height: int, cfg: PlanConfig) -> Box:
+    """RandomResizedCrop of view 1 (spec §2.2), with bounded attempts."""
+    area = width * height
+    for _ in range(cfg.max_box_attempts):
+        target = rng.uniform(cfg.min_area, cfg.max_area) * area
+        ratio = rng.uniform(cfg.min_ratio, cfg.max_ratio)
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if rng.random() < 0.5:
+            w, h = h, w
+        if 1 <= w <= width and 1 <= h <= height:
+            return Box(int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h)
+    # Extreme aspect ratios never fit: fall back to the largest centred box of an
+    # allowed ratio (what torchvision does).
+    ratio = min(max(width / height, cfg.min_ratio), cfg.max_ratio)
+    w = min(width, int(round(height * ratio)))
+    h = min(height, int(round(w / ratio)))
+    return Box((width - w) // 2, (height - h) // 2, w, h)
+
+
+def second_box_candidate(first: Box, rate: float, corner: int, overlap_w: int) -> Box | None:
+    """Box of the same size as `first`, shifted diagonally towards `corner` so that
+    the overlap is `overlap_w` wide and ~rate·area/overlap_w tall (spec §2.2)."""
+    if overlap_w <= 0:
+        return None
+    overlap_h = int(rate * first.w * first.h / overlap_w)
+    if not 1 <= overlap_h <= first.h:
+        return None  # the reference would build a box whose overlap is not the class's
+    dx = first.w - overlap_w
+    dy = first.h - overlap_h
+    x = first.x - dx if corner in (0, 2) else first.x + dx   # 0 up-left, 1 up-right,
+    y = first.y - dy if corner in (0, 1) else first.y + dy   # 2 down-left, 3 down-right
+    return Box(x, y, first.w, first.h)
+
+
+def sample_second_box(rng: np.random.Generator, first: Box, width: int, height: int, cfg: PlanConfig):
+    """(box, spatial_label). Rejection sampling as the reference (each retry redraws
+    label, corner and overlap width); rate 1.0 always fits, and after the bounded
+    attempts we take it."""
+    for _ in range(cfg.max_box_attempts):
+        label = int(rng.integers(0, len(cfg.spatial_rates)))
+        rate = cfg.spatial_rates[label]
+        corner = int(rng.integers(0, 4))
+        overlap_w = int(rng.integers(int(rate * first.w), first.w + 1))
+        box = second_box_candidate(first, rate, corner, overlap_w)
+        if box is not None and box.inside(width, height):
+            return box, label
+    return first, 0
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def make_pretrain_plan(seed: int, epoch: int, index: int, num_frames: int, height: int, width: int,
+                       cfg: PlanConfig) -> PretrainPlan:
+    """The plan for sample `index` (the video's index in the dataset) of `epoch`."""
+    if num_frames < 1 or height < 1 or width < 1:
+        raise ValueError(f"video {index} has no frames or no size ({num_frames} frames, {width}x{height})")
+    rng = plan_rng(seed, epoch, index)
+    stride, speed_label, start1, start2, temporal_label, clip_range = sample_temporal(rng, num_frames, cfg)
+    box1 = sample_first_box(rng, width, height, cfg)
+    box2, spatial_label = sample_second_box(rng, box1, width, height, cfg)
+    rot1, rot2 = (int(r) for r in rng.integers(0, cfg.rotations, size=2))
+    flip1, flip2 = (bool(f) for f in rng.random(2) < cfg.flip_prob)
+    return PretrainPlan(
+        video_index=index,
+        stride=stride,
+        view1=ViewPlan(window_indices(start1, stride, num_frames, cfg), box1, rot1, flip1),
+        view2=ViewPlan(window_indices(start2, stride, num_frames, cfg), box2, rot2, flip2),
+        speed_label=speed_label,
+        temporal_label=temporal_label,
+        spatial_label=spatial_label,
+        clip_range=clip_range,
+        starts=(start1, start2),
+    )

@@ -1,0 +1,122 @@
+"""Per-sample `external_source` callables: they turn (epoch, position) into a plan
+and the encoded bytes the plan needs. Everything random happens here, in numpy,
+deterministically from DALI's SampleInfo, so a pipeline can be restarted at any
+sample of any epoch and produce exactly what an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+
+import numpy as np
+
+from .lmdb_store import LmdbFrameReader, VideoMeta
+from .plan import PlanConfig, PretrainPlan, make_pretrain_plan
+from .sharding import samples_per_rank, shard_indices
+
+log = logging.getLogger(__name__)
+
+# The extra (non-JPEG) outputs of the pretraining source, in order.
+PRETRAIN_PARAM_OUTPUTS = (
+    "anchor1", "shape1", "anchor2", "shape2", "angle1", "angle2", "flip1", "flip2",
+    "spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index",
+)
+
+
+def _guard_worker_process():
+    """In a DALI worker process: die with the parent rank and leave SIGTERM/SIGINT to
+    it (dali-under-torchrun.md §4): otherwise a SIGKILLed rank leaves orphans that
+    hold its sockets, and a preempted rank loses its workers before it can save."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class PretrainLmdbSource:
+    """Sample source of the CSTP pretraining pipeline over an LMDB of JPEG frames.
+
+    Returns, per sample: view 1's T JPEG buffers, view 2's T JPEG buffers, then the
+    arrays named in PRETRAIN_PARAM_OUTPUTS (ROI anchors/shapes in (x, y) order for
+    `decoders.image_slice`, rotation angles in degrees, flip flags and the labels).
+    """
+
+    def __init__(self, db_path: str, metas: list[VideoMeta], plan_cfg: PlanConfig, *, seed: int,
+                 batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 start_epoch: int = 0, start_sample: int = 0):
+        if start_sample % batch_size:
+            raise ValueError(f"start_sample {start_sample} must be a multiple of the batch size {batch_size}")
+        self.reader = LmdbFrameReader(db_path)
+        self.metas = metas
+        self.plan_cfg = plan_cfg
+        self.seed = seed
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.start_epoch = start_epoch
+        self.start_sample = start_sample
+        self.per_rank = samples_per_rank(len(metas), world_size, batch_size)
+        self._creator_pid = os.getpid()
+        self._guarded_pid = os.getpid()
+        self._order_epoch = None
+        self._order = None
+
+    @property
+    def num_outputs(self) -> int:
+        return 2 * self.plan_cfg.frames + len(PRETRAIN_PARAM_OUTPUTS)
+
+    def position(self, sample_info) -> tuple[int, int]:
+        """(epoch, index within this rank's epoch) of a DALI SampleInfo."""
+        epoch = sample_info.epoch_idx + self.start_epoch
+        offset = self.start_sample if sample_info.epoch_idx == 0 else 0
+        return epoch, sample_info.idx_in_epoch + offset
+
+    def video_for(self, epoch: int, position: int) -> int:
+        if self._order_epoch != epoch:
+            self._order = shard_indices(len(self.metas), self.rank, self.world_size, self.batch_size,
+                                        self.seed, epoch, self.shuffle)
+            self._order_epoch = epoch
+        return int(self._order[position])
+
+    def plan(self, epoch: int, video: int) -> PretrainPlan:
+        m = self.metas[video]
+        return make_pretrain_plan(self.seed, epoch, video, m.frames, m.height, m.width, self.plan_cfg)
+
+    def __call__(self, sample_info):
+        if os.getpid() != self._guarded_pid:
+            _guard_worker_process()
+            self._guarded_pid = os.getpid()
+        epoch, position = self.position(sample_info)
+        if position >= self.per_rank:
+            raise StopIteration
+        video = self.video_for(epoch, position)
+        plan = self.plan(epoch, video)
+        wanted = np.concatenate([plan.view1.frames, plan.view2.frames])
+        jpegs = self.reader.frames(video, wanted)
+        buffers = [np.frombuffer(j, dtype=np.uint8) for j in jpegs]
+        return (*buffers, *plan_to_arrays(plan))
+
+
+def plan_to_arrays(plan: PretrainPlan) -> tuple[np.ndarray, ...]:
+    """The plan's parameters as the arrays the DALI graph consumes (see
+    PRETRAIN_PARAM_OUTPUTS). Scalars are 0-d arrays: parallel external_source
+    rejects numpy scalars (dali-facts.md §2.1)."""
+    def xy(box):
+        return np.array([box.x, box.y], np.float32), np.array([box.w, box.h], np.float32)
+
+    a1, s1 = xy(plan.view1.box)
+    a2, s2 = xy(plan.view2.box)
+    i32 = lambda v: np.array(v, dtype=np.int32)  # noqa: E731
+    return (
+        a1, s1, a2, s2,
+        np.array(90.0 * plan.view1.rotation, np.float32), np.array(90.0 * plan.view2.rotation, np.float32),
+        i32(plan.view1.flip), i32(plan.view2.flip),
+        i32(plan.spatial_label), i32(plan.temporal_label), i32(plan.speed_label),
+        i32(plan.view1.rotation), i32(plan.view2.rotation), i32(plan.video_index),
+    )
