@@ -1,0 +1,50 @@
+# CSTP-DALI: `make demo` and `make test` work on a fresh machine: they create .venv,
+# install the project and its dependencies, then run.
+#
+#   make demo      synthetic videos -> LMDB -> CSTP pretraining through DALI (CPU is fine)
+#   make test      the test suite (CPU only; GPU tests are skipped without a GPU)
+#
+# Variables: PYTHON=python3.11  TORCH="torch==2.13.0"  DALI=nvidia-dali-cuda130
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.cstp-installed
+DALI   ?= nvidia-dali-cuda130
+# Without a GPU: the CPU build of torch (never a multi-GB CUDA build). With one: PyPI's default CUDA build.
+TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+DEMO_DATA := data/demo
+DEMO_DB   := $(DEMO_DATA)/demo.lmdb
+
+.PHONY: demo test install check-ffmpeg clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(DALI)"
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+check-ffmpeg:
+	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || { \
+	  echo "ffmpeg/ffprobe not found. Install it: sudo apt-get install ffmpeg  (or: conda install -c conda-forge ffmpeg)"; \
+	  exit 1; }
+
+$(DEMO_DATA)/train.txt: | $(STAMP) check-ffmpeg
+	$(PY) -m preprocessing demo-data --out $(DEMO_DATA)
+
+$(DEMO_DB): $(DEMO_DATA)/train.txt
+	$(PY) -m preprocessing build-lmdb --videos $(DEMO_DATA)/videos --list $(DEMO_DATA)/train.txt \
+	  --out $(DEMO_DB) --short-side 80 --workers 2 --overwrite
+
+demo: $(STAMP) check-ffmpeg $(DEMO_DB)
+	$(PY) train.py --config configs/demo.yaml
+
+test: $(STAMP) check-ffmpeg
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf $(DEMO_DATA) runs/demo

@@ -1,0 +1,78 @@
+"""Checkpoints: written atomically, read without executing anything.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it
+loads with `torch.load(weights_only=True)`; a file that needs more (arbitrary
+pickled objects) is refused. Files are written to a temporary name and renamed,
+so a crash never leaves a half-written `ckpt_*.pt`; `latest_checkpoint` also
+skips files that fail to load (truncated by a full disk, say).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^ckpt_(\d{9})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / f"ckpt_{step:09d}.pt"
+
+
+def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int = 3) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(out_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    if keep > 0:
+        for old in list_checkpoints(out_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for bad files
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path} contains pickled Python objects, not only weights; refusing to load it "
+                "(loading would execute code from the file)") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint dict")
+    return state
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))
+
+
+def latest_checkpoint(out_dir: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads, or None."""
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("ignoring %s: %s", path.name, err)
+    return None

@@ -1,0 +1,180 @@
+"""Run configuration: plain nested values, read from YAML, overridden from the
+command line with `key=value` (nanoGPT style, no framework).
+
+    cfg = load_config("configs/demo.yaml", ["optim.lr=0.1", "max_steps=200"])
+
+A key may be written in full (`optim.lr`) or by its last part when that is unique
+(`lr`, `max_steps`). Unknown keys and wrongly typed values are refused with a
+message that names the closest known key. Defaults are the reference recipe
+(cstp-method-spec.md §2, §6, §12).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+
+import yaml
+
+DEFAULTS: dict = {
+    "run": {
+        "out": "runs/cstp",
+        "seed": 1,
+        "epochs": 300,
+        "max_steps": 0,             # stop after this many optimizer steps (0 = run all epochs)
+        "log_every": 10,            # steps between JSONL records
+        "checkpoint_every": 0,      # steps between checkpoints (0 = only at epoch ends)
+        "keep_checkpoints": 3,
+        "max_bad_steps": 20,        # consecutive non-finite losses before aborting
+        "progress": True,
+    },
+    "data": {
+        "path": "",                 # LMDB of JPEG frames
+        "device": "auto",           # auto | cpu | gpu: where DALI decodes and augments
+        "batch_size": 16,           # per rank
+        "num_threads": 2,
+        "workers": 0,               # external_source worker processes (0 = in-process)
+        "prefetch": 2,
+        "shuffle": True,
+    },
+    "plan": {
+        "frames": 16,
+        "crop_size": 112,
+        "strides": [1, 2, 4, 8],
+        "temporal_rates": [1.0, 0.8, 0.6, 0.4, 0.2],
+        "spatial_rates": [1.0, 0.8, 0.6, 0.4, 0.2],
+        "min_area": 0.2,
+        "max_area": 1.0,
+        "min_ratio": 0.75,
+        "max_ratio": 1.3333333333333333,
+        "flip_prob": 0.5,
+    },
+    "model": {
+        "width": 1.0,               # R(2+1)D-10 channel multiplier (1.0 = 14.37 M parameters)
+        "proj_hidden": 4096,
+        "proj_dim": 512,
+        "ema_tau": 0.996,
+        "target_init": "independent",   # the reference; "copy" = standard BYOL
+    },
+    "loss": {"byol": 0.1, "spatial": 1.0, "temporal": 1.0, "speed": 1.0, "rotation": 1.0},
+    "optim": {
+        "lr": 0.09,                 # peak learning rate
+        "min_lr": 1e-5,
+        "warmup_epochs": 150,
+        "schedule_unit": "epoch",   # epoch (the reference) | step (smooth, for short runs)
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "clip_grad": 18.0,          # 0 disables
+    },
+    "train": {
+        "precision": "auto",        # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+        "channels_last": False,
+        "threads": 0,               # torch CPU threads per rank (0 = leave as is)
+    },
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _resolve_key(key: str, known: dict) -> str:
+    if key in known:
+        return key
+    matches = [k for k in known if k.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"'{key}' is ambiguous: write one of {', '.join(sorted(matches))}")
+    close = difflib.get_close_matches(key, list(known) + [k.rsplit('.', 1)[-1] for k in known], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value, default):
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{key} must be an integer, got {value}")
+        return type(default)(value)
+    elif isinstance(default, str) and isinstance(value, str):
+        return value
+    elif isinstance(default, list) and isinstance(value, list):
+        return value
+    raise ConfigError(f"{key} must be a {type(default).__name__}, got {value!r}")
+
+
+def _set(tree: dict, dotted: str, value):
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def apply_overrides(cfg: dict, overrides: dict) -> dict:
+    cfg = copy.deepcopy(cfg)
+    known = _flatten(DEFAULTS)
+    for key, value in overrides.items():
+        full = _resolve_key(key, known)
+        _set(cfg, full, _coerce(full, value, known[full]))
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ConfigError(f"expected key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot read the value of {key}: {err}") from None
+    return key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> dict:
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+        cfg = apply_overrides(cfg, _flatten(loaded))
+    cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict):
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg["data"]["device"] in ("auto", "cpu", "gpu"), "data.device must be auto, cpu or gpu")
+    need(cfg["data"]["batch_size"] >= 1, "data.batch_size must be >= 1")
+    need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
+    need(0 <= cfg["optim"]["warmup_epochs"] <= cfg["run"]["epochs"],
+         "optim.warmup_epochs must be between 0 and run.epochs")
+    need(cfg["optim"]["schedule_unit"] in ("epoch", "step"), "optim.schedule_unit must be epoch or step")
+    need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
+    need(cfg["model"]["target_init"] in ("independent", "copy"), "model.target_init must be independent or copy")
+    need(0 < cfg["model"]["width"] <= 4, "model.width must be in (0, 4]")
+    need(0 <= cfg["model"]["ema_tau"] <= 1, "model.ema_tau must be in [0, 1]")

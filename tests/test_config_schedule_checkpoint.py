@@ -1,0 +1,91 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cstp.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from cstp.config import ConfigError, load_config
+from cstp.schedule import warmup_cosine_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reference_schedule_values():
+    # spec §6: epoch 1 at 1e-5, linear to the peak at epoch 151, cosine to ~1e-5 at epoch 300
+    lr = lambda e: warmup_cosine_lr(e - 1, 300, 150, 0.09, 1e-5)  # noqa: E731 (1-based epochs)
+    assert lr(1) == pytest.approx(1e-5)
+    assert lr(76) == pytest.approx(1e-5 + (0.09 - 1e-5) * 75 / 150)
+    assert lr(151) == pytest.approx(0.09)
+    assert lr(226) == pytest.approx(1e-5 + (0.09 - 1e-5) / 2)
+    assert lr(300) == pytest.approx(1e-5 + (0.09 - 1e-5) * (1 + math.cos(math.pi * 149 / 150)) / 2)
+    assert lr(300) == pytest.approx(1e-5 + 1.1e-4 * 0.09, rel=0.02)
+    values = [lr(e) for e in range(1, 301)]
+    assert values.index(max(values)) == 150
+
+
+def test_schedule_without_warmup_and_fractional_progress():
+    assert warmup_cosine_lr(0, 10, 0, 1.0, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine_lr(5, 10, 0, 1.0, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine_lr(0.5, 10, 1, 1.0, 0.0) == pytest.approx(0.5)
+
+
+def test_config_defaults_are_the_reference_recipe():
+    cfg = load_config()
+    assert cfg["optim"]["momentum"] == 0.9 and cfg["optim"]["weight_decay"] == 5e-4
+    assert cfg["optim"]["clip_grad"] == 18.0 and cfg["model"]["ema_tau"] == 0.996
+    assert cfg["loss"] == {"byol": 0.1, "spatial": 1.0, "temporal": 1.0, "speed": 1.0, "rotation": 1.0}
+    assert cfg["plan"]["frames"] == 16 and cfg["plan"]["crop_size"] == 112
+
+
+def test_config_file_and_overrides():
+    cfg = load_config(str(ROOT / "configs" / "demo.yaml"), ["optim.lr=0.5", "max_steps=7", "batch_size=4",
+                                                            "strides=[1, 2]"])
+    assert cfg["optim"]["lr"] == 0.5 and cfg["run"]["max_steps"] == 7
+    assert cfg["data"]["batch_size"] == 4 and cfg["plan"]["strides"] == [1, 2]
+    assert cfg["plan"]["frames"] == 8  # from the file
+    assert isinstance(load_config(None, ["lr=1"])["optim"]["lr"], float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "did you mean"),
+    ("nonsense=1", "unknown config key"),
+    ("batch_size=abc", "must be a int"),
+    ("batch_size=2.5", "must be an integer"),
+    ("device=tpu", "data.device"),
+    ("lr", "key=value"),
+])
+def test_bad_overrides_are_refused_with_a_message(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_checkpoints_are_atomic_pruned_and_loaded_safely(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint({"w": torch.full((3,), float(step)), "position": {"step": step}}, tmp_path, step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000000003.pt", "ckpt_000000004.pt"]
+    assert not list(tmp_path.glob(".*tmp*"))
+    path, state = latest_checkpoint(tmp_path)
+    assert path.name == "ckpt_000000004.pt" and state["w"].tolist() == [4.0, 4.0, 4.0]
+
+
+def test_truncated_newest_checkpoint_is_skipped(tmp_path):
+    save_checkpoint({"w": torch.ones(1000)}, tmp_path, 1)
+    good = save_checkpoint({"w": torch.ones(1000) * 2}, tmp_path, 2)
+    data = good.read_bytes()
+    (tmp_path / "ckpt_000000003.pt").write_bytes(data[: len(data) // 2])
+    path, state = latest_checkpoint(tmp_path)
+    assert path.name == "ckpt_000000002.pt" and state["w"][0] == 2
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this would run",))
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    torch.save({"obj": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")

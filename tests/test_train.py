@@ -1,0 +1,73 @@
+"""train.py end to end on a tiny LMDB: logs, checkpoints, exact resume, bad flags."""
+
+import json
+
+import pytest
+import torch
+
+import train
+from cstp.checkpoint import latest_checkpoint
+from tests.lmdb_fixtures import coded_video, write_lmdb
+
+TINY = ["model.width=0.0625", "proj_hidden=32", "proj_dim=16", "plan.frames=4", "crop_size=32",
+        "batch_size=4", "epochs=3", "warmup_epochs=1", "log_every=1", "progress=false", "train.threads=1",
+        "num_threads=1", "lr=0.05", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_db(tmp_path_factory):
+    return str(write_lmdb(tmp_path_factory.mktemp("db") / "tiny.lmdb",
+                          [coded_video(20 + 7 * i, 48, 64) for i in range(16)]))
+
+
+def run(out, db, *extra):
+    assert train.main(["--out", str(out), f"data.path={db}", *TINY, *extra]) == 0
+
+
+def test_training_logs_every_term_and_writes_checkpoints(tmp_path, tiny_db):
+    run(tmp_path, tiny_db, "max_steps=5")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    for key in ("loss", "loss_byol", "loss_spatial", "loss_temporal", "loss_speed", "loss_rotation",
+                "spatial_accuracy", "temporal_accuracy", "speed_accuracy", "rotation_accuracy", "lr",
+                "grad_norm", "samples_per_s", "data_wait_fraction", "epoch"):
+        assert key in records[0], key
+    assert all(r["loss"] == pytest.approx(r["loss_total"]) for r in records)
+    # 0.1·BYOL + spatial + temporal + 2·speed + 2·rotation (per-view means logged)
+    r = records[0]
+    assert r["loss"] == pytest.approx(0.1 * r["loss_byol"] + r["loss_spatial"] + r["loss_temporal"]
+                                      + 2 * r["loss_speed"] + 2 * r["loss_rotation"], rel=1e-4)
+    assert records[0]["lr"] < records[-1]["lr"]  # warming up
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("loss_total", "rotation_accuracy", "speed_accuracy", "spatial_accuracy", "temporal_accuracy"):
+        assert 0 <= summary[key] < 100
+    path, state = latest_checkpoint(tmp_path)
+    assert state["position"] == {"epoch": 1, "sample": 4, "step": 5}
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path, tiny_db):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(straight, tiny_db, "max_steps=7")
+    run(stopped, tiny_db, "max_steps=3")   # stops mid-epoch (4 steps per epoch)
+    _, mid = latest_checkpoint(stopped)
+    assert mid["position"] == {"epoch": 0, "sample": 12, "step": 3}
+    assert train.main(["--out", str(stopped), "--resume", "auto", f"data.path={tiny_db}", *TINY,
+                       "max_steps=7"]) == 0
+    _, a = latest_checkpoint(straight)
+    _, b = latest_checkpoint(stopped)
+    assert a["position"] == b["position"] == {"epoch": 1, "sample": 12, "step": 7}
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    steps = [json.loads(x)["step"] for x in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_bad_flags_give_a_message(tmp_path, tiny_db, capsys):
+    assert train.main(["--out", str(tmp_path), f"data.path={tiny_db}", "optim.lrr=1"]) == 2
+    assert "did you mean" in capsys.readouterr().err
+    assert train.main(["--out", str(tmp_path), "data.path="]) == 2
+    assert train.main(["--out", str(tmp_path), f"data.path={tmp_path}/missing.lmdb", *TINY]) == 2
+    assert "build-lmdb" in capsys.readouterr().err
+    assert train.main(["--out", str(tmp_path), f"data.path={tiny_db}", *TINY, "batch_size=64"]) == 2
+    assert "full batch" in capsys.readouterr().err

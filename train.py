@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""CSTP pretraining: DALI pipelines feed a (DDP) R(2+1)D BYOL trainer.
+
+  python train.py --config configs/demo.yaml
+  python train.py --config configs/ucf101.yaml --out runs/ucf data.path=data/ucf101.lmdb lr=0.03
+  torchrun --nproc-per-node 8 train.py --config configs/k400.yaml --resume auto
+
+Any config value can be overridden with key=value (full `optim.lr` or a unique
+last part such as `lr`, `max_steps`). Writes OUT/config.yaml, OUT/metrics.jsonl,
+OUT/ckpt_*.pt and OUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults are the reference's")
+    parser.add_argument("--out", help="output directory (overrides run.out)")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="'auto': continue from the newest valid checkpoint in the output directory "
+                             "(start fresh if there is none); or a checkpoint file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun sets them; (0, 1, 0) otherwise."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if requested == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("data.device=gpu but no CUDA GPU is visible; use data.device=cpu")
+    return requested
+
+
+def find_resume_state(resume: str | None, out_dir: Path):
+    from cstp.checkpoint import latest_checkpoint, load_checkpoint
+
+    if not resume:
+        return None, None
+    if resume == "auto":
+        found = latest_checkpoint(out_dir)
+        return found if found else (None, None)
+    return Path(resume), load_checkpoint(resume)
+
+
+def print_summary(summary: dict, chance: dict):
+    rows = [("loss_total", "total loss"), ("loss_byol", "BYOL loss"), ("loss_spatial", "spatial CE"),
+            ("loss_temporal", "temporal CE"), ("loss_speed", "speed CE (per view)"),
+            ("loss_rotation", "rotation CE (per view)"), ("spatial_accuracy", "spatial accuracy"),
+            ("temporal_accuracy", "temporal accuracy"), ("speed_accuracy", "speed accuracy"),
+            ("rotation_accuracy", "rotation accuracy")]
+    start, end = summary["start"], summary["end"]
+    print(f"\n{'':24s} {'start':>8s} {'end':>8s} {'chance':>8s}")
+    for key, label in rows:
+        c = f"{chance[key]:8.2f}" if key in chance else " " * 8
+        print(f"{label:24s} {start.get(key, float('nan')):8.3f} {end.get(key, float('nan')):8.3f} {c}")
+    print(f"({summary['steps']} steps in {summary['seconds']:.0f} s; start/end: means over the first/last "
+          f"{summary['window']} steps)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from cstp.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        cfg["run"]["out"] = args.out
+    rank, world_size, local_rank = distributed_env()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
+    out_dir = Path(cfg["run"]["out"])
+    if not cfg["data"]["path"]:
+        print("train.py: set data.path to an LMDB (python -m preprocessing build-lmdb ...)", file=sys.stderr)
+        return 2
+
+    import torch
+    import torch.distributed as dist
+
+    from cstp.engine import Position, Trainer
+    from pipelines.lmdb_store import LmdbFormatError
+    from pipelines.loader import LoaderSettings, PretrainLoader
+    from pipelines.plan import PlanConfig
+
+    if cfg["train"]["threads"]:
+        torch.set_num_threads(cfg["train"]["threads"])
+    device = resolve_device(cfg["data"]["device"])
+    resume_path, resume_state = find_resume_state(args.resume, out_dir)
+    position = Position(**resume_state["position"]) if resume_state else Position()
+    if resume_state:
+        logging.info("resuming from %s at epoch %d, sample %d, step %d", resume_path, position.epoch,
+                     position.sample, position.step)
+
+    p, d = cfg["plan"], cfg["data"]
+    plan_cfg = PlanConfig(frames=p["frames"], crop_size=p["crop_size"], strides=tuple(p["strides"]),
+                          temporal_rates=tuple(p["temporal_rates"]), spatial_rates=tuple(p["spatial_rates"]),
+                          min_area=p["min_area"], max_area=p["max_area"], min_ratio=p["min_ratio"],
+                          max_ratio=p["max_ratio"], flip_prob=p["flip_prob"])
+    settings = LoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"], workers=d["workers"],
+                              prefetch=d["prefetch"], shuffle=d["shuffle"], seed=cfg["run"]["seed"])
+    # The pipeline (and its forked workers) comes before the process group: forked
+    # workers must not inherit the group's sockets (dali-under-torchrun.md §1).
+    try:
+        loader = PretrainLoader(d["path"], plan_cfg, settings, device=device, local_rank=local_rank, rank=rank,
+                                world_size=world_size, start_epoch=position.epoch, start_sample=position.sample)
+    except (FileNotFoundError, LmdbFormatError, ValueError) as err:
+        print(f"train.py: cannot read the data: {err}", file=sys.stderr)
+        return 2
+    if world_size > 1:
+        backend = "nccl" if device == "gpu" else "gloo"
+        dist.init_process_group(backend)
+    train_device = torch.device(f"cuda:{local_rank}" if device == "gpu" else "cpu")
+    if device == "gpu":
+        torch.cuda.set_device(train_device)
+        torch.backends.cudnn.benchmark = True
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        logging.info("%d videos, %d ranks x batch %d, %d steps per epoch, data on %s", len(loader.metas),
+                     world_size, d["batch_size"], loader.steps_per_epoch, device)
+    try:
+        trainer = Trainer(cfg, loader, out_dir, train_device, resume_state=resume_state)
+        summary = trainer.run()
+    finally:
+        loader.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        chance = {"spatial_accuracy": 1 / len(p["spatial_rates"]), "temporal_accuracy": 1 / len(p["temporal_rates"]),
+                  "speed_accuracy": 1 / len(p["strides"]), "rotation_accuracy": 0.25}
+        final = {**summary["end"], "start": summary["start"], "steps": summary["steps"],
+                 "seconds": summary["seconds"], "skipped_steps": summary["skipped_steps"], "chance": chance}
+        (out_dir / "summary.json").write_text(json.dumps(final, indent=2))
+        print_summary(summary, chance)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
