@@ -79,11 +79,18 @@ def open_readonly(path: str) -> lmdb.Environment:
 
 # One read-only environment per database per process: py-lmdb refuses to open the
 # same files twice in a process, and several readers (loaders, metadata) share one.
-_SHARED_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
+_SHARED_ENVS: dict[tuple, tuple[int, lmdb.Environment]] = {}
 
 
 def shared_env(path: str) -> lmdb.Environment:
-    key = os.path.realpath(path)
+    # Keyed on the data file's identity too: a database rebuilt at the same path
+    # (build-lmdb --overwrite) is new files, which must not be read through the old map.
+    data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+    try:
+        st = os.stat(data_file)
+        key = (os.path.realpath(path), st.st_dev, st.st_ino)
+    except OSError:
+        key = (os.path.realpath(path), 0, 0)
     cached = _SHARED_ENVS.get(key)
     if cached is not None:
         pid, env = cached

@@ -1,0 +1,169 @@
+"""The reference executor: the same sampling plans as the DALI pipeline, applied with
+numpy/PIL in a torch DataLoader (DESIGN.md, "a sampling plan, executed twice").
+
+It loads data the way the reference project does (every JPEG frame decoded whole by
+PIL in DataLoader worker processes), which makes it two things at once:
+
+- the test oracle for DALI: for the same (seed, epoch, position) it reads the same
+  video and applies the same plan, so DALI and reference batches line up one to one;
+- the baseline the benchmark measures DALI against.
+
+Per view (cstp-method-spec.md §5.1, "null" pipeline, plan order): crop the planned
+box of each planned frame, bicubic resize to S×S, rotate k·90° counter-clockwise,
+flip horizontally, "tf" normalisation x/255·2−1, output (3, T, S, S).
+
+This module needs neither DALI nor the model code.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .lmdb_store import read_metadata
+from .plan import Box, PlanConfig, ViewPlan
+from .sharding import samples_per_rank
+from .sources import PretrainLmdbSource
+
+if TYPE_CHECKING:  # pipelines.loader imports DALI; the reference executor must not need it
+    from .loader import LoaderSettings
+
+# Same keys, in the same order, as the DALI loader's batches (pretrain_pipeline.PRETRAIN_OUTPUTS).
+LABEL_KEYS = ("spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index")
+BATCH_KEYS = ("view1", "view2", *LABEL_KEYS)
+
+
+# ---------------------------------------------------------------- one view
+
+
+def crop_and_resize(jpeg: bytes, box: Box, crop_size: int) -> np.ndarray:
+    """(S, S, 3) uint8: decode the whole frame (as the reference does), crop, bicubic resize.
+
+    Crop first, then resize (rather than `resize(box=...)`): pixels outside the box
+    must not leak into the border taps of the filter, as they cannot in DALI's
+    ROI decode."""
+    with Image.open(BytesIO(jpeg)) as image:
+        crop = image.convert("RGB").crop((box.x, box.y, box.x + box.w, box.y + box.h))
+    return np.asarray(crop.resize((crop_size, crop_size), Image.BICUBIC))
+
+
+def execute_view_reference(jpegs: list[bytes], view: ViewPlan, crop_size: int) -> np.ndarray:
+    """One planned view as float32 (3, T, S, S) in [-1, 1]."""
+    clip = np.stack([crop_and_resize(jpeg, view.box, crop_size) for jpeg in jpegs])  # (T, H, W, C)
+    # After the crop: boxes live in the un-rotated frame (plan.py), k·90° CCW on (H, W).
+    clip = np.rot90(clip, view.rotation, axes=(1, 2))
+    if view.flip:
+        clip = clip[:, :, ::-1]  # horizontal, applied last
+    scaled = clip.astype(np.float32) / 255.0 * 2.0 - 1.0  # "tf" normalisation (spec §5.1)
+    return np.ascontiguousarray(scaled.transpose(3, 0, 1, 2))
+
+
+# ---------------------------------------------------------------- dataset
+
+
+class ReferencePretrainDataset(Dataset):
+    """Item `position` = the sample the DALI source produces at that position of this
+    rank's epoch. The plan logic is not copied: a `PretrainLmdbSource` inside picks the
+    video and draws the plan, so the two executors cannot drift apart."""
+
+    def __init__(self, db_path: str, plan_cfg: PlanConfig, *, seed: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True, epoch: int = 0, metas=None):
+        if metas is None:
+            metas, _ = read_metadata(db_path)
+        self.source = PretrainLmdbSource(db_path, metas, plan_cfg, seed=seed, batch_size=batch_size,
+                                         rank=rank, world_size=world_size, shuffle=shuffle)
+        self.plan_cfg = plan_cfg
+        self.epoch = epoch
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.source.per_rank
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        if not 0 <= position < len(self):
+            raise IndexError(f"position {position} outside this rank's {len(self)} samples")
+        video = self.source.video_for(self.epoch, position)
+        plan = self.source.plan(self.epoch, video)
+        # One read for both views, as the DALI source does (a read unpacks the whole video).
+        jpegs = self.source.reader.frames(video, np.concatenate([plan.view1.frames, plan.view2.frames]))
+        t = len(plan.view1.frames)
+        size = self.plan_cfg.crop_size
+        item = {"view1": torch.from_numpy(execute_view_reference(jpegs[:t], plan.view1, size)),
+                "view2": torch.from_numpy(execute_view_reference(jpegs[t:], plan.view2, size))}
+        labels = (plan.spatial_label, plan.temporal_label, plan.speed_label,
+                  plan.view1.rotation, plan.view2.rotation, plan.video_index)
+        item.update({key: torch.tensor(value, dtype=torch.int64) for key, value in zip(LABEL_KEYS, labels)})
+        return item
+
+
+# ---------------------------------------------------------------- loader
+
+
+class ReferencePretrainLoader:
+    """Same iteration interface as `PretrainLoader`: `for batch in loader` is one epoch
+    of dict batches, and each iteration moves on to the next epoch.
+
+    `settings` is a `LoaderSettings` (batch_size, workers, prefetch, shuffle, seed);
+    `num_threads` and `start_method` are DALI's and ignored here: workers are forked,
+    as in the reference project."""
+
+    def __init__(self, db_path: str, plan_cfg: PlanConfig, settings: "LoaderSettings", *,
+                 device: str = "cpu", local_rank: int = 0, rank: int = 0, world_size: int = 1,
+                 start_epoch: int = 0, start_sample: int = 0):
+        if start_sample % settings.batch_size:
+            raise ValueError(f"start_sample {start_sample} must be a multiple of the batch size "
+                             f"{settings.batch_size}")
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        self.metas, self.classes = read_metadata(db_path)
+        if not self.metas:
+            raise ValueError(f"{db_path} holds no videos")
+        self.settings = settings
+        self.batch_size = settings.batch_size
+        self.samples_per_rank = samples_per_rank(len(self.metas), world_size, settings.batch_size)
+        self.steps_per_epoch = self.samples_per_rank // settings.batch_size
+        self.start_epoch = start_epoch
+        self.start_sample = start_sample
+        self.device = device
+        self._target = torch.device(f"cuda:{local_rank}") if device == "gpu" else None
+        self._epoch = start_epoch
+        self.dataset = ReferencePretrainDataset(db_path, plan_cfg, seed=settings.seed,
+                                                batch_size=settings.batch_size, rank=rank,
+                                                world_size=world_size, shuffle=settings.shuffle,
+                                                epoch=start_epoch, metas=self.metas)
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        skipped = self.start_sample // self.batch_size if epoch == self.start_epoch else 0
+        return self.steps_per_epoch - skipped
+
+    def _data_loader(self, epoch: int) -> DataLoader:
+        # A resumed first epoch starts at `start_sample`, as PretrainLmdbSource does.
+        first = self.start_sample if epoch == self.start_epoch else 0
+        workers = self.settings.workers
+        extra = dict(multiprocessing_context="fork", prefetch_factor=self.settings.prefetch) if workers else {}
+        # Workers are forked per epoch (persistent_workers=False), after set_epoch, so
+        # each inherits the dataset with the right epoch.
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=range(first, len(self.dataset)),
+                          shuffle=False, drop_last=True, num_workers=workers, persistent_workers=False,
+                          pin_memory=self._target is not None, **extra)
+
+    def __iter__(self):
+        """One epoch of batches."""
+        epoch = self._epoch
+        self._epoch += 1
+        self.dataset.set_epoch(epoch)
+        for batch in self._data_loader(epoch):
+            if self._target is not None:
+                batch = {k: v.to(self._target, non_blocking=True) for k, v in batch.items()}
+            yield batch
+
+    def close(self):
+        # Workers end with each epoch's DataLoader; nothing long-lived to free but the dataset.
+        self.dataset = None

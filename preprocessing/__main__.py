@@ -1,0 +1,233 @@
+"""Command line: `python -m preprocessing <command> ...`; see `--help`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .ffmpeg_io import INSTALL_HINT, missing_ffmpeg_tools
+
+PROG = "python -m preprocessing"
+
+BUILD_LMDB_HELP = """\
+Decode every video into JPEG frames (one ffmpeg process per video, several in
+parallel) and store them in an LMDB, the format read by pipelines/lmdb_store.py:
+key %09d = a video's frames, plus index entries (__keys__, __len__, __order__,
+__vlen__, __meta__, __classes__, __info__).
+
+Without --list, every video file under --videos is used (recursively, sorted);
+its class is the folder it is in. With --list, each line is
+`relative/path.ext [label [extra...]]` (UCF-style single spaces and
+Kinetics-style double spaces both work; separate with TABs if a path contains
+spaces); a missing label is the index of the video's folder among the sorted
+folder names. Class names (__classes__) follow the list's labels when it labels
+every video and the labels match the folders one-to-one; otherwise they are the
+sorted folder names. A video's name in the database is its path relative to
+--videos, without extension (e.g. ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01).
+
+Videos that cannot be converted are skipped, each with a one-line reason; the
+build carries on. A report is written to <DB>.report.json.
+Exit status: 0 finished (even with skipped videos), 1 no video could be
+converted, 2 bad arguments or missing input."""
+
+BUILD_LMDB_EXAMPLES = """\
+examples:
+  # UCF101 as in the reference: short side 256, 25 fps
+  python -m preprocessing build-lmdb --videos data/UCF-101 --out data/ucf101_256.lmdb \\
+      --short-side 256 --fps 25
+  # Kinetics-400 from its list file, short side 320, 30 fps, 16 decoders
+  python -m preprocessing build-lmdb --videos data/kinetics400 --list data/k400_train.txt \\
+      --out data/k400_320.lmdb --short-side 320 --fps 30 --workers 16
+  # the synthetic demo set, small frames
+  python -m preprocessing build-lmdb --videos data/demo/videos --out data/demo.lmdb --short-side 112"""
+
+DEMO_DATA_HELP = """\
+Write a small synthetic action dataset of real H.264 mp4 files: 6 classes
+(move_left, move_right, move_up, move_down, rotate, pulse) of a coloured shape
+in front of a moving sky-and-ground background, 2-4 s at 25 fps, small frames.
+Layout: DIR/videos/<class>/<class>_<nnn>.mp4, DIR/classes.txt, DIR/train.txt and
+DIR/test.txt (`<class>/<file>.mp4 <label>`, about 80/20 per class).
+The same --seed always gives the same dataset."""
+
+DEMO_DATA_EXAMPLES = """\
+examples:
+  python -m preprocessing demo-data --out data/demo
+  python -m preprocessing demo-data --out /tmp/demo --videos-per-class 20 --seed 1 --workers 4"""
+
+
+def _positive_int(text: str) -> int:
+    value = _parse(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _parse(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _short_side(text: str) -> int:
+    value = _parse(int, text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 pixels, got {text}")
+    return value
+
+
+def _fps(text: str) -> float:
+    value = _parse(float, text)
+    if not 0 < value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be a frame rate in (0, 1000], got {text}")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = _parse(int, text)
+    if not 2 <= value <= 31:
+        raise argparse.ArgumentTypeError(f"must be 2 (best) to 31 (worst), got {text}")
+    return value
+
+
+def _parse(kind, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Offline data tools for CSTP-DALI: build LMDBs of JPEG frames, make demo data.",
+        epilog="Run `%(prog)s <command> --help` for a command's options and examples.")
+    commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    _add_build_lmdb(commands)
+    _add_demo_data(commands)
+    return parser
+
+
+def _add_build_lmdb(commands) -> None:
+    cmd = commands.add_parser("build-lmdb", help="convert a folder of videos into an LMDB of JPEG frames",
+                              description=BUILD_LMDB_HELP, epilog=BUILD_LMDB_EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("--videos", required=True, metavar="DIR", help="folder holding the videos (searched recursively)")
+    cmd.add_argument("--out", required=True, metavar="DB", help="the LMDB to create (a folder)")
+    cmd.add_argument("--list", metavar="FILE", help="list of videos to convert, relative to --videos, "
+                                                    "with optional labels (default: all videos, sorted)")
+    cmd.add_argument("--short-side", type=_short_side, metavar="N",
+                     help="resize so the shorter side is N pixels, keeping the aspect (default: original size)")
+    cmd.add_argument("--fps", type=_fps, metavar="F", help="resample to F frames per second (default: keep every frame)")
+    cmd.add_argument("--quality", type=_quality, default=2, metavar="Q",
+                     help="JPEG quality as ffmpeg -q:v, 2 (best, the reference's choice) to 31 (default: 2)")
+    cmd.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+                     help="videos decoded in parallel (default: number of CPUs, %(default)s here)")
+    cmd.add_argument("--overwrite", action="store_true", help="replace an existing database at --out")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar (skipped videos are still reported)")
+    cmd.set_defaults(run=run_build_lmdb, command_parser=cmd)
+
+
+def _add_demo_data(commands) -> None:
+    cmd = commands.add_parser("demo-data", help="write a small synthetic action dataset (6 classes, mp4)",
+                              description=DEMO_DATA_HELP, epilog=DEMO_DATA_EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("--out", required=True, metavar="DIR", help="folder to write the dataset into")
+    cmd.add_argument("--videos-per-class", type=_positive_int, default=12, metavar="N",
+                     help="videos per class (default: %(default)s)")
+    cmd.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+                     help="random seed; the same seed gives the same dataset (default: %(default)s)")
+    cmd.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+                     help="videos rendered and encoded in parallel (default: %(default)s)")
+    cmd.set_defaults(run=run_demo_data, command_parser=cmd)
+
+
+# --------------------------------------------------------------------------- commands
+
+def run_build_lmdb(args, parser) -> int:
+    from .build_lmdb import BuildError, build_lmdb  # imported here so `--help` stays fast
+
+    if not Path(args.videos).is_dir():
+        parser.error(f"--videos {args.videos}: no such folder")
+    if args.list is not None and not Path(args.list).is_file():
+        parser.error(f"--list {args.list}: no such file")
+    try:
+        report = build_lmdb(args.videos, args.out, list_file=args.list, short_side=args.short_side, fps=args.fps,
+                            quality=args.quality, workers=args.workers, progress=not args.quiet,
+                            overwrite=args.overwrite)
+    except BuildError as err:
+        print(f"build-lmdb: error: {err}", file=sys.stderr)
+        return 2
+    counts = report["counts"]
+    print(f"videos ok {counts['ok']} / skipped {counts['failed']}, frames {counts['frames']}, "
+          f"DB {_human_bytes(report['db_bytes'])}, {report['seconds']:.1f} s -> {args.out} "
+          f"(report: {args.out}.report.json)")
+    if counts["ok"] == 0:
+        print("build-lmdb: error: no video could be converted; see the reasons above or in the report",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_demo_data(args, parser) -> int:
+    from .demo_data import generate_demo_dataset
+
+    try:
+        summary = generate_demo_dataset(args.out, videos_per_class=args.videos_per_class, seed=args.seed,
+                                        workers=args.workers)
+    except (RuntimeError, OSError) as err:
+        print(f"demo-data: error: {err}", file=sys.stderr)
+        return 1
+    print(f"demo data: {summary['videos']} videos ({summary['train']} train / {summary['test']} test), "
+          f"{len(summary['classes'])} classes, {summary['frames']} frames, {summary['seconds']:.1f} s "
+          f"-> {summary['out_dir']}")
+    return 0
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+class _TqdmLogHandler(logging.Handler):
+    """Log lines that do not tear the progress bar apart."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _configure_logging() -> None:
+    handler = _TqdmLogHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("preprocessing")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = missing_ffmpeg_tools()
+    if missing:
+        print(f"{PROG}: error: {' and '.join(missing)} not found. This tool needs the ffmpeg binaries: "
+              f"{INSTALL_HINT}.", file=sys.stderr)
+        return 2
+    _configure_logging()
+    try:
+        return args.run(args, args.command_parser)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

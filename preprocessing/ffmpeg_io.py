@@ -1,0 +1,465 @@
+"""Reading videos with ffmpeg: probe them, and stream their frames as JPEG files.
+
+Frames come out of ONE ffmpeg process per video, as an `image2pipe` stream of
+MJPEG images on stdout, which `JpegStreamSplitter` cuts into the individual
+JPEG files. Nothing is written to disk, and every command is an argument list
+(no shell), so odd file names cannot break or inject anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+import threading
+from collections import deque
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import ffmpeg
+
+# Bounds on what we accept from a video, so that a broken or hostile file cannot
+# make us read forever or hold gigabytes in memory.
+MAX_FRAMES = 100_000
+MAX_JPEG_BYTES = 64 * 1024 * 1024
+READ_CHUNK_BYTES = 1 << 20
+
+INSTALL_HINT = ("install it with `apt-get install ffmpeg` (Debian/Ubuntu) or "
+                "`conda install -c conda-forge ffmpeg`, then make sure `ffmpeg` and `ffprobe` are on PATH")
+
+
+class VideoError(RuntimeError):
+    """A video that cannot be read or converted; `reason` says why in one line."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class FfmpegMissingError(RuntimeError):
+    """The ffmpeg/ffprobe binaries are not installed."""
+
+
+def missing_ffmpeg_tools() -> list[str]:
+    """Names of the ffmpeg binaries that are not on PATH (empty when all are there)."""
+    return [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
+
+
+def require_ffmpeg() -> None:
+    missing = missing_ffmpeg_tools()
+    if missing:
+        raise FfmpegMissingError(f"{' and '.join(missing)} not found on PATH; {INSTALL_HINT}")
+
+
+# --------------------------------------------------------------------------- stderr
+
+_LOG_PREFIX = re.compile(r"^\[[^\]]*@ 0x[0-9a-fA-F]+\]\s*")
+# Lines that ffmpeg prints after the real cause and that explain nothing by themselves.
+_GENERIC_LINES = ("conversion failed", "error opening output files", "exiting normally")
+
+
+def summarize_stderr(stderr: str, path=None, max_lines: int = 2) -> str:
+    """The last useful lines of ffmpeg's stderr, as one line: the real cause is
+    usually the line before ffmpeg's generic closing message."""
+    useful: list[str] = []
+    for raw in stderr.splitlines():
+        line = _LOG_PREFIX.sub("", raw.strip())
+        if path is not None:
+            line = line.replace(f"{path}: ", "")
+        if not line or line.lower().startswith(_GENERIC_LINES):
+            continue
+        if line not in useful:
+            useful.append(line)
+    return "; ".join(useful[-max_lines:])
+
+
+# --------------------------------------------------------------------------- probe
+
+def probe_video(path, require_video: bool = True) -> dict:
+    """What ffprobe knows about a video's first video stream.
+
+    Returns a dict with path, has_video, stream_index, width, height (as
+    displayed, i.e. after any rotation tag), fps (float, 0.0 when unknown),
+    codec, nb_frames (int, or None when the container does not say), duration
+    (seconds or None) and rotation (degrees). Raises `VideoError` for a missing
+    or empty file, a file ffprobe cannot read, and (unless require_video=False)
+    a file without a video stream.
+    """
+    path = _readable_file(path)
+    try:
+        info = ffmpeg.probe(str(path), v="error")
+    except ffmpeg.Error as err:
+        detail = summarize_stderr(err.stderr.decode("utf-8", "replace"), path) or "unknown error"
+        raise VideoError(path, f"ffprobe cannot read it ({detail})") from None
+    except (OSError, ValueError) as err:  # ffprobe missing, or unparsable output
+        raise VideoError(path, f"ffprobe failed: {err}") from None
+
+    stream = _first_video_stream(info.get("streams", []))
+    if stream is None:
+        if require_video:
+            raise VideoError(path, "no video stream (audio-only or not a video)")
+        return dict(path=str(path), has_video=False)
+    return _describe_stream(path, stream, info.get("format", {}))
+
+
+def _readable_file(path) -> Path:
+    path = Path(path).absolute()  # absolute: a name starting with '-' is never taken for an option
+    if not path.exists():
+        raise VideoError(path, "file not found")
+    if not path.is_file():
+        raise VideoError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise VideoError(path, "empty file (0 bytes)")
+    return path
+
+
+def _first_video_stream(streams: list[dict]) -> dict | None:
+    # Cover art inside audio files shows up as a one-frame video stream; it is not a video.
+    for stream in streams:
+        if stream.get("codec_type") == "video" and not stream.get("disposition", {}).get("attached_pic"):
+            return stream
+    return None
+
+
+def _describe_stream(path: Path, stream: dict, fmt: dict) -> dict:
+    width, height = int(stream.get("width") or 0), int(stream.get("height") or 0)
+    if width <= 0 or height <= 0:
+        raise VideoError(path, "video stream has no frame size (broken header?)")
+    rotation = _rotation_degrees(stream)
+    if rotation % 180 == 90:  # ffmpeg auto-rotates on decode, so the frames come out transposed
+        width, height = height, width
+    fps = _parse_rate(stream.get("avg_frame_rate")) or _parse_rate(stream.get("r_frame_rate"))
+    duration = _parse_float(stream.get("duration")) or _parse_float(fmt.get("duration"))
+    nb_frames = _parse_int(stream.get("nb_frames"))
+    return dict(path=str(path), has_video=True, stream_index=int(stream["index"]), width=width,
+                height=height, fps=fps, codec=stream.get("codec_name", "unknown"),
+                nb_frames=nb_frames, duration=duration, rotation=rotation)
+
+
+def _rotation_degrees(stream: dict) -> int:
+    for side_data in stream.get("side_data_list", []) or []:
+        if "rotation" in side_data:
+            return int(round(float(side_data["rotation"]))) % 360
+    rotate_tag = stream.get("tags", {}).get("rotate")
+    return int(round(float(rotate_tag))) % 360 if rotate_tag else 0
+
+
+def _parse_rate(text) -> float:
+    try:
+        rate = Fraction(str(text))
+    except (ValueError, ZeroDivisionError):
+        return 0.0
+    return float(rate) if rate > 0 else 0.0
+
+
+def _parse_float(text) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+def _parse_int(text) -> int | None:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+# --------------------------------------------------------------------------- JPEG stream splitting
+
+class JpegStreamError(ValueError):
+    """The byte stream is not a sequence of well-formed JPEG images."""
+
+
+_SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
+# Markers that stand alone, without a length field: TEM and RST0-7 (SOI/EOI handled apart).
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}
+
+
+class JpegStreamSplitter:
+    """Cuts a concatenation of JPEG files (ffmpeg's image2pipe/mjpeg output) into
+    the individual files, byte for byte.
+
+    It follows the JPEG structure instead of searching for FF D9, because FF D9
+    may legally occur inside a segment (an APP/COM payload, a thumbnail): SOI,
+    then length-prefixed segments up to SOS, then the entropy-coded data, where
+    FF 00 is a stuffed byte and FF D0-D7 a restart marker; any other marker
+    there ends the scan (EOI ends the image; DHT/SOS/... start the next segment
+    of a progressive image). Feed it chunks of any size.
+    """
+
+    def __init__(self, max_image_bytes: int = MAX_JPEG_BYTES):
+        self.max_image_bytes = max_image_bytes
+        self._buf = bytearray()
+        self._pos = 0            # where parsing resumes in _buf
+        self._in_scan = False    # inside entropy-coded data
+        self._started = False    # SOI of the current image seen
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add bytes; return the images completed by them (possibly none)."""
+        self._buf += data
+        images = []
+        while True:
+            image = self._next_image()
+            if image is None:
+                break
+            images.append(image)
+        if len(self._buf) > self.max_image_bytes:
+            raise JpegStreamError(f"a single JPEG exceeds {self.max_image_bytes} bytes; refusing to buffer more")
+        return images
+
+    def finish(self) -> None:
+        """Call at the end of the stream: complains about a cut-off last image."""
+        if self._buf:
+            raise JpegStreamError(f"stream ends inside a JPEG ({len(self._buf)} trailing bytes)")
+
+    def _next_image(self) -> bytes | None:
+        end = self._parse()
+        if end is None:
+            return None
+        if end > self.max_image_bytes:
+            raise JpegStreamError(f"a single JPEG of {end} bytes exceeds {self.max_image_bytes} bytes; refusing it")
+        image = bytes(self._buf[:end])
+        del self._buf[:end]
+        self._pos, self._in_scan, self._started = 0, False, False
+        return image
+
+    def _parse(self) -> int | None:
+        """Advance through _buf; the end offset of a complete image, or None if more bytes are needed."""
+        buf = self._buf
+        if not self._started:
+            if len(buf) < 2:
+                return None
+            if buf[0] != 0xFF or buf[1] != _SOI:
+                raise JpegStreamError(f"expected a JPEG start (FF D8), found {bytes(buf[:2]).hex(' ')}")
+            self._started, self._pos = True, 2
+        while True:
+            if self._in_scan:
+                marker_at = self._skip_entropy_data()
+                if marker_at is None:
+                    return None
+                self._pos, self._in_scan = marker_at, False
+            result = self._read_segment()
+            if result is None:
+                return None
+            if result == "eoi":
+                return self._pos
+
+    def _skip_entropy_data(self) -> int | None:
+        """Offset of the marker that ends the entropy-coded data, or None if not yet in _buf."""
+        buf, pos = self._buf, self._pos
+        while True:
+            ff = buf.find(b"\xff", pos)
+            if ff < 0 or ff + 1 >= len(buf):
+                # Resume at the unmatched FF (or at the end) when more bytes arrive.
+                self._pos = ff if ff >= 0 else len(buf)
+                return None
+            following = buf[ff + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7:
+                pos = ff + 2       # stuffed 0xFF data byte, or a restart marker: still in the scan
+            elif following == 0xFF:
+                pos = ff + 1       # fill byte; the next FF may begin the marker
+            else:
+                return ff
+
+    def _read_segment(self) -> str | None:
+        """Read one marker (and its segment) at _pos: 'eoi', 'ok', or None when more bytes are needed."""
+        buf, pos = self._buf, self._pos
+        while pos + 1 < len(buf) and buf[pos] == 0xFF and buf[pos + 1] == 0xFF:
+            pos += 1               # fill bytes before a marker
+        if pos + 2 > len(buf):
+            return None
+        if buf[pos] != 0xFF:
+            raise JpegStreamError(f"expected a JPEG marker at offset {pos}, found {buf[pos]:#04x}")
+        marker = buf[pos + 1]
+        if marker == _EOI:
+            self._pos = pos + 2
+            return "eoi"
+        if marker == _SOI:
+            raise JpegStreamError(f"JPEG start (FF D8) inside an image at offset {pos}")
+        if marker in _STANDALONE:
+            self._pos = pos + 2
+            return "ok"
+        if pos + 4 > len(buf):
+            return None
+        length = (buf[pos + 2] << 8) | buf[pos + 3]
+        if length < 2:
+            raise JpegStreamError(f"JPEG segment FF {marker:02X} at offset {pos} has invalid length {length}")
+        if pos + 2 + length > len(buf):
+            return None
+        self._pos = pos + 2 + length
+        self._in_scan = marker == _SOS
+        return "ok"
+
+
+def split_jpeg_stream(data: bytes) -> list[bytes]:
+    """All JPEG files in a complete byte string (convenience wrapper for tests and tools)."""
+    splitter = JpegStreamSplitter(max_image_bytes=max(MAX_JPEG_BYTES, len(data)))
+    images = splitter.feed(data)
+    splitter.finish()
+    return images
+
+
+# --------------------------------------------------------------------------- frame extraction
+
+def scale_for_short_side(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """ffmpeg scale arguments that make the shorter side `short_side` and keep the
+    aspect (-2: the other side is rounded to an even number), as the reference does."""
+    return (-2, short_side) if width >= height else (short_side, -2)
+
+
+def build_extract_args(path, info: dict, short_side=None, fps=None, quality: int = 2) -> list[str]:
+    """The ffmpeg argument list that writes the video's frames as MJPEG to stdout."""
+    video = ffmpeg.input(str(path))[str(info["stream_index"])]
+    if fps is not None:
+        video = video.filter("fps", fps=fps)  # resample to a constant rate (duplicates / drops frames)
+    if short_side is not None:
+        out_w, out_h = scale_for_short_side(info["width"], info["height"], int(short_side))
+        video = video.filter("scale", out_w, out_h)
+    # Passthrough: every frame leaving the filters is written once. ffmpeg's default for a
+    # filtergraph output is constant-rate output, which duplicates frames of videos with
+    # irregular timestamps (e.g. AVIs with packed B-frames) and then disagrees with
+    # `ffprobe -count_frames`; frame-rate changes are the fps filter's job.
+    output = video.output("pipe:", format="image2pipe", vcodec="mjpeg",
+                          **{"q:v": int(quality), _fps_mode_option(): "passthrough"})
+    return ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", *ffmpeg.get_args(output)]
+
+
+@functools.lru_cache(maxsize=1)
+def _fps_mode_option() -> str:
+    """`fps_mode` (ffmpeg >= 5.1) or its deprecated older name `vsync`."""
+    match = re.search(r"version n?(\d+)\.(\d+)", ffmpeg_version())
+    if match and (int(match.group(1)), int(match.group(2))) < (5, 1):
+        return "vsync"
+    return "fps_mode"  # modern releases, and git builds whose version string has no number
+
+
+def iter_jpeg_frames(path, short_side=None, fps=None, quality: int = 2, *, info: dict | None = None,
+                     max_frames: int = MAX_FRAMES, max_jpeg_bytes: int = MAX_JPEG_BYTES) -> Iterator[bytes]:
+    """Yield the video's frames as JPEG files (bytes), in order, from one ffmpeg process.
+
+    short_side: resize so the shorter side has this many pixels (None: keep the size).
+    fps: resample to this frame rate (None: keep every source frame).
+    quality: ffmpeg's -q:v for MJPEG, 2 (best) to 31.
+    info: the result of probe_video(path), when the caller already has it.
+    Raises VideoError when the file is unreadable, ffmpeg fails, no frame comes
+    out, or the video exceeds max_frames / max_jpeg_bytes per frame.
+    """
+    _check_settings(short_side, fps, quality)
+    if info is None:
+        info = probe_video(path)
+    _refuse_too_long(info, fps, max_frames)
+    args = build_extract_args(info["path"], info, short_side, fps, quality)
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr_tail = _drain_in_background(process.stderr)
+    count = 0
+    finished = False
+    try:
+        splitter = JpegStreamSplitter(max_image_bytes=max_jpeg_bytes)
+        for chunk in iter(lambda: process.stdout.read1(READ_CHUNK_BYTES), b""):
+            try:
+                frames = splitter.feed(chunk)
+            except JpegStreamError as err:
+                raise VideoError(info["path"], f"bad JPEG stream from ffmpeg: {err}") from None
+            for frame in frames:
+                count += 1
+                if count > max_frames:
+                    raise VideoError(info["path"], f"more than {max_frames} frames; refusing (split the video or lower --fps)")
+                yield frame
+        returncode = process.wait()
+        stderr_tail.join()
+        _raise_on_failure(info["path"], returncode, count, stderr_tail.text(), splitter)
+        finished = True
+    finally:
+        if not finished:  # error, or the caller stopped early: do not leave ffmpeg running
+            _stop(process)
+            stderr_tail.join()
+        process.stdout.close()
+        process.stderr.close()
+
+
+def _check_settings(short_side, fps, quality) -> None:
+    if short_side is not None and int(short_side) < 2:
+        raise ValueError(f"short_side must be >= 2 pixels, got {short_side}")
+    if fps is not None and not float(fps) > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if not 2 <= int(quality) <= 31:
+        raise ValueError(f"quality (ffmpeg -q:v) must be 2 (best) to 31 (worst), got {quality}")
+
+
+def _refuse_too_long(info: dict, fps, max_frames: int) -> None:
+    expected = info["nb_frames"]
+    if fps is not None and info["duration"]:
+        expected = int(info["duration"] * float(fps))
+    if expected is not None and expected > max_frames:
+        raise VideoError(info["path"], f"about {expected} frames, more than the limit of {max_frames}; "
+                                       "split the video or lower --fps")
+
+
+def _raise_on_failure(path, returncode: int, count: int, stderr: str, splitter: JpegStreamSplitter) -> None:
+    detail = summarize_stderr(stderr, path)
+    if returncode != 0:
+        raise VideoError(path, f"ffmpeg failed (exit {returncode}): {detail or 'no message'}")
+    try:
+        splitter.finish()
+    except JpegStreamError as err:
+        raise VideoError(path, f"bad JPEG stream from ffmpeg: {err}") from None
+    if count == 0:
+        raise VideoError(path, f"ffmpeg produced no frames{': ' + detail if detail else ''}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+class _StderrTail(threading.Thread):
+    """Reads a pipe to its end in the background (so ffmpeg never blocks on a full
+    stderr pipe) and keeps only the last lines."""
+
+    def __init__(self, pipe, max_lines: int = 40):
+        super().__init__(daemon=True)
+        self._pipe = pipe
+        self._lines: deque[bytes] = deque(maxlen=max_lines)
+
+    def run(self) -> None:
+        for line in iter(self._pipe.readline, b""):
+            self._lines.append(line[:2000])
+
+    def text(self) -> str:
+        return b"".join(self._lines).decode("utf-8", "replace")
+
+
+def _drain_in_background(pipe) -> _StderrTail:
+    tail = _StderrTail(pipe)
+    tail.start()
+    return tail
+
+
+def read_all_frames(path, short_side=None, fps=None, quality: int = 2) -> list[bytes]:
+    """All frames of a video as JPEG bytes (see iter_jpeg_frames)."""
+    return list(iter_jpeg_frames(path, short_side=short_side, fps=fps, quality=quality))
+
+
+def ffmpeg_version() -> str:
+    """First line of `ffmpeg -version`, for build reports."""
+    try:
+        out = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+__all__ = [
+    "MAX_FRAMES", "MAX_JPEG_BYTES", "INSTALL_HINT", "VideoError", "FfmpegMissingError", "JpegStreamError",
+    "JpegStreamSplitter", "split_jpeg_stream", "probe_video", "iter_jpeg_frames", "read_all_frames",
+    "build_extract_args", "scale_for_short_side", "missing_ffmpeg_tools", "require_ffmpeg",
+    "summarize_stderr", "ffmpeg_version",
+]
