@@ -41,7 +41,8 @@ $(DEMO_DB): $(DEMO_DATA)/train.txt
 	  --out $(DEMO_DB) --short-side 80 --workers 2 --overwrite
 
 demo: $(STAMP) check-ffmpeg $(DEMO_DB)
-	$(PY) train.py --config configs/demo.yaml
+	rm -rf runs/demo
+	$(PY) train.py --config configs/demo.yaml --out runs/demo
 
 test: $(STAMP) check-ffmpeg
 	$(PY) -m pytest -q

@@ -61,19 +61,19 @@ def find_resume_state(resume: str | None, out_dir: Path):
     return Path(resume), load_checkpoint(resume)
 
 
-def print_summary(summary: dict, chance: dict):
+def print_summary(summary: dict, baseline: dict):
     rows = [("loss_total", "total loss"), ("loss_byol", "BYOL loss"), ("loss_spatial", "spatial CE"),
             ("loss_temporal", "temporal CE"), ("loss_speed", "speed CE (per view)"),
             ("loss_rotation", "rotation CE (per view)"), ("spatial_accuracy", "spatial accuracy"),
             ("temporal_accuracy", "temporal accuracy"), ("speed_accuracy", "speed accuracy"),
             ("rotation_accuracy", "rotation accuracy")]
     start, end = summary["start"], summary["end"]
-    print(f"\n{'':24s} {'start':>8s} {'end':>8s} {'chance':>8s}")
+    print(f"\n{'':24s} {'start':>8s} {'end':>8s} {'majority':>9s}")
     for key, label in rows:
-        c = f"{chance[key]:8.2f}" if key in chance else " " * 8
+        c = f"{baseline[key]:9.2f}" if key in baseline else " " * 9
         print(f"{label:24s} {start.get(key, float('nan')):8.3f} {end.get(key, float('nan')):8.3f} {c}")
     print(f"({summary['steps']} steps in {summary['seconds']:.0f} s; start/end: means over the first/last "
-          f"{summary['window']} steps)")
+          f"{summary['window']} steps; majority: accuracy of always guessing the most frequent label)")
 
 
 def main(argv=None) -> int:
@@ -98,15 +98,20 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
+    from cstp.checkpoint import list_checkpoints
     from cstp.engine import Position, Trainer
     from pipelines.lmdb_store import LmdbFormatError
     from pipelines.loader import LoaderSettings, PretrainLoader
-    from pipelines.plan import PlanConfig
+    from pipelines.plan import PlanConfig, majority_label_rates
 
     if cfg["train"]["threads"]:
         torch.set_num_threads(cfg["train"]["threads"])
     device = resolve_device(cfg["data"]["device"])
     resume_path, resume_state = find_resume_state(args.resume, out_dir)
+    if resume_state is None and list_checkpoints(out_dir):
+        print(f"train.py: {out_dir} already holds checkpoints; pass --resume auto to continue that run "
+              "or choose another --out", file=sys.stderr)
+        return 2
     position = Position(**resume_state["position"]) if resume_state else Position()
     if resume_state:
         logging.info("resuming from %s at epoch %d, sample %d, step %d", resume_path, position.epoch,
@@ -147,12 +152,15 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        chance = {"spatial_accuracy": 1 / len(p["spatial_rates"]), "temporal_accuracy": 1 / len(p["temporal_rates"]),
-                  "speed_accuracy": 1 / len(p["strides"]), "rotation_accuracy": 0.25}
+        # ~2000 plans over as many epochs as that takes: small datasets need several
+        n = len(loader.metas)
+        plans = [loader.source.plan(epoch, v) for epoch in range(-(-2000 // n)) for v in range(n)][:2000]
+        baseline = {f"{task}_accuracy": rate for task, rate in majority_label_rates(plans).items()}
         final = {**summary["end"], "start": summary["start"], "steps": summary["steps"],
-                 "seconds": summary["seconds"], "skipped_steps": summary["skipped_steps"], "chance": chance}
+                 "seconds": summary["seconds"], "skipped_steps": summary["skipped_steps"],
+                 "majority_baseline": baseline}
         (out_dir / "summary.json").write_text(json.dumps(final, indent=2))
-        print_summary(summary, chance)
+        print_summary(summary, baseline)
     return 0
 
 

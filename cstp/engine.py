@@ -187,7 +187,7 @@ class Trainer:
             from tqdm import tqdm
             progress = tqdm(total=total_steps, initial=min(self.position.step, total_steps),
                             unit="step", dynamic_ncols=True, desc="pretrain")
-        metrics_file = open(self.out_dir / "metrics.jsonl", "a") if is_rank0() else None
+        metrics_file = self._open_metrics() if is_rank0() else None
         window = _Window()
         start = time.perf_counter()
         try:
@@ -238,6 +238,21 @@ class Trainer:
         return self.summary(time.perf_counter() - start)
 
     # ------------------------------------------------------------------ logging
+
+    def _open_metrics(self):
+        """metrics.jsonl, without records past the step we resume from (a run that
+        died after logging but before its next checkpoint would repeat them)."""
+        path = self.out_dir / "metrics.jsonl"
+        kept = []
+        if self.position.step > 0 and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.position.step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a crash
+        path.write_text("".join(line + "\n" for line in kept))
+        return open(path, "a")
 
     def _remember(self, metrics: torch.Tensor):
         if len(self.first_metrics) < SUMMARY_WINDOW:

@@ -233,3 +233,16 @@ def make_pretrain_plan(seed: int, epoch: int, index: int, num_frames: int, heigh
         clip_range=clip_range,
         starts=(start1, start2),
     )
+
+
+def majority_label_rates(plans: list[PretrainPlan]) -> dict[str, float]:
+    """Share of the most frequent label of each task: the accuracy a model reaches
+    by always guessing it. Rejection sampling makes the labels far from uniform
+    (spec §11.6), so this, not 1/classes, is the bar a pretext head must clear."""
+    tasks = {
+        "spatial": [p.spatial_label for p in plans],
+        "temporal": [p.temporal_label for p in plans],
+        "speed": [p.speed_label for p in plans],
+        "rotation": [p.view1.rotation for p in plans] + [p.view2.rotation for p in plans],
+    }
+    return {task: float(np.bincount(labels).max() / len(labels)) for task, labels in tasks.items()}

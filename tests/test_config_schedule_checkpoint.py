@@ -89,3 +89,11 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
         load_checkpoint(tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("name, global_lr, per_gpu_batch", [("ucf101", 0.03, 10), ("k400", 0.09, 16)])
+def test_reference_recipes(name, global_lr, per_gpu_batch):
+    cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+    assert cfg["optim"]["lr"] == global_lr and cfg["data"]["batch_size"] == per_gpu_batch
+    assert cfg["run"]["epochs"] == 300 and cfg["optim"]["warmup_epochs"] == 150
+    assert cfg["optim"]["min_lr"] == 1e-5 and cfg["optim"]["clip_grad"] == 18.0

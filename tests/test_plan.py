@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipelines.plan import (Box, PlanConfig, make_pretrain_plan, max_speed_label, second_box_candidate,
-                            temporal_shift)
+from pipelines.plan import (Box, PlanConfig, majority_label_rates, make_pretrain_plan, max_speed_label,
+                            second_box_candidate, temporal_shift)
 
 CFG = PlanConfig()  # reference: 16 frames, 112 px, strides 1/2/4/8
 
@@ -149,3 +149,12 @@ def test_label_statistics_are_reported(capsys):
     print({k: v.tolist() for k, v in counts.items()})
     assert counts["speed"][4] == 0 and all(v.sum() == 2000 for v in counts.values())
     assert all(c > 0 for c in counts["temporal"]) and all(c > 0 for c in counts["spatial"])
+
+
+def test_majority_label_rates():
+    ps = [make_pretrain_plan(0, 0, i, 20, 240, 320, CFG) for i in range(400)]  # 20 frames: stride 1 only
+    rates = majority_label_rates(ps)
+    assert rates["speed"] == 1.0
+    assert 0.25 <= rates["rotation"] < 0.32
+    spatial = np.bincount([p.spatial_label for p in ps])
+    assert rates["spatial"] == spatial.max() / 400

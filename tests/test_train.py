@@ -39,6 +39,8 @@ def test_training_logs_every_term_and_writes_checkpoints(tmp_path, tiny_db):
                                       + 2 * r["loss_speed"] + 2 * r["loss_rotation"], rel=1e-4)
     assert records[0]["lr"] < records[-1]["lr"]  # warming up
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["majority_baseline"]) == {"spatial_accuracy", "temporal_accuracy", "speed_accuracy",
+                                                 "rotation_accuracy"}
     for key in ("loss_total", "rotation_accuracy", "speed_accuracy", "spatial_accuracy", "temporal_accuracy"):
         assert 0 <= summary[key] < 100
     path, state = latest_checkpoint(tmp_path)
@@ -61,6 +63,22 @@ def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path, tiny_db):
         assert torch.equal(a["model"][key], b["model"][key]), key
     steps = [json.loads(x)["step"] for x in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_fresh_run_refuses_to_mix_with_an_old_one(tmp_path, tiny_db, capsys):
+    run(tmp_path, tiny_db, "max_steps=2")
+    assert train.main(["--out", str(tmp_path), f"data.path={tiny_db}", *TINY, "max_steps=4"]) == 2
+    assert "--resume auto" in capsys.readouterr().err
+
+
+def test_metrics_past_the_resumed_checkpoint_are_dropped(tmp_path, tiny_db):
+    run(tmp_path, tiny_db, "max_steps=2")
+    with open(tmp_path / "metrics.jsonl", "a") as f:   # logged by a run that died before saving
+        f.write('{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    assert train.main(["--out", str(tmp_path), "--resume", "auto", f"data.path={tiny_db}", *TINY,
+                       "max_steps=3"]) == 0
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
 
 def test_bad_flags_give_a_message(tmp_path, tiny_db, capsys):
