@@ -158,6 +158,7 @@ def main(argv=None) -> int:
         baseline = {f"{task}_accuracy": rate for task, rate in majority_label_rates(plans).items()}
         final = {**summary["end"], "start": summary["start"], "steps": summary["steps"],
                  "seconds": summary["seconds"], "skipped_steps": summary["skipped_steps"],
+                 "substituted_samples": summary["substituted_samples"],
                  "majority_baseline": baseline}
         (out_dir / "summary.json").write_text(json.dumps(final, indent=2))
         print_summary(summary, baseline)

@@ -74,6 +74,9 @@ class Trainer:
         self.position = Position()
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
+        # samples the loader had to take from another video (unreadable data); a
+        # tensor, so that counting costs no device sync per step
+        self.substituted_samples = torch.zeros((), dtype=torch.long)
         if resume_state is not None:
             self._restore(resume_state)
         self.ddp_model = self.model
@@ -199,6 +202,9 @@ class Trainer:
                 wait_start = time.perf_counter()
                 for batch in self.loader:
                     data_wait = time.perf_counter() - wait_start
+                    if "substituted" in batch:
+                        self.substituted_samples = self.substituted_samples.to(batch["substituted"].device) \
+                            + (batch["substituted"] > 0).sum()
                     lr = self.learning_rate(epoch, step_in_epoch)
                     metrics, grad_norm = self.train_step(batch, lr)
                     if math.isnan(grad_norm):
@@ -271,9 +277,16 @@ class Trainer:
         record["samples_per_s"] = steps * self.loader.batch_size * self.world_size / max(window.seconds, 1e-9)
         record["data_wait_fraction"] = window.data_wait / max(window.seconds, 1e-9)
         record["skipped_steps"] = self.skipped_steps
+        record["substituted_samples"] = self._total_substituted()
         if self.device.type == "cuda":
             record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return record
+
+    def _total_substituted(self) -> int:
+        count = self.substituted_samples.to(self.device).reshape(1).clone()
+        if self.world_size > 1:
+            dist.all_reduce(count)
+        return int(count.item())
 
     def summary(self, seconds: float) -> dict:
         def mean(rows):
@@ -287,7 +300,8 @@ class Trainer:
 
         return {"start": mean(self.first_metrics), "end": mean(list(self.recent_metrics)),
                 "steps": self.position.step, "epochs": self.position.epoch, "seconds": seconds,
-                "skipped_steps": self.skipped_steps, "window": SUMMARY_WINDOW}
+                "skipped_steps": self.skipped_steps, "substituted_samples": self._total_substituted(),
+                "window": SUMMARY_WINDOW}
 
     def save(self):
         if is_rank0():

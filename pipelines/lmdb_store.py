@@ -109,6 +109,25 @@ def shared_env(path: str) -> lmdb.Environment:
     return env
 
 
+def jpeg_problem(jpeg: bytes, height: int, width: int) -> str | None:
+    """Why a stored frame must not reach DALI's decoder, or None. Cheap checks only
+    (markers and header, no decode): a decoder error inside a DALI pipeline ends
+    the pipeline, so truncated or foreign data is caught here."""
+    if len(jpeg) < 64:
+        return f"frame of {len(jpeg)} bytes is too short to be a JPEG"
+    if jpeg[:2] != b"\xff\xd8":
+        return "frame does not start with a JPEG marker"
+    if b"\xff\xd9" not in jpeg[-32:]:
+        return "frame is truncated (no JPEG end marker)"
+    try:
+        size = jpeg_size(jpeg)
+    except Exception as err:  # noqa: BLE001 - PIL raises several kinds for a bad header
+        return f"unreadable JPEG header ({err})"
+    if size != (height, width):
+        return f"frame is {size[1]}x{size[0]}, metadata says {width}x{height}"
+    return None
+
+
 def jpeg_size(jpeg: bytes) -> tuple[int, int]:
     """(height, width) from a JPEG header, without decoding the image."""
     from PIL import Image

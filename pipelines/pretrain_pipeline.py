@@ -12,8 +12,9 @@ from nvidia.dali import fn, pipeline_def, types
 
 from .sources import PRETRAIN_PARAM_OUTPUTS, PretrainLmdbSource
 
+# "substituted": how many unreadable videos were passed over to produce the sample (0 = none)
 PRETRAIN_OUTPUTS = ("view1", "view2", "spatial_label", "temporal_label", "speed_label", "rot1", "rot2",
-                    "video_index")
+                    "video_index", "substituted")
 
 
 def decoder_device(device: str) -> str:

@@ -11,19 +11,28 @@ import logging
 import os
 import signal
 
+import msgpack
 import numpy as np
 
-from .lmdb_store import LmdbFrameReader, VideoMeta
+from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem
 from .plan import PlanConfig, PretrainPlan, make_pretrain_plan
 from .sharding import samples_per_rank, shard_indices
 
 log = logging.getLogger(__name__)
 
+
+class BadSampleError(RuntimeError):
+    """A video whose planned frames cannot be read or would break the decoder."""
+
 # The extra (non-JPEG) outputs of the pretraining source, in order.
 PRETRAIN_PARAM_OUTPUTS = (
     "anchor1", "shape1", "anchor2", "shape2", "angle1", "angle2", "flip1", "flip2",
-    "spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index",
+    "spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index", "substituted",
 )
+
+# A sample whose video cannot be read is replaced by another, chosen deterministically;
+# this many bad videos in a row means the database itself is broken.
+MAX_SUBSTITUTIONS = 16
 
 
 def _guard_worker_process():
@@ -66,6 +75,7 @@ class PretrainLmdbSource:
         self._guarded_pid = os.getpid()
         self._order_epoch = None
         self._order = None
+        self._reported: set[int] = set()
 
     @property
     def num_outputs(self) -> int:
@@ -96,11 +106,44 @@ class PretrainLmdbSource:
         if position >= self.per_rank:
             raise StopIteration
         video = self.video_for(epoch, position)
-        plan = self.plan(epoch, video)
-        wanted = np.concatenate([plan.view1.frames, plan.view2.frames])
-        jpegs = self.reader.frames(video, wanted)
+        for attempt in range(MAX_SUBSTITUTIONS):
+            try:
+                plan, jpegs = self.read_planned_frames(epoch, video)
+                break
+            except BadSampleError as err:
+                self._report_once(video, err)
+                video = self.replacement_video(epoch, position, attempt)
+        else:
+            raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable videos in a row in {self.reader.path}; "
+                               "the database looks broken (rebuild it with `python -m preprocessing build-lmdb`)")
         buffers = [np.frombuffer(j, dtype=np.uint8) for j in jpegs]
-        return (*buffers, *plan_to_arrays(plan))
+        return (*buffers, *plan_to_arrays(plan), np.array(attempt, np.int32))
+
+    def read_planned_frames(self, epoch: int, video: int):
+        """(plan, JPEG bytes of both views' frames), or BadSampleError."""
+        meta = self.metas[video]
+        try:
+            plan = self.plan(epoch, video)
+            wanted = np.concatenate([plan.view1.frames, plan.view2.frames])
+            jpegs = self.reader.frames(video, wanted)
+        except (KeyError, IndexError, ValueError, TypeError, LmdbFormatError,
+                msgpack.exceptions.UnpackException) as err:
+            raise BadSampleError(f"{type(err).__name__}: {err}") from None
+        for jpeg in set(jpegs):
+            problem = jpeg_problem(jpeg, meta.height, meta.width)
+            if problem:
+                raise BadSampleError(problem)
+        return plan, jpegs
+
+    def replacement_video(self, epoch: int, position: int, attempt: int) -> int:
+        rng = np.random.default_rng([self.seed, epoch, position, attempt, 0xBAD])
+        return int(rng.integers(0, len(self.metas)))
+
+    def _report_once(self, video: int, err: Exception):
+        if video not in self._reported:
+            self._reported.add(video)
+            log.warning("skipping video %d (%s) of %s: %s; another sample takes its place", video,
+                        self.metas[video].name, self.reader.path, err)
 
 
 def plan_to_arrays(plan: PretrainPlan) -> tuple[np.ndarray, ...]:

@@ -1,0 +1,92 @@
+"""Bad entries in an LMDB never stop a run: each is replaced by another sample, chosen
+deterministically, counted, and logged once; a corrupt JPEG never reaches DALI."""
+
+import logging
+
+import lmdb
+import numpy as np
+import pytest
+
+from pipelines import lmdb_store as fmt
+from pipelines.lmdb_store import jpeg_problem
+from pipelines.loader import LoaderSettings, PretrainLoader
+from pipelines.plan import PlanConfig
+from tests.lmdb_fixtures import coded_video, encode_jpeg, write_lmdb
+
+CFG = PlanConfig(frames=4, crop_size=32)
+H, W = 48, 64
+
+
+def corrupt(path, video, value):
+    env = lmdb.open(str(path), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        if value is None:
+            txn.delete(fmt.video_key(video))
+        else:
+            txn.put(fmt.video_key(video), value)
+    env.close()
+
+
+@pytest.fixture()
+def damaged_db(tmp_path):
+    path = write_lmdb(tmp_path / "damaged.lmdb", [coded_video(24, H, W) for _ in range(16)])
+    good = [encode_jpeg(f) for f in coded_video(24, H, W)]
+    corrupt(path, 1, None)                                                 # missing entry
+    corrupt(path, 3, fmt.pack([g[: len(g) // 2] for g in good]))           # truncated JPEGs
+    corrupt(path, 5, fmt.pack([b"not a jpeg at all" * 10] * 24))           # foreign bytes
+    corrupt(path, 7, fmt.pack(good[:3]))                                   # fewer frames than the metadata
+    corrupt(path, 9, b"\xc1\xc1 garbage that is not msgpack")              # undecodable entry
+    small = encode_jpeg(coded_video(1, H // 2, W // 2)[0])
+    corrupt(path, 11, fmt.pack([small] * 24))                              # wrong frame size
+    return str(path)
+
+
+BAD = {1, 3, 5, 7, 9, 11}
+
+
+def run_epochs(path, epochs=3):
+    loader = PretrainLoader(path, CFG, LoaderSettings(batch_size=4, num_threads=1, seed=0))
+    out = []
+    for _ in range(epochs):
+        for batch in loader:
+            out.append((batch["video_index"].tolist(), batch["substituted"].tolist(),
+                        batch["view1"].sum().item()))
+    return out
+
+
+def test_bad_videos_are_replaced_counted_and_logged_once(damaged_db, caplog):
+    caplog.set_level(logging.WARNING, logger="pipelines.sources")
+    first = run_epochs(damaged_db)
+    assert len(first) == 12  # 16 videos / batch 4 x 3 epochs: every step ran
+    videos = [v for ids, _, _ in first for v in ids]
+    substituted = [s for _, subs, _ in first for s in subs]
+    assert not BAD & set(videos)
+    # every bad video is drawn once per epoch: 6 per epoch, 18 in all (a replacement may itself be bad)
+    assert sum(1 for s in substituted if s > 0) == 18
+    warnings = [r.getMessage() for r in caplog.records if "skipping video" in r.getMessage()]
+    assert len(warnings) == len(BAD)
+    for video, reason in [(1, "KeyError"), (3, "truncated"), (5, "JPEG marker"), (7, "IndexError"),
+                          (11, "metadata says 64x48")]:
+        assert any(f"skipping video {video} " in w and reason in w for w in warnings), (video, warnings)
+    # replacements are deterministic
+    assert run_epochs(damaged_db) == first
+
+
+def test_a_database_of_only_bad_videos_stops_with_a_clear_message(tmp_path):
+    path = write_lmdb(tmp_path / "all_bad.lmdb", [coded_video(10, H, W) for _ in range(4)])
+    for v in range(4):
+        corrupt(path, v, None)
+    loader = PretrainLoader(str(path), CFG, LoaderSettings(batch_size=2, num_threads=1))
+    with pytest.raises(Exception, match="unreadable videos in a row"):
+        next(iter(loader))
+
+
+def test_jpeg_checks():
+    good = encode_jpeg(coded_video(1, H, W)[0])
+    assert jpeg_problem(good, H, W) is None
+    assert "truncated" in jpeg_problem(good[:-40], H, W)
+    assert "too short" in jpeg_problem(b"\xff\xd8", H, W)
+    assert "marker" in jpeg_problem(b"x" * 100, H, W)
+    assert "metadata says" in jpeg_problem(good, H + 1, W)
+    header_broken = good[:2] + b"\xff\xc0\x00\x02" + np.zeros(100, np.uint8).tobytes() + good[-2:]
+    assert jpeg_problem(header_broken, H, W) is not None
