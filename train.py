@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -121,7 +122,13 @@ def main(argv=None) -> int:
     plan_cfg = PlanConfig(frames=p["frames"], crop_size=p["crop_size"], strides=tuple(p["strides"]),
                           temporal_rates=tuple(p["temporal_rates"]), spatial_rates=tuple(p["spatial_rates"]),
                           min_area=p["min_area"], max_area=p["max_area"], min_ratio=p["min_ratio"],
-                          max_ratio=p["max_ratio"], flip_prob=p["flip_prob"])
+                          max_ratio=p["max_ratio"], flip_prob=p["flip_prob"],
+                          strong_prob=p["strong_prob"], small_angle_range=tuple(p["small_angle_range"]),
+                          jitter_prob=p["jitter_prob"], brightness_range=tuple(p["brightness_range"]),
+                          contrast_range=tuple(p["contrast_range"]),
+                          saturation_range=tuple(p["saturation_range"]), hue_range=tuple(p["hue_range"]),
+                          grey_prob=p["grey_prob"], blur_prob=p["blur_prob"],
+                          blur_sigma_range=tuple(p["blur_sigma_range"]))
     settings = LoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"], workers=d["workers"],
                               prefetch=d["prefetch"], shuffle=d["shuffle"], seed=cfg["run"]["seed"])
     # The pipeline (and its forked workers) comes before the process group: forked
@@ -146,7 +153,14 @@ def main(argv=None) -> int:
                      world_size, d["batch_size"], loader.steps_per_epoch, device)
     try:
         trainer = Trainer(cfg, loader, out_dir, train_device, resume_state=resume_state)
-        summary = trainer.run()
+        # Preemption (SLURM, torchrun forwarding Ctrl-C/SIGTERM): finish the step,
+        # checkpoint, exit 0; `--resume auto` continues from there.
+        previous = {sig: signal.signal(sig, trainer.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            summary = trainer.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
         loader.close()
         if dist.is_initialized():
@@ -162,6 +176,8 @@ def main(argv=None) -> int:
                  "majority_baseline": baseline}
         (out_dir / "summary.json").write_text(json.dumps(final, indent=2))
         print_summary(summary, baseline)
+        if summary["stopped_early"]:
+            print(f"stopped by a signal at step {summary['steps']}; continue with --resume auto")
     return 0
 
 

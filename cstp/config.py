@@ -49,6 +49,18 @@ DEFAULTS: dict = {
         "min_ratio": 0.75,
         "max_ratio": 1.3333333333333333,
         "flip_prob": 0.5,
+        # appearance, per view (spec §5.1): with strong_prob the "base" pipeline, i.e. a
+        # small rotation, then jitter/grey/blur each with its own probability
+        "strong_prob": 0.3,
+        "small_angle_range": [-10.0, 10.0],     # degrees
+        "jitter_prob": 0.8,                     # fixed order: brightness, contrast, saturation, hue
+        "brightness_range": [0.6, 1.4],
+        "contrast_range": [0.6, 1.4],
+        "saturation_range": [0.6, 1.4],
+        "hue_range": [-0.1, 0.1],               # fraction of a full turn
+        "grey_prob": 0.2,                       # per-frame random channel copied to R, G, B
+        "blur_prob": 0.5,
+        "blur_sigma_range": [0.1, 2.0],         # pixels
     },
     "model": {
         "width": 1.0,               # R(2+1)D-10 channel multiplier (1.0 = 14.37 M parameters)

@@ -85,6 +85,8 @@ class Trainer:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.loss_weights = CSTPLossWeights(**cfg["loss"])
         self.autocast_dtype = self._autocast_dtype()
+        self.stop_requested = False   # set by a signal handler (preemption); acted on at a step boundary
+        self.stopped_early = False
         self.first_metrics: list[torch.Tensor] = []
         self.recent_metrics: collections.deque = collections.deque(maxlen=SUMMARY_WINDOW)
 
@@ -169,6 +171,20 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() > 0)
 
+    def request_stop(self, *_):
+        """Safe to call from a signal handler: only sets a flag."""
+        self.stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        """Stop when any rank was asked to: every rank must leave at the same step."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stopped_early = bool(flag.item() > 0)
+        if self.stopped_early:
+            log.warning("stop requested: saving a checkpoint at step %d and exiting", self.position.step)
+        return self.stopped_early
+
     def _on_skipped_step(self):
         self.skipped_steps += 1
         self.bad_steps_in_a_row += 1
@@ -229,13 +245,15 @@ class Trainer:
                                                  rot=f"{record['rotation_accuracy']:.2f}")
                     if run_cfg["checkpoint_every"] and self.position.step % run_cfg["checkpoint_every"] == 0:
                         self.save()
-                    if self.position.step >= total_steps:
+                    if self.position.step >= total_steps or self._stop_agreed():
                         done = True
                         break
                     wait_start = time.perf_counter()
                 if not done or step_in_epoch == self.loader.steps_per_epoch:
                     self.position = Position(epoch + 1, 0, self.position.step)
                 self.save()
+            if is_rank0():
+                self.export_backbone(self.out_dir / "backbone.pt")
         finally:
             if progress is not None:
                 progress.close()
@@ -301,7 +319,18 @@ class Trainer:
         return {"start": mean(self.first_metrics), "end": mean(list(self.recent_metrics)),
                 "steps": self.position.step, "epochs": self.position.epoch, "seconds": seconds,
                 "skipped_steps": self.skipped_steps, "substituted_samples": self._total_substituted(),
+                "stopped_early": self.stopped_early,
                 "window": SUMMARY_WINDOW}
+
+    def export_backbone(self, path: Path):
+        """The online backbone as a plain state dict (plus its width), loadable into
+        `R2Plus1D10(width)` without this project's training classes; what finetuning uses."""
+        state = {"format": "cstp-dali-backbone", "arch": "r2plus1d10", "width": self.cfg["model"]["width"],
+                 "step": self.position.step,
+                 "state_dict": {k: v.detach().cpu() for k, v in self.model.online_backbone_state_dict().items()}}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
 
     def save(self):
         if is_rank0():

@@ -1,7 +1,8 @@
 """The one place where the data side meets the learning side: an iterable of
 batches (dicts of torch tensors on the training device) built on a DALI pipeline.
 
-    loader = PretrainLoader(db_path, plan_cfg, batch_size=16, device="gpu", local_rank=0, ...)
+    loader = PretrainLoader(path, plan_cfg, settings, device="gpu", local_rank=0, ...)
+    # path: an LMDB of JPEG frames, or a video index (.json, `preprocessing index-videos`)
     for epoch in range(loader.start_epoch, epochs):
         for batch in loader:          # one epoch; batch["view1"]: (B, 3, T, S, S) float in [-1, 1]
             ...
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 
 from .lmdb_store import read_metadata
 from .plan import PlanConfig
-from .pretrain_pipeline import PRETRAIN_OUTPUTS, cstp_pretrain_pipeline
+from .pretrain_pipeline import PRETRAIN_OUTPUTS, cstp_pretrain_pipeline, cstp_pretrain_video_pipeline
 from .sharding import samples_per_rank
 from .sources import PretrainLmdbSource
+from .video_source import PretrainVideoSource, is_video_index, read_video_index, refuse_undecodable
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,12 @@ class PretrainLoader:
         # Imported here so that `import pipelines` works without DALI (e.g. for plans).
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        self.metas, self.classes = read_metadata(db_path)
+        videos = is_video_index(db_path)
+        if videos:
+            self.metas, self.classes, files = read_video_index(db_path)
+            refuse_undecodable(self.metas, files, device)
+        else:
+            self.metas, self.classes = read_metadata(db_path)
         if not self.metas:
             raise ValueError(f"{db_path} holds no videos")
         self.batch_size = settings.batch_size
@@ -48,13 +55,17 @@ class PretrainLoader:
         self.steps_per_epoch = self.samples_per_rank // settings.batch_size
         self.start_epoch = start_epoch
         self.device = device
-        self.source = PretrainLmdbSource(db_path, self.metas, plan_cfg, seed=settings.seed,
-                                         batch_size=settings.batch_size, rank=rank, world_size=world_size,
-                                         shuffle=settings.shuffle, start_epoch=start_epoch,
-                                         start_sample=start_sample)
+        common = dict(seed=settings.seed, batch_size=settings.batch_size, rank=rank, world_size=world_size,
+                      shuffle=settings.shuffle, start_epoch=start_epoch, start_sample=start_sample)
+        if videos:
+            self.source = PretrainVideoSource(db_path, self.metas, files, plan_cfg, **common)
+            make_pipeline = cstp_pretrain_video_pipeline
+        else:
+            self.source = PretrainLmdbSource(db_path, self.metas, plan_cfg, **common)
+            make_pipeline = cstp_pretrain_pipeline
         parallel = settings.workers > 0
         extra = dict(py_num_workers=settings.workers, py_start_method=settings.start_method) if parallel else {}
-        self.pipeline = cstp_pretrain_pipeline(
+        self.pipeline = make_pipeline(
             source=self.source, device=device, parallel=parallel,
             batch_size=settings.batch_size, num_threads=settings.num_threads,
             device_id=local_rank if device == "gpu" else None,

@@ -39,6 +39,19 @@ class PlanConfig:
     rotations: int = 4                                 # 0/90/180/270
     flip_prob: float = 0.5
     max_box_attempts: int = 100                        # bounded rejection sampling
+    # Appearance ("base" pipeline, spec §5.1): per view, with probability strong_prob,
+    # a small rotation, then colour jitter (p=jitter_prob), per-frame channel grey
+    # (p=grey_prob), Gaussian blur (p=blur_prob); the flip comes after, as before.
+    strong_prob: float = 0.3
+    small_angle_range: tuple[float, float] = (-10.0, 10.0)   # degrees, counter-clockwise
+    jitter_prob: float = 0.8
+    brightness_range: tuple[float, float] = (0.6, 1.4)       # multiplicative factors
+    contrast_range: tuple[float, float] = (0.6, 1.4)
+    saturation_range: tuple[float, float] = (0.6, 1.4)
+    hue_range: tuple[float, float] = (-0.1, 0.1)             # fraction of a full turn
+    grey_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma_range: tuple[float, float] = (0.1, 2.0)       # pixels
 
     def __post_init__(self):
         if self.frames < 2:
@@ -51,6 +64,19 @@ class PlanConfig:
             raise ValueError("class 0 of the overlap rates must be 1.0 (full overlap)")
         if not 0 < self.min_area <= self.max_area <= 1:
             raise ValueError(f"need 0 < min_area <= max_area <= 1, got {self.min_area}, {self.max_area}")
+        for name in ("small_angle_range", "brightness_range", "contrast_range", "saturation_range", "hue_range",
+                     "blur_sigma_range"):  # lists from a YAML config become tuples (hashable, frozen)
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        for name in ("flip_prob", "strong_prob", "jitter_prob", "grey_prob", "blur_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        for name, lowest, highest in (("small_angle_range", -45, 45), ("brightness_range", 0, math.inf),
+                                      ("contrast_range", 0, math.inf), ("saturation_range", 0, math.inf),
+                                      ("hue_range", -0.5, 0.5), ("blur_sigma_range", 1e-3, 50)):
+            value = getattr(self, name)
+            if len(value) != 2 or not lowest <= value[0] <= value[1] <= highest:
+                raise ValueError(f"{name} must be (low, high) with {lowest} <= low <= high <= {highest}, "
+                                 f"got {value}")
 
 
 @dataclass(frozen=True)
@@ -70,11 +96,44 @@ class Box:
 
 
 @dataclass(frozen=True)
+class Appearance:
+    """The "base" (strong) augmentation of one view, spec §5.1; the defaults are the
+    "null" pipeline (nothing). Applied after the k·90° rotation, before the flip, in
+    this order: small rotation, colour jitter, channel grey, blur.
+
+    Deviation from the reference: its ColorJitter applies brightness, contrast,
+    saturation and hue in a random order per view; here the order is FIXED,
+    brightness → contrast → saturation → hue, in both executors."""
+
+    strong: bool = False                          # the base pipeline was drawn
+    angle: float = 0.0                            # small rotation, degrees counter-clockwise
+    jitter: bool = False
+    brightness: float = 1.0                       # factors; 1.0 = unchanged
+    contrast: float = 1.0
+    saturation: float = 1.0
+    hue: float = 0.0                              # shift, fraction of a full turn
+    grey_channels: tuple[int, ...] | None = None  # per frame: the channel (0 R, 1 G, 2 B) copied to all three
+    blur_sigma: float = 0.0                       # Gaussian blur σ in pixels; 0 = no blur
+
+    @property
+    def grey(self) -> bool:
+        return self.grey_channels is not None
+
+    @property
+    def blur(self) -> bool:
+        return self.blur_sigma > 0
+
+
+NO_APPEARANCE = Appearance()
+
+
+@dataclass(frozen=True)
 class ViewPlan:
     frames: np.ndarray   # (T,) int64 frame indices into the video
     box: Box             # crop in the un-rotated frame
     rotation: int        # k: k·90° counter-clockwise, applied to the crop
     flip: bool           # horizontal flip, applied last
+    appearance: Appearance = NO_APPEARANCE   # strong augmentation, between rotation and flip
 
 
 @dataclass(frozen=True)
@@ -208,6 +267,32 @@ def sample_second_box(rng: np.random.Generator, first: Box, width: int, height: 
     return first, 0
 
 
+# ---------------------------------------------------------------- appearance
+
+
+def sample_appearance(rng: np.random.Generator, cfg: PlanConfig) -> Appearance:
+    """One view's strong augmentation (spec §5.1). Every value is drawn whatever the
+    coin flips say (a fixed number of draws per view), so changing a probability
+    changes which augmentations apply, not the values of the others."""
+    u_strong, u_jitter, u_grey, u_blur = rng.random(4)
+    angle = rng.uniform(*cfg.small_angle_range)
+    brightness = rng.uniform(*cfg.brightness_range)
+    contrast = rng.uniform(*cfg.contrast_range)
+    saturation = rng.uniform(*cfg.saturation_range)
+    hue = rng.uniform(*cfg.hue_range)
+    channels = rng.integers(0, 3, size=cfg.frames)
+    sigma = rng.uniform(*cfg.blur_sigma_range)
+    if u_strong >= cfg.strong_prob:
+        return NO_APPEARANCE
+    jitter = bool(u_jitter < cfg.jitter_prob)
+    return Appearance(
+        strong=True, angle=float(angle), jitter=jitter,
+        brightness=float(brightness) if jitter else 1.0, contrast=float(contrast) if jitter else 1.0,
+        saturation=float(saturation) if jitter else 1.0, hue=float(hue) if jitter else 0.0,
+        grey_channels=tuple(int(c) for c in channels) if u_grey < cfg.grey_prob else None,
+        blur_sigma=float(sigma) if u_blur < cfg.blur_prob else 0.0)
+
+
 # ---------------------------------------------------------------- the plan
 
 
@@ -222,11 +307,14 @@ def make_pretrain_plan(seed: int, epoch: int, index: int, num_frames: int, heigh
     box2, spatial_label = sample_second_box(rng, box1, width, height, cfg)
     rot1, rot2 = (int(r) for r in rng.integers(0, cfg.rotations, size=2))
     flip1, flip2 = (bool(f) for f in rng.random(2) < cfg.flip_prob)
+    # Drawn after everything above, so the geometry and labels of a (seed, epoch,
+    # index) are the same as before appearance augmentation existed.
+    look1, look2 = sample_appearance(rng, cfg), sample_appearance(rng, cfg)
     return PretrainPlan(
         video_index=index,
         stride=stride,
-        view1=ViewPlan(window_indices(start1, stride, num_frames, cfg), box1, rot1, flip1),
-        view2=ViewPlan(window_indices(start2, stride, num_frames, cfg), box2, rot2, flip2),
+        view1=ViewPlan(window_indices(start1, stride, num_frames, cfg), box1, rot1, flip1, look1),
+        view2=ViewPlan(window_indices(start2, stride, num_frames, cfg), box2, rot2, flip2, look2),
         speed_label=speed_label,
         temporal_label=temporal_label,
         spatial_label=spatial_label,

@@ -8,9 +8,10 @@ PIL in DataLoader worker processes), which makes it two things at once:
   video and applies the same plan, so DALI and reference batches line up one to one;
 - the baseline the benchmark measures DALI against.
 
-Per view (cstp-method-spec.md §5.1, "null" pipeline, plan order): crop the planned
-box of each planned frame, bicubic resize to S×S, rotate k·90° counter-clockwise,
-flip horizontally, "tf" normalisation x/255·2−1, output (3, T, S, S).
+Per view (cstp-method-spec.md §5.1, plan order): crop the planned box of each
+planned frame, bicubic resize to S×S, rotate k·90° counter-clockwise, then for a
+"strong" view the base pipeline (small rotation, colour jitter, channel grey,
+Gaussian blur), flip horizontally, "tf" normalisation x/255·2−1, output (3, T, S, S).
 
 This module needs neither DALI nor the model code.
 """
@@ -22,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
 from .lmdb_store import read_metadata
-from .plan import Box, PlanConfig, ViewPlan
+from .plan import Appearance, Box, PlanConfig, ViewPlan
 from .sharding import samples_per_rank
 from .sources import PretrainLmdbSource
 
@@ -52,11 +53,45 @@ def crop_and_resize(jpeg: bytes, box: Box, crop_size: int) -> np.ndarray:
     return np.asarray(crop.resize((crop_size, crop_size), Image.BICUBIC))
 
 
+def adjust_hue(image: Image.Image, hue: float) -> Image.Image:
+    """torchvision's adjust_hue on a PIL image: shift H of PIL's 8-bit HSV by hue·255
+    (truncated), wrapping around."""
+    hsv = np.array(image.convert("HSV"))
+    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(hue * 255)) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+def apply_appearance(frame: np.ndarray, look: Appearance, channel: int | None) -> np.ndarray:
+    """The strong augmentation of one (S, S, 3) uint8 frame, as the reference: small
+    rotation (PIL, nearest, no expand, black corners), colour jitter (PIL ImageEnhance,
+    as torchvision's ColorJitter on PIL images), channel grey, PIL GaussianBlur(σ).
+
+    Jitter order: FIXED brightness → contrast → saturation → hue, the same as the DALI
+    graph; the reference draws a random order per view (a documented deviation)."""
+    image = Image.fromarray(np.ascontiguousarray(frame))
+    if look.angle:
+        image = image.rotate(look.angle, resample=Image.NEAREST)
+    if look.jitter:
+        image = ImageEnhance.Brightness(image).enhance(look.brightness)
+        image = ImageEnhance.Contrast(image).enhance(look.contrast)
+        image = ImageEnhance.Color(image).enhance(look.saturation)
+        image = adjust_hue(image, look.hue)
+    if channel is not None:
+        image = Image.fromarray(np.repeat(np.asarray(image)[..., channel:channel + 1], 3, axis=-1))
+    if look.blur:
+        image = image.filter(ImageFilter.GaussianBlur(look.blur_sigma))
+    return np.asarray(image)
+
+
 def execute_view_reference(jpegs: list[bytes], view: ViewPlan, crop_size: int) -> np.ndarray:
     """One planned view as float32 (3, T, S, S) in [-1, 1]."""
     clip = np.stack([crop_and_resize(jpeg, view.box, crop_size) for jpeg in jpegs])  # (T, H, W, C)
     # After the crop: boxes live in the un-rotated frame (plan.py), k·90° CCW on (H, W).
     clip = np.rot90(clip, view.rotation, axes=(1, 2))
+    look = view.appearance
+    if look.strong:
+        channels = look.grey_channels or (None,) * len(clip)
+        clip = np.stack([apply_appearance(frame, look, c) for frame, c in zip(clip, channels)])
     if view.flip:
         clip = clip[:, :, ::-1]  # horizontal, applied last
     scaled = clip.astype(np.float32) / 255.0 * 2.0 - 1.0  # "tf" normalisation (spec §5.1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import signal
 
@@ -15,7 +16,7 @@ import msgpack
 import numpy as np
 
 from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem
-from .plan import PlanConfig, PretrainPlan, make_pretrain_plan
+from .plan import PlanConfig, PretrainPlan, ViewPlan, make_pretrain_plan
 from .sharding import samples_per_rank, shard_indices
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,18 @@ log = logging.getLogger(__name__)
 class BadSampleError(RuntimeError):
     """A video whose planned frames cannot be read or would break the decoder."""
 
+# Per view, the parameters of its appearance augmentation (plan.Appearance), neutral
+# when it is off: view 1's, then view 2's.
+APPEARANCE_PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue_shift", "grey", "grey_matrix",
+                     "blur_sigma", "blur_window")
+APPEARANCE_OUTPUTS = tuple(f"{name}{view}" for view in (1, 2) for name in APPEARANCE_PARAMS)
+
 # The extra (non-JPEG) outputs of the pretraining source, in order.
 PRETRAIN_PARAM_OUTPUTS = (
     "anchor1", "shape1", "anchor2", "shape2", "angle1", "angle2", "flip1", "flip2",
-    "spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index", "substituted",
+    "spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index",
+    *APPEARANCE_OUTPUTS,  # (after the labels, so that the label outputs keep their positions)
+    "substituted",
 )
 
 # A sample whose video cannot be read is replaced by another, chosen deterministically;
@@ -98,17 +107,20 @@ class PretrainLmdbSource:
         m = self.metas[video]
         return make_pretrain_plan(self.seed, epoch, video, m.frames, m.height, m.width, self.plan_cfg)
 
-    def __call__(self, sample_info):
+    def _guard_if_worker(self):
         if os.getpid() != self._guarded_pid:
             _guard_worker_process()
             self._guarded_pid = os.getpid()
+
+    def __call__(self, sample_info):
+        self._guard_if_worker()
         epoch, position = self.position(sample_info)
         if position >= self.per_rank:
             raise StopIteration
         video = self.video_for(epoch, position)
         for attempt in range(MAX_SUBSTITUTIONS):
             try:
-                plan, jpegs = self.read_planned_frames(epoch, video)
+                plan, payload = self.read_sample(epoch, video)
                 break
             except BadSampleError as err:
                 self._report_once(video, err)
@@ -116,10 +128,13 @@ class PretrainLmdbSource:
         else:
             raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable videos in a row in {self.reader.path}; "
                                "the database looks broken (rebuild it with `python -m preprocessing build-lmdb`)")
-        buffers = [np.frombuffer(j, dtype=np.uint8) for j in jpegs]
-        return (*buffers, *plan_to_arrays(plan), np.array(attempt, np.int32))
+        return self.outputs(plan, payload, attempt)
 
-    def read_planned_frames(self, epoch: int, video: int):
+    def outputs(self, plan: PretrainPlan, jpegs: list[bytes], substituted: int) -> tuple:
+        buffers = [np.frombuffer(j, dtype=np.uint8) for j in jpegs]
+        return (*buffers, *plan_to_arrays(plan), np.array(substituted, np.int32))
+
+    def read_sample(self, epoch: int, video: int):
         """(plan, JPEG bytes of both views' frames), or BadSampleError."""
         meta = self.metas[video]
         try:
@@ -158,8 +173,46 @@ def plan_to_arrays(plan: PretrainPlan) -> tuple[np.ndarray, ...]:
     i32 = lambda v: np.array(v, dtype=np.int32)  # noqa: E731
     return (
         a1, s1, a2, s2,
-        np.array(90.0 * plan.view1.rotation, np.float32), np.array(90.0 * plan.view2.rotation, np.float32),
+        view_angle(plan.view1), view_angle(plan.view2),
         i32(plan.view1.flip), i32(plan.view2.flip),
         i32(plan.spatial_label), i32(plan.temporal_label), i32(plan.speed_label),
         i32(plan.view1.rotation), i32(plan.view2.rotation), i32(plan.video_index),
+        *appearance_arrays(plan.view1), *appearance_arrays(plan.view2),
     )
+
+
+def view_angle(view: ViewPlan) -> np.ndarray:
+    """Degrees counter-clockwise, 0-d float32. The small rotation of the strong
+    augmentation is fused with the k·90° one: both turn the square crop about its
+    centre, so one rotation by 90k+δ equals the reference's two (to rounding of the
+    nearest-neighbour sampling grid, see tests/test_augment.py)."""
+    return np.array(90.0 * view.rotation + view.appearance.angle, np.float32)
+
+
+def grey_matrices(channels, frames: int) -> np.ndarray:
+    """(T, 3, 3) float32 colour matrices, one per frame, for fn.coord_transform: every
+    output channel takes input channel channels[t]. Identity when there is no grey."""
+    matrices = np.tile(np.eye(3, dtype=np.float32), (frames, 1, 1))
+    if channels is not None:
+        matrices[:] = 0
+        matrices[np.arange(frames), :, np.asarray(channels)] = 1
+    return matrices
+
+
+def blur_window(sigma: float) -> int:
+    """DALI's default Gaussian window for σ, 2·ceil(3σ)+1; 1 (a no-op kernel) for no blur."""
+    return 2 * math.ceil(3 * sigma) + 1 if sigma > 0 else 1
+
+
+def appearance_arrays(view: ViewPlan) -> tuple[np.ndarray, ...]:
+    """The view's APPEARANCE_PARAMS: jitter on (1) or off (0); brightness, contrast,
+    saturation factors; the hue shift in PIL's 8-bit H units, int(hue·255) as torchvision
+    adds it; grey on (1) or off (0) and its matrices (T, 3, 3); blur σ and window
+    (σ 1, window 1 = no blur). Off means neutral values too, so the ops may also run
+    unconditionally."""
+    look = view.appearance
+    f32 = lambda v: np.array(v, dtype=np.float32)  # noqa: E731
+    return (f32(look.jitter), f32(look.brightness), f32(look.contrast), f32(look.saturation),
+            f32(int(look.hue * 255)), f32(look.grey),
+            grey_matrices(look.grey_channels, len(view.frames)), f32(look.blur_sigma if look.blur else 1.0),
+            np.array(blur_window(look.blur_sigma), dtype=np.int32))

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .ffmpeg_io import INSTALL_HINT, missing_ffmpeg_tools
+from .tools_cli import add_tool_commands
 
 PROG = "python -m preprocessing"
 
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     _add_build_lmdb(commands)
     _add_demo_data(commands)
+    _add_index_videos(commands)
+    add_tool_commands(commands)  # probe, validate, lists, verify: preprocessing/tools_cli.py
     return parser
 
 
@@ -146,7 +149,53 @@ def _add_demo_data(commands) -> None:
     cmd.set_defaults(run=run_demo_data, command_parser=cmd)
 
 
+INDEX_VIDEOS_HELP = """\
+Write the JSON index that the video-file data path reads (train.py
+data.path=INDEX.json): per video its name, file, label, exact frame count (each
+file is decoded once with ffprobe), size, fps and codec. Files that cannot be
+decoded to the end, or carry rotation metadata, are listed under "failed" with a
+reason and left out. On a CPU, DALI decodes only VP8, VP9 and MJPEG; H.264,
+HEVC and MPEG-4 need a GPU (or an LMDB: build-lmdb).
+Labels and classes follow the same rules as build-lmdb."""
+
+INDEX_VIDEOS_EXAMPLES = """\
+examples:
+  python -m preprocessing index-videos --videos data/kinetics400 --list k400_train.txt --out data/k400_videos.json
+  python -m preprocessing index-videos --videos data/demo_vp9 --out data/demo_vp9.json"""
+
+
+def _add_index_videos(commands) -> None:
+    cmd = commands.add_parser("index-videos", help="index a folder of videos for the video-file data path",
+                              description=INDEX_VIDEOS_HELP, epilog=INDEX_VIDEOS_EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("--videos", required=True, metavar="DIR", help="folder holding the videos (searched recursively)")
+    cmd.add_argument("--out", required=True, metavar="INDEX.json", help="the index file to write")
+    cmd.add_argument("--list", metavar="FILE", help="list of videos, relative to --videos, with optional labels")
+    cmd.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+                     help="videos probed in parallel (default: %(default)s)")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmd.set_defaults(run=run_index_videos, command_parser=cmd)
+
+
 # --------------------------------------------------------------------------- commands
+
+
+def run_index_videos(args, parser) -> int:
+    from .index_videos import index_videos
+
+    if not Path(args.videos).is_dir():
+        parser.error(f"--videos {args.videos}: no such folder")
+    if args.list is not None and not Path(args.list).is_file():
+        parser.error(f"--list {args.list}: no such file")
+    if not args.out.endswith(".json"):
+        parser.error("--out must end in .json (that is how train.py tells an index from an LMDB)")
+    index = index_videos(args.videos, args.out, list_file=args.list, workers=args.workers,
+                         progress=not args.quiet)
+    for failure in index["failed"]:
+        print(f"skipped {failure['file']}: {failure['reason']}", file=sys.stderr)
+    print(f"videos indexed {len(index['videos'])} / skipped {len(index['failed'])}, "
+          f"{index['seconds']:.1f} s -> {args.out}")
+    return 0 if index["videos"] else 1
 
 def run_build_lmdb(args, parser) -> int:
     from .build_lmdb import BuildError, build_lmdb  # imported here so `--help` stays fast

@@ -16,7 +16,8 @@ from tests.lmdb_fixtures import coded_frame, coded_video, decode_coded, write_lm
 HEIGHT, WIDTH, CROP = 80, 96, 32
 # area fixed at CROP²/(W·H) and ratio 1: every box is CROP×CROP, so no resampling blurs the code
 EXACT = PlanConfig(frames=8, crop_size=CROP, min_area=CROP * CROP / (HEIGHT * WIDTH),
-                   max_area=CROP * CROP / (HEIGHT * WIDTH), min_ratio=1.0, max_ratio=1.0)
+                   max_area=CROP * CROP / (HEIGHT * WIDTH), min_ratio=1.0, max_ratio=1.0,
+                   strong_prob=0.0)  # geometry only; appearance: tests/test_augment.py
 JPEG_TOLERANCE = 3  # grey levels: quality-100 4:4:4 JPEG of smooth gradients
 
 
@@ -107,7 +108,7 @@ def test_resized_crops_match_a_bicubic_reference(tmp_path):
         base = rng.integers(0, 255, size=(40, 6, 8, 3)).astype(np.uint8)
         videos.append([np.asarray(Image.fromarray(f).resize((WIDTH, HEIGHT), Image.BICUBIC)) for f in base])
     path = write_lmdb(tmp_path / "smooth.lmdb", videos)
-    cfg = PlanConfig(frames=4, crop_size=24)
+    cfg = PlanConfig(frames=4, crop_size=24, strong_prob=0.0)
     loader = PretrainLoader(str(path), cfg, LoaderSettings(batch_size=4, num_threads=1, seed=1, shuffle=False))
     batch = next(iter(loader))
     diffs = []

@@ -24,7 +24,8 @@ from tests.lmdb_fixtures import coded_frame, coded_video, decode_coded, encode_j
 HEIGHT, WIDTH, CROP = 80, 96, 32
 # area fixed at CROP²/(W·H) and ratio 1: every box is CROP×CROP, so no resampling blurs the code
 EXACT = PlanConfig(frames=8, crop_size=CROP, min_area=CROP * CROP / (HEIGHT * WIDTH),
-                   max_area=CROP * CROP / (HEIGHT * WIDTH), min_ratio=1.0, max_ratio=1.0)
+                   max_area=CROP * CROP / (HEIGHT * WIDTH), min_ratio=1.0, max_ratio=1.0,
+                   strong_prob=0.0)  # geometry only; appearance: tests/test_augment.py
 JPEG_TOLERANCE = 3  # grey levels: quality-100 4:4:4 JPEG of smooth gradients
 # Mean |DALI - reference| per view, in grey levels, when boxes are resampled (DALI's
 # antialiased cubic vs PIL's bicubic). Measured: 0.17-0.21 on smooth random frames
@@ -159,7 +160,7 @@ def smooth_random_videos(count, num_frames, seed=0):
 
 def test_resampled_boxes_agree_and_wrong_geometry_is_caught(tmp_path):
     path = write_lmdb(tmp_path / "smooth.lmdb", smooth_random_videos(8, 40))
-    cfg = PlanConfig(frames=4, crop_size=48)  # boxes of ~34..96 px: both up- and down-sampling
+    cfg = PlanConfig(frames=4, crop_size=48, strong_prob=0.0)  # boxes of ~34..96 px: both up- and down-sampling
     settings = LoaderSettings(batch_size=4, num_threads=1, seed=1)
     dali = collect(PretrainLoader(str(path), cfg, settings))
     reference = collect(ReferencePretrainLoader(str(path), cfg, settings))
@@ -214,7 +215,7 @@ def test_real_clips_agree(tmp_path):
     videos = [ffmpeg_jpegs(REAL_CLIPS / c, tmp_path / c, num_frames=40, short_side=128) for c in clips]
     sizes = [fmt.jpeg_size(v[0]) for v in videos]
     path = write_lmdb_from_jpegs(tmp_path / "real.lmdb", videos, [h for h, _ in sizes], [w for _, w in sizes])
-    cfg = PlanConfig(frames=8, crop_size=64)
+    cfg = PlanConfig(frames=8, crop_size=64, strong_prob=0.0)
     settings = LoaderSettings(batch_size=2, num_threads=1, seed=1)
     dali = collect(PretrainLoader(str(path), cfg, settings), epochs=3)
     reference = collect(ReferencePretrainLoader(str(path), cfg, settings), epochs=3)

@@ -46,6 +46,12 @@ def test_training_logs_every_term_and_writes_checkpoints(tmp_path, tiny_db):
     path, state = latest_checkpoint(tmp_path)
     assert state["position"] == {"epoch": 1, "sample": 4, "step": 5}
     assert (tmp_path / "config.yaml").is_file()
+    from cstp.models.r2plus1d import R2Plus1D10
+    exported = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    backbone = R2Plus1D10(exported["width"])
+    backbone.load_state_dict(exported["state_dict"])   # strict: every key matches a plain backbone
+    for key, value in exported["state_dict"].items():
+        assert torch.equal(value, state["model"]["online.backbone." + key]), key
 
 
 def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path, tiny_db):
@@ -89,3 +95,36 @@ def test_bad_flags_give_a_message(tmp_path, tiny_db, capsys):
     assert "build-lmdb" in capsys.readouterr().err
     assert train.main(["--out", str(tmp_path), f"data.path={tiny_db}", *TINY, "batch_size=64"]) == 2
     assert "full batch" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_0(tmp_path, tiny_db):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(root / "train.py"), "--out", str(out), f"data.path={tiny_db}",
+                             *TINY, "epochs=200"], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "continue with --resume auto" in stdout
+    _, state = latest_checkpoint(out)
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert state["position"]["step"] == logged[-1] >= 2
+    assert state["position"]["step"] < 200 * 4
+    step = state["position"]["step"]
+    assert train.main(["--out", str(out), "--resume", "auto", f"data.path={tiny_db}", *TINY,
+                       f"max_steps={step + 2}"]) == 0
+    _, resumed = latest_checkpoint(out)
+    assert resumed["position"]["step"] == step + 2

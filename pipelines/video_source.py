@@ -1,0 +1,124 @@
+"""The video-file data path: an index of encoded videos (JSON, written by
+`python -m preprocessing index-videos`) and the external_source that hands DALI
+each sample's encoded file plus the sorted union of both views' frame indices, so
+`fn.decoders.video` decodes every needed frame once (NVDEC on GPU) and the two
+views are cut from that one decode.
+
+Index format: {"format": VIDEO_INDEX_FORMAT, "version": 1, "root": folder,
+"classes": [...], "videos": [{name, file (relative to root), label, frames,
+height, width, fps, codec}, ...]}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .lmdb_store import VideoMeta
+from .plan import PlanConfig, PretrainPlan
+from .sources import BadSampleError, PretrainLmdbSource
+
+VIDEO_INDEX_FORMAT = "cstp-dali-video-index"
+# What DALI 2.4 decodes on the CPU; H.264, HEVC, AV1 and MPEG-4 need NVDEC (dali-facts.md §1).
+CPU_DECODABLE_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+MAX_VIDEO_BYTES = 4 << 30  # refuse absurd files rather than read them into memory
+
+# The non-video outputs of the video source, in order, after the encoded file.
+VIDEO_PARAM_OUTPUTS = (
+    "frames", "order1", "order2", "anchor1", "shape1", "anchor2", "shape2", "angle1", "angle2", "flip1", "flip2",
+    "spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index", "substituted",
+)
+
+
+class VideoIndexError(ValueError):
+    pass
+
+
+def is_video_index(path: str) -> bool:
+    return str(path).endswith(".json")
+
+
+def read_video_index(path: str) -> tuple[list[VideoMeta], list[str], list[str]]:
+    """(metas, classes, absolute file paths) of a video index."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"video index not found: {path} (make one with "
+                                "`python -m preprocessing index-videos --videos DIR --out INDEX.json`)")
+    index = json.loads(p.read_text())
+    if not isinstance(index, dict) or index.get("format") != VIDEO_INDEX_FORMAT:
+        raise VideoIndexError(f"{path} is not a video index (no format {VIDEO_INDEX_FORMAT!r})")
+    root = Path(index.get("root", p.parent))
+    if not root.is_absolute():
+        root = p.parent / root
+    metas, files = [], []
+    for v in index["videos"]:
+        metas.append(VideoMeta(name=v["name"], label=int(v["label"]), frames=int(v["frames"]),
+                               height=int(v["height"]), width=int(v["width"]), fps=float(v.get("fps", 0.0)),
+                               source=v.get("codec", "")))
+        files.append(str(root / v["file"]))
+    return metas, list(index.get("classes", [])), files
+
+
+def refuse_undecodable(metas: list[VideoMeta], files: list[str], device: str):
+    """On CPU, DALI cannot decode H.264/HEVC/MPEG-4/AV1: say so before anything starts."""
+    if device == "gpu":
+        return
+    for meta, file in zip(metas, files):
+        codec = meta.source.lower()
+        if codec not in CPU_DECODABLE_CODECS:
+            raise VideoIndexError(
+                f"{file}: codec {codec or 'unknown'} cannot be decoded by DALI on the CPU (only VP8, VP9 and "
+                "MJPEG can). Either train on a GPU (data.device=gpu, NVDEC decodes it) or convert the videos "
+                "to an LMDB of JPEG frames: python -m preprocessing build-lmdb --videos DIR --out DB")
+
+
+def union_and_orders(plan: PretrainPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted distinct frames of both views and, per view, where its frames sit in
+    that list. Sorted: a decoder that seeks backwards is ~5x slower (dali-facts.md §1.3)."""
+    both = np.concatenate([plan.view1.frames, plan.view2.frames])
+    frames, inverse = np.unique(both, return_inverse=True)
+    t = len(plan.view1.frames)
+    return frames.astype(np.int32), inverse[:t].astype(np.int32), inverse[t:].astype(np.int32)
+
+
+class PretrainVideoSource(PretrainLmdbSource):
+    """Same sharding, epochs and plans as the LMDB source; different bytes."""
+
+    def __init__(self, index_path: str, metas: list[VideoMeta], files: list[str], plan_cfg: PlanConfig, **kwargs):
+        super().__init__(index_path, metas, plan_cfg, **kwargs)
+        self.files = files
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 + len(VIDEO_PARAM_OUTPUTS)
+
+    def read_sample(self, epoch: int, video: int):
+        """(plan, encoded file bytes), or BadSampleError for a missing or absurd file.
+        A file that is damaged inside still fails in the decoder: validate datasets
+        offline (`preprocessing index-videos` decodes every frame once)."""
+        try:
+            size = os.path.getsize(self.files[video])
+            if size == 0 or size > MAX_VIDEO_BYTES:
+                raise OSError(f"file size {size} bytes is out of range")
+            return self.plan(epoch, video), np.fromfile(self.files[video], dtype=np.uint8)
+        except (OSError, ValueError) as err:
+            raise BadSampleError(f"{type(err).__name__}: {err}") from None
+
+    def outputs(self, plan: PretrainPlan, encoded: np.ndarray, substituted: int) -> tuple:
+        frames, order1, order2 = union_and_orders(plan)
+        a1, s1 = _yx_box(plan.view1.box)
+        a2, s2 = _yx_box(plan.view2.box)
+        i32 = lambda v: np.array(v, dtype=np.int32)  # noqa: E731
+        return (encoded, frames, order1, order2, a1, s1, a2, s2,
+                np.array(90.0 * plan.view1.rotation, np.float32), np.array(90.0 * plan.view2.rotation, np.float32),
+                i32(plan.view1.flip), i32(plan.view2.flip), i32(plan.spatial_label), i32(plan.temporal_label),
+                i32(plan.speed_label), i32(plan.view1.rotation), i32(plan.view2.rotation),
+                i32(plan.video_index), i32(substituted))
+
+
+def _yx_box(box) -> tuple[np.ndarray, np.ndarray]:
+    """Anchor and shape in (y, x) order, for fn.slice with axis_names='HW'."""
+    return np.array([box.y, box.x], np.float32), np.array([box.h, box.w], np.float32)
