@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     from cstp.engine import Position, Trainer
     from pipelines.lmdb_store import LmdbFormatError
     from pipelines.loader import LoaderSettings, PretrainLoader
-    from pipelines.plan import PlanConfig, majority_label_rates
+    from pipelines.plan import majority_label_rates, plan_config_from
 
     if cfg["train"]["threads"]:
         torch.set_num_threads(cfg["train"]["threads"])
@@ -119,16 +119,7 @@ def main(argv=None) -> int:
                      position.sample, position.step)
 
     p, d = cfg["plan"], cfg["data"]
-    plan_cfg = PlanConfig(frames=p["frames"], crop_size=p["crop_size"], strides=tuple(p["strides"]),
-                          temporal_rates=tuple(p["temporal_rates"]), spatial_rates=tuple(p["spatial_rates"]),
-                          min_area=p["min_area"], max_area=p["max_area"], min_ratio=p["min_ratio"],
-                          max_ratio=p["max_ratio"], flip_prob=p["flip_prob"],
-                          strong_prob=p["strong_prob"], small_angle_range=tuple(p["small_angle_range"]),
-                          jitter_prob=p["jitter_prob"], brightness_range=tuple(p["brightness_range"]),
-                          contrast_range=tuple(p["contrast_range"]),
-                          saturation_range=tuple(p["saturation_range"]), hue_range=tuple(p["hue_range"]),
-                          grey_prob=p["grey_prob"], blur_prob=p["blur_prob"],
-                          blur_sigma_range=tuple(p["blur_sigma_range"]))
+    plan_cfg = plan_config_from(p)
     settings = LoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"], workers=d["workers"],
                               prefetch=d["prefetch"], shuffle=d["shuffle"], seed=cfg["run"]["seed"])
     # The pipeline (and its forked workers) comes before the process group: forked

@@ -334,3 +334,11 @@ def majority_label_rates(plans: list[PretrainPlan]) -> dict[str, float]:
         "rotation": [p.view1.rotation for p in plans] + [p.view2.rotation for p in plans],
     }
     return {task: float(np.bincount(labels).max() / len(labels)) for task, labels in tasks.items()}
+
+
+def plan_config_from(section: dict) -> PlanConfig:
+    """A PlanConfig from a config's `plan` section (YAML lists become tuples; keys
+    PlanConfig does not know are left out). One place, so that train.py, the
+    benchmark and the viewer never drift apart."""
+    known = PlanConfig.__dataclass_fields__
+    return PlanConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in known})
