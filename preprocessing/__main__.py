@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .ffmpeg_io import INSTALL_HINT, missing_ffmpeg_tools
-from .tools_cli import add_tool_commands
+from .tools_cli import add_tool_commands, require_videos_and_list
 
 PROG = "python -m preprocessing"
 
@@ -183,10 +183,7 @@ def _add_index_videos(commands) -> None:
 def run_index_videos(args, parser) -> int:
     from .index_videos import index_videos
 
-    if not Path(args.videos).is_dir():
-        parser.error(f"--videos {args.videos}: no such folder")
-    if args.list is not None and not Path(args.list).is_file():
-        parser.error(f"--list {args.list}: no such file")
+    require_videos_and_list(args, parser)
     if not args.out.endswith(".json"):
         parser.error("--out must end in .json (that is how train.py tells an index from an LMDB)")
     index = index_videos(args.videos, args.out, list_file=args.list, workers=args.workers,
@@ -200,10 +197,7 @@ def run_index_videos(args, parser) -> int:
 def run_build_lmdb(args, parser) -> int:
     from .build_lmdb import BuildError, build_lmdb  # imported here so `--help` stays fast
 
-    if not Path(args.videos).is_dir():
-        parser.error(f"--videos {args.videos}: no such folder")
-    if args.list is not None and not Path(args.list).is_file():
-        parser.error(f"--list {args.list}: no such file")
+    require_videos_and_list(args, parser)
     try:
         report = build_lmdb(args.videos, args.out, list_file=args.list, short_side=args.short_side, fps=args.fps,
                             quality=args.quality, workers=args.workers, progress=not args.quiet,

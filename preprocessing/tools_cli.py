@@ -94,6 +94,14 @@ examples:
   python -m preprocessing verify --db data/k400_320.lmdb --sample 4 --report k400.verify.json"""
 
 
+def require_videos_and_list(args, parser) -> None:
+    """Refuse (exit 2) a --videos that is not a folder or a --list that is not a file."""
+    if not Path(args.videos).is_dir():
+        parser.error(f"--videos {args.videos}: no such folder")
+    if args.list is not None and not Path(args.list).is_file():
+        parser.error(f"--list {args.list}: no such file")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -174,10 +182,7 @@ def add_tool_commands(commands) -> None:
 def run_probe(args, parser) -> int:
     from .probe import ProbeError, run_probe as probe
 
-    if not Path(args.videos).is_dir():
-        parser.error(f"--videos {args.videos}: no such folder")
-    if args.list is not None and not Path(args.list).is_file():
-        parser.error(f"--list {args.list}: no such file")
+    require_videos_and_list(args, parser)
     try:
         result = probe(args.videos, args.out, list_file=args.list, workers=args.workers,
                        count_frames=args.count_frames, progress=not args.quiet)
