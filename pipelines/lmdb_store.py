@@ -13,7 +13,8 @@ metadata so that readers never have to decode a frame to learn a video's size):
     b"__info__"             ours: msgpack dict of build settings {format, version, short_side, fps, quality}
 
 LMDBs built by the reference project lack the last three; the reader then derives
-the metadata from `__order__`/`__vlen__` and the first frame's JPEG header.
+the metadata from `__order__`, each entry's msgpack header and its first frame's
+JPEG header, or takes it from a reference list file (pipelines/reference_lmdb.py).
 """
 
 from __future__ import annotations
@@ -60,10 +61,19 @@ class VideoMeta:
     width: int
     fps: float = 0.0
     source: str = ""
+    key: int = -1       # the LMDB entry id when it differs from the video's position (reference lists)
 
     def to_dict(self) -> dict:
         return dict(name=self.name, label=self.label, frames=self.frames, height=self.height,
                     width=self.width, fps=self.fps, source=self.source)
+
+
+def lmdb_keys(metas: list[VideoMeta]) -> list[int] | None:
+    """The LMDB entry id of each video, or None when every video sits at its own
+    position (our databases); see LmdbFrameReader."""
+    if all(m.key < 0 for m in metas):
+        return None
+    return [m.key if m.key >= 0 else i for i, m in enumerate(metas)]
 
 
 class LmdbFormatError(RuntimeError):
@@ -137,8 +147,13 @@ def jpeg_size(jpeg: bytes) -> tuple[int, int]:
     return height, width
 
 
-def read_metadata(path: str) -> tuple[list[VideoMeta], list[str]]:
-    """All videos' metadata and the class names."""
+def read_metadata(path: str, list_path: str | None = None) -> tuple[list[VideoMeta], list[str]]:
+    """All videos' metadata and the class names. With `list_path` (a reference-format
+    list), the listed videos of a reference-project LMDB, found by name."""
+    from .reference_lmdb import metadata_from_list, metadata_without_list
+
+    if list_path:
+        return metadata_from_list(path, list_path)
     with shared_env(path).begin(buffers=False) as txn:
         raw_meta = txn.get(META_KEY)
         if raw_meta is not None:
@@ -147,40 +162,26 @@ def read_metadata(path: str) -> tuple[list[VideoMeta], list[str]]:
             raw_classes = txn.get(CLASSES_KEY)
             classes = list(unpack(raw_classes)) if raw_classes is not None else []
             return metas, classes
-        return _reference_metadata(txn, path)
-
-
-def _reference_metadata(txn, path: str) -> tuple[list[VideoMeta], list[str]]:
-    """Metadata for an LMDB built by the reference project (no `__meta__`)."""
-    raw_order, raw_vlen = txn.get(ORDER_KEY), txn.get(VLEN_KEY)
-    raw_keys = txn.get(KEYS_KEY)
-    if raw_order is None or raw_keys is None:
-        raise LmdbFormatError(f"{path}: no {ORDER_KEY!r}/{KEYS_KEY!r} entries; not a video-frame LMDB")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in unpack(raw_order)]
-    classes = sorted({n.split("/")[0] for n in names if "/" in n})
-    class_index = {c: i for i, c in enumerate(classes)}
-    metas = []
-    for video_id, name in enumerate(names):
-        raw = txn.get(video_key(video_id))
-        frames = unpack(raw) if raw is not None else []
-        height, width = jpeg_size(frames[0]) if frames else (0, 0)
-        label = class_index.get(name.split("/")[0], -1)
-        metas.append(VideoMeta(name=name, label=label, frames=len(frames), height=height, width=width))
-    return metas, classes
+    with shared_env(path).begin(buffers=True) as txn:
+        return metadata_without_list(txn, path)
 
 
 class LmdbFrameReader:
     """Reads selected JPEG frames of a video. Picklable: the environment is opened
     lazily in whichever process reads (DALI worker processes included)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, keys: list[int] | None = None):
         self.path = path
+        # keys[video] = its LMDB entry id, when the videos are a list's selection of
+        # a database (a reference-project LMDB read through its list file).
+        self.keys = keys
 
     def all_frames(self, video_id: int) -> list[bytes]:
+        entry = self.keys[video_id] if self.keys is not None else video_id
         with shared_env(self.path).begin(buffers=False) as txn:
-            raw = txn.get(video_key(video_id))
+            raw = txn.get(video_key(entry))
         if raw is None:
-            raise KeyError(f"{self.path}: no entry for video {video_id} (key {video_key(video_id).decode()})")
+            raise KeyError(f"{self.path}: no entry for video {video_id} (key {video_key(entry).decode()})")
         frames = unpack(raw)
         if not isinstance(frames, list) or len(frames) > MAX_FRAMES_PER_VIDEO:
             raise LmdbFormatError(f"{self.path}: entry {video_id} is not a list of JPEG frames")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,9 +34,18 @@ sorted folder names. A video's name in the database is its path relative to
 --videos, without extension (e.g. ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01).
 
 Videos that cannot be converted are skipped, each with a one-line reason; the
-build carries on. A report is written to <DB>.report.json.
+build carries on. Files in --blocklist (e.g. written by `validate`) are not
+decoded at all. A report is written to <DB>.report.json: `ok` (names) and
+`failed` (file and reason, blocklisted files included).
+
+Resumable: the database is built in <DB>.partial, one video per transaction,
+and renamed to <DB> when complete. After a crash, a kill or Ctrl-C, run the
+same command again: it continues where it stopped (videos already done are not
+decoded again) and gives the same database as an uninterrupted build. A
+.partial made with other settings or another list is refused (--overwrite
+deletes it). The LMDB map starts at --map-size-mb and doubles whenever full.
 Exit status: 0 finished (even with skipped videos), 1 no video could be
-converted, 2 bad arguments or missing input."""
+converted, 2 bad arguments or missing input, 130 interrupted (rerun to continue)."""
 
 BUILD_LMDB_EXAMPLES = """\
 examples:
@@ -45,7 +56,10 @@ examples:
   python -m preprocessing build-lmdb --videos data/kinetics400 --list data/k400_train.txt \\
       --out data/k400_320.lmdb --short-side 320 --fps 30 --workers 16
   # the synthetic demo set, small frames
-  python -m preprocessing build-lmdb --videos data/demo/videos --out data/demo.lmdb --short-side 112"""
+  python -m preprocessing build-lmdb --videos data/demo/videos --out data/demo.lmdb --short-side 112
+  # skip what `validate` blocked; after Ctrl-C or a crash, the same command continues
+  python -m preprocessing build-lmdb --videos data/UCF-101 --out data/ucf101_256.lmdb --short-side 256 \\
+      --fps 25 --blocklist data/ucf101.validate.blocklist.txt"""
 
 DEMO_DATA_HELP = """\
 Write a small synthetic action dataset of real H.264 mp4 files: 6 classes
@@ -105,12 +119,14 @@ def _parse(kind, text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Offline data tools for CSTP-DALI: build LMDBs of JPEG frames, make demo data.",
+        prog=PROG, description="Offline data tools for CSTP-DALI: probe and validate videos, build LMDBs of JPEG frames, "
+                    "transcode for NVDEC, split lists, verify, make demo data.",
         epilog="Run `%(prog)s <command> --help` for a command's options and examples.")
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     _add_build_lmdb(commands)
     _add_demo_data(commands)
     _add_index_videos(commands)
+    _add_transcode(commands)
     add_tool_commands(commands)  # probe, validate, lists, verify: preprocessing/tools_cli.py
     return parser
 
@@ -130,7 +146,15 @@ def _add_build_lmdb(commands) -> None:
                      help="JPEG quality as ffmpeg -q:v, 2 (best, the reference's choice) to 31 (default: 2)")
     cmd.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                      help="videos decoded in parallel (default: number of CPUs, %(default)s here)")
-    cmd.add_argument("--overwrite", action="store_true", help="replace an existing database at --out")
+    cmd.add_argument("--blocklist", metavar="FILE",
+                     help="videos not to convert: one path (relative to --videos) per line, optionally "
+                          "followed by a TAB and the reason, as `validate` writes it")
+    cmd.add_argument("--map-size-mb", type=_positive_int, metavar="MB",
+                     help="initial LMDB map size in MiB; it doubles whenever full "
+                          "(default: 8x the source videos' size + 256)")
+    cmd.add_argument("--overwrite", action="store_true",
+                     help="replace an existing database at --out, and discard a <DB>.partial that was started "
+                          "with other settings (a matching one is continued)")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar (skipped videos are still reported)")
     cmd.set_defaults(run=run_build_lmdb, command_parser=cmd)
 
@@ -177,6 +201,76 @@ def _add_index_videos(commands) -> None:
     cmd.set_defaults(run=run_index_videos, command_parser=cmd)
 
 
+TRANSCODE_HELP = """\
+Write an NVDEC-friendly copy of a video dataset, for the video-file data path
+(fn.decoders.video on a GPU): every video becomes OUT/<same path>.mp4 in H.264
+(libx264), 8-bit yuv420p, at a constant frame rate (--fps, default: the
+source's average rate), with a keyframe every 16 frames (no scene-cut
+keyframes), the rotation metadata applied to the pixels and removed, even frame
+sizes (--short-side, default: the source size), no audio.
+
+Videos from --videos (recursively, sorted) or from --list; with --list, OUT gets
+a copy of the list with the new .mp4 paths (failed videos left out). One ffmpeg
+per video, --workers in parallel. Resumable: outputs are written under a
+temporary name, checked with ffprobe, then renamed, so after a crash or Ctrl-C
+the same command skips what is finished. The settings are kept in
+OUT/transcode.settings.json; a rerun with other settings is refused (unless
+--overwrite, which transcodes everything again). Videos that cannot be
+transcoded are skipped with a reason; the report is OUT/transcode.report.json
+(`ok` and `failed` with file and reason).
+Exit status: 0 finished (even with skipped videos), 1 no video could be
+transcoded, 2 bad arguments or missing input, 130 interrupted (rerun to continue)."""
+
+TRANSCODE_EXAMPLES = """\
+examples:
+  # Kinetics-400 for the GPU video path: short side 320, 30 fps
+  python -m preprocessing transcode --videos data/kinetics400 --out data/k400_nvdec \\
+      --short-side 320 --fps 30 --workers 16
+  # UCF101 at 256, keeping each video's own rate, then index it for train.py
+  python -m preprocessing transcode --videos data/UCF-101 --out data/ucf101_nvdec --short-side 256
+  python -m preprocessing index-videos --videos data/ucf101_nvdec --out data/ucf101_nvdec.json"""
+
+
+def _even_short_side(text: str) -> int:
+    value = _short_side(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(f"must be even (4:2:0 video has even frame sizes), got {text}")
+    return value
+
+
+def _crf(text: str) -> int:
+    value = _parse(int, text)
+    if not 0 <= value <= 51:
+        raise argparse.ArgumentTypeError(f"must be 0 (lossless) to 51 (worst), got {text}")
+    return value
+
+
+def _add_transcode(commands) -> None:
+    cmd = commands.add_parser("transcode", help="copy a video dataset as NVDEC-friendly H.264 (CFR, yuv420p, GOP 16)",
+                              description=TRANSCODE_HELP, epilog=TRANSCODE_EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("--videos", required=True, metavar="DIR", help="folder holding the videos (searched recursively)")
+    cmd.add_argument("--out", required=True, metavar="DIR", help="folder to write the transcoded videos into "
+                                                                 "(not inside --videos)")
+    cmd.add_argument("--list", metavar="FILE", help="only these videos (a build-lmdb list, paths relative to --videos)")
+    cmd.add_argument("--short-side", type=_even_short_side, metavar="N",
+                     help="resize so the shorter side is N pixels (even), keeping the aspect "
+                          "(default: the source size, made even)")
+    cmd.add_argument("--fps", type=_fps, metavar="F",
+                     help="constant output frame rate (default: the source's average rate, made constant)")
+    cmd.add_argument("--crf", type=_crf, default=18, metavar="Q",
+                     help="x264 quality, 0 (lossless) to 51; lower is better and larger (default: %(default)s)")
+    cmd.add_argument("--preset", default="fast",
+                     choices=("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"),
+                     help="x264 speed/size trade-off (default: %(default)s)")
+    cmd.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+                     help="videos transcoded in parallel (default: number of CPUs, %(default)s here)")
+    cmd.add_argument("--overwrite", action="store_true",
+                     help="transcode every video again, replacing outputs (also when the settings changed)")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar (skipped videos are still reported)")
+    cmd.set_defaults(run=run_transcode, command_parser=cmd)
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -195,22 +289,54 @@ def run_index_videos(args, parser) -> int:
     return 0 if index["videos"] else 1
 
 def run_build_lmdb(args, parser) -> int:
-    from .build_lmdb import BuildError, build_lmdb  # imported here so `--help` stays fast
+    from .build_lmdb import BuildError, BuildInterrupted, build_lmdb  # imported here so `--help` stays fast
 
     require_videos_and_list(args, parser)
+    if args.blocklist is not None and not Path(args.blocklist).is_file():
+        parser.error(f"--blocklist {args.blocklist}: no such file")
+    map_size = None if args.map_size_mb is None else args.map_size_mb << 20
     try:
-        report = build_lmdb(args.videos, args.out, list_file=args.list, short_side=args.short_side, fps=args.fps,
-                            quality=args.quality, workers=args.workers, progress=not args.quiet,
-                            overwrite=args.overwrite)
+        with _sigterm_as_interrupt():
+            report = build_lmdb(args.videos, args.out, list_file=args.list, short_side=args.short_side,
+                                fps=args.fps, quality=args.quality, workers=args.workers, progress=not args.quiet,
+                                overwrite=args.overwrite, map_size=map_size, blocklist=args.blocklist)
     except BuildError as err:
         print(f"build-lmdb: error: {err}", file=sys.stderr)
         return 2
+    except BuildInterrupted as err:
+        print(f"\nbuild-lmdb: {err}", file=sys.stderr)
+        return 130
     counts = report["counts"]
     print(f"videos ok {counts['ok']} / skipped {counts['failed']}, frames {counts['frames']}, "
           f"DB {_human_bytes(report['db_bytes'])}, {report['seconds']:.1f} s -> {args.out} "
           f"(report: {args.out}.report.json)")
     if counts["ok"] == 0:
         print("build-lmdb: error: no video could be converted; see the reasons above or in the report",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_transcode(args, parser) -> int:
+    from .transcode import REPORT_NAME, TranscodeError, TranscodeInterrupted, transcode_dataset
+
+    require_videos_and_list(args, parser)
+    try:
+        with _sigterm_as_interrupt():
+            report = transcode_dataset(args.videos, args.out, list_file=args.list, short_side=args.short_side,
+                                       fps=args.fps, crf=args.crf, preset=args.preset, workers=args.workers,
+                                       progress=not args.quiet, overwrite=args.overwrite)
+    except TranscodeError as err:
+        print(f"transcode: error: {err}", file=sys.stderr)
+        return 2
+    except TranscodeInterrupted as err:
+        print(f"\ntranscode: {err}", file=sys.stderr)
+        return 130
+    counts = report["counts"]
+    print(f"videos ok {counts['ok']} ({counts['transcoded']} transcoded now, {counts['already_done']} already done) "
+          f"/ skipped {counts['failed']}, {report['seconds']:.1f} s -> {args.out} (report: {args.out}/{REPORT_NAME})")
+    if counts["ok"] == 0:
+        print("transcode: error: no video could be transcoded; see the reasons above or in the report",
               file=sys.stderr)
         return 1
     return 0
@@ -229,6 +355,23 @@ def run_demo_data(args, parser) -> int:
           f"{len(summary['classes'])} classes, {summary['frames']} frames, {summary['seconds']:.1f} s "
           f"-> {summary['out_dir']}")
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a job scheduler's stop, `kill`) ends a long command like Ctrl-C: it
+    saves what is done and says how to continue, instead of dying mid-write."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _human_bytes(n: int) -> str:

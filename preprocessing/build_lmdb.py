@@ -8,15 +8,26 @@ main process, so the database is the same whatever the number of workers.
 A video that cannot be converted never stops the build: it is logged as one
 line `skipped <file>: <reason>`, listed in the report, and does not consume a
 video id (ids stay dense, 0..n-1).
+
+Resumable: the database grows in `<out>.partial`, one transaction per video
+holding its frames and a progress record (`__build_job__<job index>`), next to a
+fingerprint of the settings and the list (`__build_state__`). A rerun after a
+crash, a kill or Ctrl-C with the same fingerprint continues after the last
+committed job; since ids follow the list order, the result equals an
+uninterrupted build. The last transaction writes the index entries and removes
+the progress records; then `.partial` is renamed to `<out>`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +40,7 @@ from tqdm import tqdm
 
 from pipelines.lmdb_store import (
     CLASSES_KEY, FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY,
-    VLEN_KEY, VideoMeta, jpeg_size, pack, video_key,
+    VLEN_KEY, VideoMeta, jpeg_size, pack, unpack, video_key,
 )
 
 from .ffmpeg_io import VideoError, iter_jpeg_frames, probe_video
@@ -38,8 +49,10 @@ logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg",
                               ".flv", ".wmv", ".3gp"})
-COMMIT_EVERY_VIDEOS = 32
-COMMIT_EVERY_BYTES = 256 * 1024 * 1024   # also commit early so pending writes stay bounded in memory
+# An unfinished build (the .partial database) also holds these; the final transaction removes them.
+BUILD_PREFIX = b"__build_"
+BUILD_STATE_KEY = b"__build_state__"     # the fingerprint of the build (settings + list of videos)
+JOB_RECORD_PREFIX = b"__build_job__"     # + %09d job index: that job's outcome, committed with its frames
 MAX_VIDEO_BYTES = 2 * 1024 * 1024 * 1024  # one video's frames form one LMDB value
 MAX_MAP_SIZE = 1 << 46                    # 64 TiB: stop doubling the map there
 LMDB_FILES = frozenset({"data.mdb", "lock.mdb"})
@@ -210,6 +223,33 @@ def plan_build(videos_dir, list_file=None) -> BuildPlan:
     return BuildPlan(jobs=jobs, classes=classes, failed=failed, warnings=warnings)
 
 
+# --------------------------------------------------------------------------- blocklist
+
+def read_blocklist(path, videos_dir) -> dict[str, str]:
+    """{relative path: reason} from a blocklist as `validate` writes it: one file per
+    line, `path<TAB>reason` (a line without a TAB is just a path). Blank lines and
+    lines starting with '#' are ignored. Absolute paths under videos_dir are made
+    relative to it, so they match the build's list."""
+    blocked: dict[str, str] = {}
+    root = Path(videos_dir).absolute()
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise BuildError(f"cannot read the blocklist {path}: {err}") from None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        source, _, reason = line.partition("\t")
+        source = source.strip().replace("\\", "/")
+        if os.path.isabs(source):
+            try:
+                source = Path(source).relative_to(root).as_posix()
+            except ValueError:
+                pass  # outside --videos: it cannot match a job, and is reported as unused
+        blocked[source] = " ".join(reason.split()) or "listed"
+    return blocked
+
+
 # --------------------------------------------------------------------------- converting (worker side)
 
 def convert_video(job: VideoJob, settings: ConvertSettings) -> ConvertedVideo | FailedVideo:
@@ -239,52 +279,110 @@ def _pool_context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
+def _worker_init() -> None:
+    """Runs first in every worker process.
+
+    Ctrl-C at a terminal signals the whole foreground process group. The workers
+    leave it (and so do the ffmpeg processes they start), so that only the main
+    process sees the interrupt: otherwise ffmpeg would die mid-video and that
+    video would be recorded as failed. The main process stops the workers itself.
+    If the main process dies (SIGKILL, OOM killer), the kernel kills the workers
+    too (Linux), instead of leaving them waiting forever for work."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.setpgrp()
+    except OSError:
+        pass
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
 class OrderedConverter:
-    """Converts jobs in worker processes and yields the results in job order.
+    """Converts jobs in worker processes and yields `(index, result)` in job order.
 
-    At most `window` videos are in flight or waiting to be written, so memory
-    stays bounded when the writer is slower than the workers (Pool.imap would
-    run ahead without limit). workers <= 1 converts in this process."""
+    `items` are `(index, job, blocked_reason)`: a job with a blocked reason is not
+    decoded, it comes out as a FailedVideo in its place. At most `window` videos
+    are in flight or waiting to be written, so memory stays bounded when the
+    writer is slower than the workers (Pool.imap would run ahead without limit).
+    workers <= 1 converts in this process."""
 
-    def __init__(self, jobs: list, settings: ConvertSettings, workers: int):
-        self.jobs, self.settings, self.workers = jobs, settings, max(1, int(workers))
+    def __init__(self, items: list, settings: ConvertSettings, workers: int):
+        self.items, self.settings, self.workers = items, settings, max(1, int(workers))
         self.window = 2 * self.workers
         self._executor = None
         self._pending: deque = deque()
         self._next = 0
 
     def __enter__(self):
-        if self.workers > 1 and len(self.jobs) > 1:
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=_pool_context())
-            while self._next < len(self.jobs) and len(self._pending) < self.window:
-                self._submit_next()
+        to_convert = sum(1 for _, _, blocked in self.items if blocked is None)
+        if self.workers > 1 and to_convert > 1:
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=_pool_context(), initializer=_worker_init)
+            self._fill()
         return self
 
-    def __exit__(self, *exc):
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, exc_type, *exc):
+        if self._executor is None:
+            return False
+        if exc_type is None:
+            self._executor.shutdown(wait=True)
+        else:  # interrupted or failed: stop now, do not wait for the videos in progress
+            self._kill_workers()
         return False
+
+    def _kill_workers(self) -> None:
+        # `_processes` is private but has been there since Python 3.2; without it we
+        # could only wait for every running ffmpeg to finish its video.
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # the worker and its ffmpeg
+            except (ProcessLookupError, PermissionError, OSError):
+                process.kill()
+        for process in processes:
+            process.join(timeout=10)
+        self._executor.shutdown(wait=True)
 
     def __iter__(self):
         if self._executor is None:
-            for job in self.jobs:
-                yield convert_video(job, self.settings)
+            for index, job, blocked in self.items:
+                yield index, (FailedVideo(job, blocked) if blocked is not None else convert_video(job, self.settings))
             return
         while self._pending:
-            job, future = self._pending.popleft()
-            if self._next < len(self.jobs):
-                self._submit_next()
+            index, job, outcome = self._pending.popleft()
+            self._fill()
+            if isinstance(outcome, FailedVideo):
+                yield index, outcome
+                continue
             try:
-                result = future.result()
+                result = outcome.result()
             except BrokenProcessPool:
                 raise BuildError(f"a worker process died (killed by the system, out of memory?) while converting "
-                                 f"{job.source}; rerun with fewer --workers or a smaller --short-side") from None
-            yield result
+                                 f"{job.source}; rerun the same command to continue, with fewer --workers, a "
+                                 "smaller --short-side, or that file in a --blocklist") from None
+            yield index, result
 
-    def _submit_next(self):
-        job = self.jobs[self._next]
-        self._next += 1
-        self._pending.append((job, self._executor.submit(convert_video, job, self.settings)))
+    def _fill(self) -> None:
+        while self._next < len(self.items) and len(self._pending) < self.window:
+            index, job, blocked = self.items[self._next]
+            self._next += 1
+            outcome = FailedVideo(job, blocked) if blocked is not None else \
+                self._executor.submit(convert_video, job, self.settings)
+            self._pending.append((index, job, outcome))
 
 
 # --------------------------------------------------------------------------- writing (main process)
@@ -304,38 +402,36 @@ def _file_size(path: str) -> int:
         return 0
 
 
+def job_record_key(job_index: int) -> bytes:
+    return JOB_RECORD_PREFIX + b"%09d" % job_index
+
+
 class LmdbWriter:
-    """Writes key/value pairs in batched transactions and grows the map when full."""
+    """Writes the database in small transactions and grows the map when full.
+
+    Each transaction is atomic: after a crash the database holds exactly the
+    transactions committed before it, never half of one. sync=True with
+    metasync=False keeps that true even across a power cut (a system crash may
+    lose the last transaction, but never corrupts the database)."""
 
     def __init__(self, path: Path, map_size: int):
         self.path = path
-        # sync off during the build (much faster); finish() syncs once. A crash loses
-        # only the ".partial" database, never a finished one.
-        self.env = lmdb.open(str(path), map_size=map_size, subdir=True, sync=False, metasync=False,
+        self.env = lmdb.open(str(path), map_size=map_size, subdir=True, sync=True, metasync=False,
                              meminit=False, readahead=False)
-        self._pending: list[tuple[bytes, bytes]] = []
-        self._pending_bytes = 0
-        self._pending_videos = 0
         self.grew = 0
 
-    def add_video(self, key: bytes, value: bytes) -> None:
-        self._pending.append((key, value))
-        self._pending_bytes += len(value)
-        self._pending_videos += 1
-        if self._pending_videos >= COMMIT_EVERY_VIDEOS or self._pending_bytes >= COMMIT_EVERY_BYTES:
-            self.commit()
-
-    def commit(self) -> None:
+    def write(self, puts: list[tuple[bytes, bytes]], delete_prefix: bytes | None = None) -> None:
+        """One transaction: the puts, after deleting every key starting with delete_prefix."""
         while True:
             try:
                 with self.env.begin(write=True) as txn:
-                    for key, value in self._pending:
+                    if delete_prefix is not None:
+                        _delete_prefix(txn, delete_prefix)
+                    for key, value in puts:
                         txn.put(key, value)
-                break
-            except lmdb.MapFullError:  # the transaction was aborted: grow and redo it
+                return
+            except lmdb.MapFullError:  # the transaction was aborted: grow the map and redo it
                 self._grow()
-        self._pending.clear()
-        self._pending_bytes = self._pending_videos = 0
 
     def _grow(self) -> None:
         size = self.env.info()["map_size"] * 2
@@ -345,14 +441,36 @@ class LmdbWriter:
         self.grew += 1
         logger.debug("LMDB map grown to %d MiB", size >> 20)
 
-    def write_metadata(self, items: dict) -> None:
-        for key, value in items.items():
-            self._pending.append((key, value))
-        self.commit()
+    def get(self, key: bytes):
+        with self.env.begin(buffers=False) as txn:
+            return txn.get(key)
+
+    def records(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        with self.env.begin(buffers=False) as txn:
+            cursor = txn.cursor()
+            found = []
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    found.append((key, value))
+            return found
+
+    def is_empty(self) -> bool:
+        return self.env.stat()["entries"] == 0
 
     def close(self) -> None:
         self.env.sync(True)
         self.env.close()
+
+
+def _delete_prefix(txn, prefix: bytes) -> None:
+    cursor = txn.cursor()
+    if not cursor.set_range(prefix):
+        return
+    while cursor.key().startswith(prefix):
+        if not cursor.delete():  # moves to the next entry; False at the end
+            break
 
 
 def metadata_entries(metas: list[VideoMeta], classes: list[str], settings: ConvertSettings) -> dict:
@@ -369,6 +487,83 @@ def metadata_entries(metas: list[VideoMeta], classes: list[str], settings: Conve
         CLASSES_KEY: pack(list(classes)),
         INFO_KEY: pack(info),
     }
+
+
+# --------------------------------------------------------------------------- resuming
+
+def build_fingerprint(plan: BuildPlan, settings: ConvertSettings) -> dict:
+    """What must match for an unfinished build to be continued: the settings and the
+    list of videos (paths, names, labels, class names) in order. The blocklist is not
+    part of it, so a file can be blocked after it crashed a build."""
+    listing = json.dumps({"jobs": [[job.source, job.name, job.label] for job in plan.jobs],
+                          "classes": list(plan.classes)}, sort_keys=True)
+    return dict(format=FORMAT_NAME, state_version=1, videos=len(plan.jobs),
+                list_sha256=hashlib.sha256(listing.encode("utf-8")).hexdigest(),
+                short_side=settings.short_side, fps=settings.fps, quality=settings.quality)
+
+
+def _mismatch(previous: dict, current: dict) -> str:
+    names = {"short_side": "--short-side", "fps": "--fps", "quality": "--quality"}
+    parts = [f"{flag} {previous.get(key)} then, {current[key]} now" for key, flag in names.items()
+             if previous.get(key) != current[key]]
+    if previous.get("list_sha256") != current["list_sha256"]:
+        parts.append(f"a different list of videos ({previous.get('videos')} then, {current['videos']} now, "
+                     "or other paths/labels/order)")
+    return "; ".join(parts) or "a different build format"
+
+
+@dataclass
+class Progress:
+    """What an unfinished build already did: jobs 0..done-1."""
+    done: int = 0
+    metas: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+
+
+def load_progress(writer: LmdbWriter, plan: BuildPlan) -> Progress:
+    progress = Progress()
+    for key, value in writer.records(JOB_RECORD_PREFIX):
+        index = int(key[len(JOB_RECORD_PREFIX):])
+        if index != progress.done or index >= len(plan.jobs):
+            raise BuildError(f"{writer.path}: progress records are not contiguous (job {index} after "
+                             f"{progress.done}); delete it (or pass --overwrite) to start over")
+        record = unpack(value)
+        if record["ok"]:
+            progress.metas.append(VideoMeta(**record["meta"]))
+        else:
+            progress.failures.append(FailedVideo(plan.jobs[index], record["reason"]))
+        progress.done += 1
+    return progress
+
+
+def open_partial(partial: Path, fingerprint: dict, map_size: int, overwrite: bool) -> tuple[LmdbWriter, bool]:
+    """The writer on `partial`, continuing an unfinished build with the same fingerprint.
+    Returns (writer, resumed). A partial from other settings is refused, or with
+    `overwrite` deleted."""
+    if partial.exists() and not (partial.is_dir() and {p.name for p in partial.iterdir()} <= LMDB_FILES):
+        raise BuildError(f"{partial} is in the way and is not an LMDB folder; remove it or choose another --out")
+    writer = LmdbWriter(partial, map_size)
+    raw_state = writer.get(BUILD_STATE_KEY)
+    if raw_state is not None and unpack(raw_state) == fingerprint:
+        return writer, True
+    if raw_state is not None or not writer.is_empty():
+        if raw_state is not None:
+            reason = _mismatch(unpack(raw_state), fingerprint)
+        elif writer.get(LEN_KEY) is not None:
+            reason = (f"it looks complete: the build stopped while renaming it; rename it to "
+                      f"{partial.name[:-len('.partial')]} yourself")
+        else:
+            reason = "no build record in it"
+        writer.env.close()
+        if not overwrite:
+            raise BuildError(f"{partial} holds an unfinished build that cannot be continued with these settings "
+                             f"({reason}). Rerun with the earlier settings to continue it, or pass --overwrite "
+                             "(or delete it) to start over")
+        logger.warning("discarding the unfinished build in %s (%s)", partial, reason)
+        _remove_lmdb_dir(partial)
+        writer = LmdbWriter(partial, map_size)
+    writer.write([(BUILD_STATE_KEY, pack(fingerprint))])
+    return writer, False
 
 
 # --------------------------------------------------------------------------- output folder handling
@@ -409,10 +604,16 @@ def _db_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.name == "data.mdb")
 
 
+def partial_path(out_path) -> Path:
+    """Where an unfinished build lives until it is complete."""
+    out = Path(out_path)
+    return out.with_name(out.name + ".partial")
+
+
 # --------------------------------------------------------------------------- the build
 
 def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, quality=2, workers=None,
-               progress=True, overwrite=False, map_size=None) -> dict:
+               progress=True, overwrite=False, map_size=None, blocklist=None) -> dict:
     """Convert the videos under `videos_dir` into an LMDB of JPEG frames at `out_path`.
 
     list_file: optional `path [label ...]` lines (relative to videos_dir) that pick the
@@ -421,10 +622,18 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
     short_side / fps / quality: frame size (shorter side in pixels), frame rate, and
         JPEG quality (ffmpeg -q:v, 2 best..31); None keeps the source size / rate.
     workers: decoding processes (default: all CPUs). map_size: initial LMDB map size
-        in bytes (default: estimated from the sources; it grows as needed).
+        in bytes (default: estimated from the sources; it doubles whenever full).
+    blocklist: a file of videos not to convert (`path<TAB>reason` lines, as `validate`
+        writes); they are listed as failed with that reason.
+
+    The database is built at `<out_path>.partial`, one video per transaction, and
+    renamed to out_path when complete. If a `.partial` from an interrupted build with
+    the same settings and list is there, the build continues it (the result is the
+    same as an uninterrupted build); one with other settings is refused (overwrite:
+    deleted). Ctrl-C raises BuildInterrupted after saving what is done.
 
     Returns the report (also written to `<out_path>.report.json`): ok (names),
-    failed ({file, reason}), counts, classes, warnings, db_bytes, seconds.
+    failed ({file, reason}), counts, classes, warnings, resumed, db_bytes, seconds.
     Raises BuildError / OutputExistsError for problems that prevent starting.
     """
     started = time.monotonic()
@@ -433,6 +642,8 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
         raise BuildError(f"videos folder not found: {videos_dir}")
     if list_file is not None and not Path(list_file).is_file():
         raise BuildError(f"list file not found: {list_file}")
+    if blocklist is not None and not Path(blocklist).is_file():
+        raise BuildError(f"blocklist not found: {blocklist}")
     settings = ConvertSettings(short_side=None if short_side is None else int(short_side),
                                fps=None if fps is None else float(fps), quality=int(quality))
     _validate_settings(settings)
@@ -445,15 +656,34 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
     if not plan.jobs and not plan.failed:
         where = f"listed in {list_file}" if list_file else f"under {videos_dir}"
         raise BuildError(f"no video files {where} (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
+    blocked = _blocked_jobs(plan, blocklist, videos_dir)
 
-    failures = list(plan.failed)
     for failure in plan.failed:
         logger.warning("skipped %s: %s", failure.job.source, failure.reason)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    _remove_lmdb_dir(partial)  # left over from an interrupted build
-    metas = _build_partial(plan, settings, workers, partial, map_size or initial_map_size(plan.jobs),
-                           failures, progress)
+    partial = partial_path(out)
+    writer, resumed = open_partial(partial, build_fingerprint(plan, settings),
+                                   map_size or initial_map_size(plan.jobs), overwrite)
+    try:
+        done = load_progress(writer, plan) if resumed else Progress()
+        if resumed:
+            logger.warning("continuing the unfinished build in %s: %d of %d videos already done",
+                           partial, done.done, len(plan.jobs))
+        metas = _convert_all(plan, done, blocked, settings, workers, writer, progress)
+        if metas:
+            # The index entries and the removal of the progress records: one transaction.
+            writer.write(list(metadata_entries(metas, plan.classes, settings).items()), delete_prefix=BUILD_PREFIX)
+    except KeyboardInterrupt:
+        saved = len(writer.records(JOB_RECORD_PREFIX))
+        writer.close()
+        raise BuildInterrupted(f"interrupted; {saved} of {len(plan.jobs)} videos are done and saved in {partial}. "
+                               "Run the same command again to continue from there.") from None
+    except BaseException:
+        writer.close()  # the partial keeps every committed video: a rerun continues it
+        raise
+    map_grew = writer.grew
+    writer.close()
+    failures = list(plan.failed) + done.failures
     if metas:
         _move_into_place(partial, out, overwrite)
     else:
@@ -461,9 +691,32 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
         logger.warning("no video could be converted; %s was not written", out)
 
     report = _report(videos_dir, list_file, out, settings, workers, plan, metas, failures,
-                     time.monotonic() - started)
+                     time.monotonic() - started, resumed=done.done if resumed else 0,
+                     blocklist=blocklist, blocked_unused=blocked.unused, map_grew=map_grew)
     _write_report(out, report)
     return report
+
+
+class BuildInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM in the CLI) during a build; the message says how to continue."""
+
+
+@dataclass
+class _Blocked:
+    reasons: dict          # job index -> reason
+    unused: list           # blocklist paths that name no job of this build
+
+
+def _blocked_jobs(plan: BuildPlan, blocklist, videos_dir) -> _Blocked:
+    if blocklist is None:
+        return _Blocked({}, [])
+    listed = read_blocklist(blocklist, videos_dir)
+    reasons = {index: f"blocklisted ({Path(blocklist).name}): {listed[job.source]}"
+               for index, job in enumerate(plan.jobs) if job.source in listed}
+    unused = sorted(set(listed) - {job.source for job in plan.jobs})
+    logger.info("blocklist %s: %d of this build's videos skipped, %d entries name no video of this build",
+                blocklist, len(reasons), len(unused))
+    return _Blocked(reasons, unused)
 
 
 def _validate_settings(settings: ConvertSettings) -> None:
@@ -475,44 +728,34 @@ def _validate_settings(settings: ConvertSettings) -> None:
         raise BuildError(f"quality (ffmpeg -q:v) must be 2 (best) to 31 (worst), got {settings.quality}")
 
 
-def _build_partial(plan: BuildPlan, settings, workers, db_path: Path, map_size: int, failures: list,
-                   progress: bool) -> list[VideoMeta]:
-    """Build the complete database at db_path; returns the metadata of the videos written.
-    On any error (or Ctrl-C) the half-written database is removed."""
-    writer = LmdbWriter(db_path, map_size)
-    try:
-        metas = _convert_all(plan.jobs, settings, workers, writer, failures, progress)
-        if metas:
-            writer.write_metadata(metadata_entries(metas, plan.classes, settings))
-        writer.close()
-    except BaseException:
-        writer.env.close()
-        _remove_lmdb_dir(db_path)
-        raise
-    return metas
-
-
-def _convert_all(jobs, settings, workers, writer: LmdbWriter, failures: list, progress: bool) -> list[VideoMeta]:
-    """Convert every job and write the successes under dense ids 0..n-1."""
-    metas: list[VideoMeta] = []
+def _convert_all(plan: BuildPlan, done: Progress, blocked: _Blocked, settings, workers, writer: LmdbWriter,
+                 progress: bool) -> list[VideoMeta]:
+    """Convert the jobs not done yet; each result is committed with its progress
+    record in one transaction. Successes get dense ids 0..n-1 in job order."""
+    metas = list(done.metas)
+    items = [(index, plan.jobs[index], blocked.reasons.get(index)) for index in range(done.done, len(plan.jobs))]
+    skipped = len(done.failures) + len(plan.failed)
     # The workers start before the progress bar, so they are not forked from a process with its thread.
-    with OrderedConverter(jobs, settings, workers) as converter:
-        with tqdm(total=len(jobs), unit="video", desc="build-lmdb", disable=not progress,
+    with OrderedConverter(items, settings, workers) as converter:
+        with tqdm(total=len(plan.jobs), initial=done.done, unit="video", desc="build-lmdb", disable=not progress,
                   dynamic_ncols=True) as bar:
-            for result in converter:
+            for index, result in converter:
                 if isinstance(result, FailedVideo):
-                    failures.append(result)
+                    writer.write([(job_record_key(index), pack(dict(ok=False, reason=result.reason)))])
+                    done.failures.append(result)
+                    skipped += 1
                     logger.warning("skipped %s: %s", result.job.source, result.reason)
                 else:
-                    metas.append(_write_video(writer, len(metas), result))
+                    meta = _video_meta(result)
+                    writer.write([(video_key(len(metas)), pack(result.frames)),
+                                  (job_record_key(index), pack(dict(ok=True, meta=meta.to_dict())))])
+                    metas.append(meta)
                 bar.update(1)
-                bar.set_postfix(ok=len(metas), skipped=len(failures), refresh=False)
-    writer.commit()
+                bar.set_postfix(ok=len(metas), skipped=skipped, refresh=False)
     return metas
 
 
-def _write_video(writer: LmdbWriter, video_id: int, video: ConvertedVideo) -> VideoMeta:
-    writer.add_video(video_key(video_id), pack(video.frames))
+def _video_meta(video: ConvertedVideo) -> VideoMeta:
     job = video.job
     return VideoMeta(name=job.name, label=job.label, frames=len(video.frames), height=video.height,
                      width=video.width, fps=video.fps, source=job.source)
@@ -526,20 +769,26 @@ def _move_into_place(partial: Path, out: Path, overwrite: bool) -> None:
     os.replace(partial, out)
 
 
-def _report(videos_dir, list_file, out, settings, workers, plan, metas, failures, seconds) -> dict:
+def _report(videos_dir, list_file, out, settings, workers, plan, metas, failures, seconds, resumed=0,
+            blocklist=None, blocked_unused=(), map_grew=0) -> dict:
     n_found = len(plan.jobs) + len(plan.failed)
     return {
         "videos_dir": str(videos_dir),
         "list_file": None if list_file is None else str(list_file),
+        "blocklist": None if blocklist is None else str(blocklist),
         "out": str(out),
         "settings": dict(short_side=settings.short_side, fps=settings.fps, quality=settings.quality,
                          workers=workers),
         "counts": dict(found=n_found, ok=len(metas), failed=len(failures),
                        frames=sum(m.frames for m in metas)),
+        "blocklisted": sum(1 for f in failures if f.reason.startswith("blocklisted")),
         "ok": [m.name for m in metas],
         "failed": [dict(file=f.job.source, reason=f.reason) for f in failures],
         "classes": list(plan.classes),
         "warnings": list(plan.warnings),
+        "blocklist_unused": list(blocked_unused),
+        "resumed": resumed,
+        "map_grew": map_grew,
         "db_bytes": _db_bytes(out) if metas else 0,
         "seconds": round(seconds, 3),
     }

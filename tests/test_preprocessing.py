@@ -507,6 +507,36 @@ def test_cli_skips_broken_videos_and_keeps_ids_dense(tmp_path, broken_files):
     assert unpack(read_all_entries(out)[b"__keys__"]) == [video_key(0), video_key(1)]
 
 
+def test_cli_lands_awkward_but_decodable_videos(tmp_path):
+    """The issue's awkward files that ffmpeg can decode all land, with every frame and the
+    right size: 10-bit, 4:4:4 with odd dimensions (and a name with spaces, parentheses
+    and '!'), rotation metadata (applied: portrait), variable frame rate, 3 frames."""
+    videos = tmp_path / "videos" / "odd"
+    videos.mkdir(parents=True)
+
+    def clip(name, frames, size="64x48", pix_fmt="yuv420p", extra=()):
+        ffmpeg_run("-f", "lavfi", "-i", f"testsrc=size={size}:rate=25", "-frames:v", str(frames), "-c:v", "libx264",
+                   "-preset", "ultrafast", "-pix_fmt", pix_fmt, *extra, str(videos / name))
+
+    clip("ten_bit.mp4", 5, pix_fmt="yuv420p10le")
+    clip("yuv444 (1) !.mp4", 7, size="65x49", pix_fmt="yuv444p")
+    clip("plain.mp4", 25)
+    ffmpeg_run("-i", str(videos / "plain.mp4"), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(videos / "rotated.mp4"))
+    (videos / "plain.mp4").unlink()
+    clip("vfr.mp4", 25, extra=("-vf", "setpts='if(lt(N,12),N,12+(N-12)*3)/25/TB'", "-fps_mode", "passthrough"))
+    clip("three.mp4", 3)
+    out = tmp_path / "db.lmdb"
+
+    result = run_cli("build-lmdb", "--videos", str(videos.parent), "--out", str(out), "--short-side", "24",
+                     "--workers", "2", "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    assert "videos ok 5 / skipped 0" in result.stdout
+    metas = {m.name: (m.frames, m.width, m.height) for m in read_metadata(str(out))[0]}
+    assert metas == {"odd/ten_bit": (5, 32, 24), "odd/yuv444 (1) !": (7, 32, 24), "odd/rotated": (25, 24, 32),
+                     "odd/vfr": (25, 32, 24), "odd/three": (3, 32, 24)}
+
+
 def test_cli_exits_1_when_nothing_converts(tmp_path):
     videos = tmp_path / "videos" / "bad"
     videos.mkdir(parents=True)

@@ -1,0 +1,130 @@
+"""LMDBs in the reference project's layout (make_lmdb_kin.py), read through its list files."""
+
+from __future__ import annotations
+
+import random
+
+import lmdb
+import msgpack
+import numpy as np
+import pytest
+
+from pipelines import lmdb_store as fmt
+from pipelines.lmdb_store import LmdbFrameReader, lmdb_keys, read_metadata
+from pipelines.reference_lmdb import (ReferenceListError, canonical_name, parse_list_line,
+                                      read_reference_list)
+from tests.lmdb_fixtures import coded_frame, encode_jpeg
+
+# class/video -> number of frames; sizes differ per video so that a mix-up shows.
+VIDEOS = {"archery/aa": 5, "archery/ab": 7, "bowling/ba": 6, "bowling/bb": 9, "cycling/ca": 4}
+SIZES = {"archery/aa": (24, 32), "archery/ab": (32, 24), "bowling/ba": (24, 40), "bowling/bb": (16, 32),
+         "cycling/ca": (40, 24)}
+
+
+def frames_of(name: str) -> list[bytes]:
+    h, w = SIZES[name]
+    offset = sorted(VIDEOS).index(name) * 40    # frame "index" range per video: identity in the R channel
+    return [encode_jpeg(coded_frame(offset + i, h, w)) for i in range(VIDEOS[name])]
+
+
+def build_reference_lmdb(path) -> list[str]:
+    """The reference's make_lmdb_kin.py, step for step: sorted class/video names,
+    shuffled with seed 0, id = position in the shuffled list, per-class commits,
+    `__keys__`/`__vlen__` in class order, no metadata of ours."""
+    video_list = sorted(VIDEOS)
+    random.seed(0)
+    random.shuffle(video_list)
+    env = lmdb.open(str(path), map_size=1 << 26)
+    keys, vlen = [], []
+    for cls in sorted({n.split("/")[0] for n in VIDEOS}):
+        with env.begin(write=True) as txn:
+            for name in sorted(n for n in VIDEOS if n.startswith(cls + "/")):
+                key = ("%09d" % video_list.index(name)).encode("ascii")
+                txn.put(key, msgpack.dumps(frames_of(name)))
+                keys.append(key)
+                vlen.append(VIDEOS[name])
+    with env.begin(write=True) as txn:
+        txn.put(b"__keys__", msgpack.dumps(keys))
+        txn.put(b"__len__", msgpack.dumps(len(keys)))
+        txn.put(b"__order__", msgpack.dumps(video_list))
+        txn.put(b"__vlen__", msgpack.dumps(vlen))
+    env.close()
+    return video_list
+
+
+def test_names_and_list_lines():
+    assert canonical_name("val/bowling/ba.mp4") == "bowling/ba"
+    assert canonical_name("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi") == "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01"
+    assert canonical_name("brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_0") == \
+        "brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_0"
+    assert canonical_name("val/x.mp4") == "val/x"        # a class called "val" is not a split prefix
+    assert parse_list_line("ApplyEyeMakeup/v_a.avi 0 121\n") == ("ApplyEyeMakeup/v_a.avi", 0, 121)
+    assert parse_list_line("val/abseiling/0347ZoDXyP0.mp4  0  300\n") == ("val/abseiling/0347ZoDXyP0.mp4", 0, 300)
+    assert parse_list_line("a b/c d.mp4 3\n") == ("a b/c d.mp4", 3, None)
+    with pytest.raises(ReferenceListError, match="expected"):
+        parse_list_line("no-label-here\n")
+
+
+def test_reference_lmdb_read_through_ucf_style_list(tmp_path):
+    db = tmp_path / "ref.lmdb"
+    order = build_reference_lmdb(db)
+    listing = tmp_path / "trainlist01_nframe.txt"
+    # Single spaces, extensions, labels that are NOT sorted-class order, one video absent from the DB.
+    listing.write_text("bowling/bb.avi 0 9\narchery/ab.avi 1 7\nmissing/zz.avi 2 10\ncycling/ca.avi 2 4\n")
+    metas, classes = read_metadata(str(db), str(listing))
+    assert [m.name for m in metas] == ["bowling/bb", "archery/ab", "cycling/ca"]
+    assert [m.label for m in metas] == [0, 1, 2]
+    assert classes == ["bowling", "archery", "cycling"]
+    assert [m.key for m in metas] == [order.index(n) for n in ("bowling/bb", "archery/ab", "cycling/ca")]
+    assert [(m.frames, m.height, m.width) for m in metas] == [(9, 16, 32), (7, 32, 24), (4, 40, 24)]
+    reader = LmdbFrameReader(str(db), lmdb_keys(metas))
+    for video, meta in enumerate(metas):
+        assert reader.frames(video, [0, meta.frames - 1]) == [frames_of(meta.name)[0], frames_of(meta.name)[-1]]
+
+
+def test_reference_lmdb_read_through_kinetics_style_list(tmp_path):
+    db = tmp_path / "ref.lmdb"
+    build_reference_lmdb(db)
+    listing = tmp_path / "val_list_label_nframe.txt"
+    # Two spaces, the "val/" prefix that __order__ lacks, a list frame count one short of the entry's.
+    listing.write_text("val/archery/aa.mp4  0  5\nval/bowling/ba.mp4  1  5\n")
+    metas, classes = read_metadata(str(db), str(listing))
+    assert [(m.name, m.label, m.frames) for m in metas] == [("archery/aa", 0, 5), ("bowling/ba", 1, 5)]
+    assert classes == ["archery", "bowling"]
+
+
+def test_reference_lmdb_without_list_reads_headers_only(tmp_path):
+    db = tmp_path / "ref.lmdb"
+    order = build_reference_lmdb(db)
+    metas, classes = read_metadata(str(db))
+    assert classes == ["archery", "bowling", "cycling"]
+    assert [m.name for m in metas] == order                     # entry id order
+    assert [(m.frames, m.height, m.width) for m in metas] == [(VIDEOS[n], *SIZES[n]) for n in order]
+    assert [m.label for m in metas] == [classes.index(n.split("/")[0]) for n in order]
+    assert lmdb_keys(metas) is None                              # positions are the entry ids
+
+
+def test_list_matching_nothing_is_refused_with_names(tmp_path):
+    db = tmp_path / "ref.lmdb"
+    build_reference_lmdb(db)
+    listing = tmp_path / "other.txt"
+    listing.write_text("val/golf/x.mp4  0  300\n")
+    with pytest.raises(ReferenceListError, match="none of the 1 videos.*golf/x"):
+        read_metadata(str(db), str(listing))
+    listing.write_text("\n\n")
+    with pytest.raises(ReferenceListError, match="lists no videos"):
+        read_reference_list(listing)
+
+
+def test_broken_entry_is_left_out_not_fatal(tmp_path):
+    db = tmp_path / "ref.lmdb"
+    order = build_reference_lmdb(db)
+    env = lmdb.open(str(db), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        txn.put(fmt.video_key(order.index("archery/aa")), b"\x93not msgpack of jpegs")
+    env.close()
+    listing = tmp_path / "list.txt"
+    listing.write_text("archery/aa 0 5\nbowling/ba 1 6\n")
+    metas, _ = read_metadata(str(db), str(listing))
+    assert [m.name for m in metas] == ["bowling/ba"]
+    assert np.array_equal([m.key for m in metas], [order.index("bowling/ba")])
