@@ -7,7 +7,10 @@
 
 Any config value can be overridden with key=value (full `optim.lr` or a unique
 last part such as `lr`, `max_steps`). Writes OUT/config.yaml, OUT/metrics.jsonl,
-OUT/ckpt_*.pt and OUT/summary.json.
+OUT/tensorboard/, OUT/ckpt_*.pt, OUT/backbone.pt and OUT/summary.json.
+
+SIGTERM/SIGINT (preemption; torchrun forwards them): finish the step, checkpoint within
+10 steps, exit 0. Multi-node and SLURM: scripts/slurm_pretrain.sbatch.
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ def print_summary(summary: dict, baseline: dict):
     for key, label in rows:
         c = f"{baseline[key]:9.2f}" if key in baseline else " " * 9
         print(f"{label:24s} {start.get(key, float('nan')):8.3f} {end.get(key, float('nan')):8.3f} {c}")
-    print(f"({summary['steps']} steps in {summary['seconds']:.0f} s; start/end: means over the first/last "
-          f"{summary['window']} steps; majority: accuracy of always guessing the most frequent label)")
+    print(f"({summary['steps_this_run']} steps in {summary['seconds']:.0f} s, {summary['steps']} in all; "
+          f"start/end: means over the first/last {summary['window']} steps; majority: accuracy of always "
+          "guessing the most frequent label)")
 
 
 def main(argv=None) -> int:
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from cstp.checkpoint import list_checkpoints
-    from cstp.engine import Position, Trainer
+    from cstp.engine import NonFiniteLossError, Position, Trainer
     from pipelines.lmdb_store import LmdbFormatError
     from pipelines.loader import LoaderSettings, PretrainLoader
     from pipelines.plan import majority_label_rates, plan_config_from
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
     train_device = torch.device(f"cuda:{local_rank}" if device == "gpu" else "cpu")
     if device == "gpu":
         torch.cuda.set_device(train_device)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cfg["train"]["cudnn_benchmark"]
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -149,6 +153,9 @@ def main(argv=None) -> int:
         previous = {sig: signal.signal(sig, trainer.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             summary = trainer.run()
+        except NonFiniteLossError as err:
+            print(f"train.py: aborted: {err}", file=sys.stderr)
+            return 1
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -164,6 +171,7 @@ def main(argv=None) -> int:
         final = {**summary["end"], "start": summary["start"], "steps": summary["steps"],
                  "seconds": summary["seconds"], "skipped_steps": summary["skipped_steps"],
                  "substituted_samples": summary["substituted_samples"],
+                 "weight_digests": summary["weight_digests"],
                  "majority_baseline": baseline}
         (out_dir / "summary.json").write_text(json.dumps(final, indent=2))
         print_summary(summary, baseline)

@@ -26,8 +26,14 @@ DEFAULTS: dict = {
         "log_every": 10,            # steps between JSONL records
         "checkpoint_every": 0,      # steps between checkpoints (0 = only at epoch ends)
         "keep_checkpoints": 3,
-        "max_bad_steps": 20,        # consecutive non-finite losses before aborting
+        "max_bad_steps": 20,        # consecutive non-finite losses before aborting (checked at log records)
         "progress": True,
+        "tensorboard": True,        # OUT/tensorboard on rank 0 (skipped with a warning without the package)
+        "data_timeout_s": 300.0,    # warn (naming the batch) when a rank waits longer for data; 0 = off
+        # test hooks, for the fault-tolerance tests only: the highest rank dies before this
+        # step on torchrun's first attempt (0 = off); its loss is NaN at these steps
+        "fail_at_step": 0,
+        "nan_at_steps": [],
     },
     "data": {
         "path": "",                 # LMDB of JPEG frames
@@ -78,11 +84,17 @@ DEFAULTS: dict = {
         "momentum": 0.9,
         "weight_decay": 5e-4,
         "clip_grad": 18.0,          # 0 disables
+        # lr is the peak LR at reference_batch; linear: peak = lr x global batch / reference_batch
+        "lr_scaling": "none",       # none | linear (the recipes use linear)
+        "reference_batch": 128,
     },
     "train": {
         "precision": "auto",        # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-        "channels_last": False,
+        "channels_last": False,     # channels_last_3d model weights and inputs
         "threads": 0,               # torch CPU threads per rank (0 = leave as is)
+        "sync_bn": False,           # SyncBatchNorm across ranks (CUDA); off = per-GPU BN like the reference
+        "compile": False,           # torch.compile the model
+        "cudnn_benchmark": True,
     },
 }
 
@@ -186,6 +198,8 @@ def validate(cfg: dict):
     need(0 <= cfg["optim"]["warmup_epochs"] <= cfg["run"]["epochs"],
          "optim.warmup_epochs must be between 0 and run.epochs")
     need(cfg["optim"]["schedule_unit"] in ("epoch", "step"), "optim.schedule_unit must be epoch or step")
+    need(cfg["optim"]["lr_scaling"] in ("none", "linear"), "optim.lr_scaling must be none or linear")
+    need(cfg["optim"]["reference_batch"] >= 1, "optim.reference_batch must be >= 1")
     need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     need(cfg["model"]["target_init"] in ("independent", "copy"), "model.target_init must be independent or copy")
     need(0 < cfg["model"]["width"] <= 4, "model.width must be in (0, 4]")

@@ -11,7 +11,7 @@ from tests.lmdb_fixtures import coded_video, write_lmdb
 
 TINY = ["model.width=0.0625", "proj_hidden=32", "proj_dim=16", "plan.frames=4", "crop_size=32",
         "batch_size=4", "epochs=3", "warmup_epochs=1", "log_every=1", "progress=false", "train.threads=1",
-        "num_threads=1", "lr=0.05", "device=cpu"]
+        "num_threads=1", "lr=0.05", "device=cpu", "tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
