@@ -26,6 +26,7 @@ examples:
   python benchmark.py --all --device cpu --batch 8 --steps 20 --warmup 3 plan.frames=16 crop_size=112 \\
       --data data/ucf101_256.lmdb
   python benchmark.py loader --loader reference --workers 2 --data /tmp/rc.lmdb
+  python benchmark.py loader --threads 2 --workers 2 --soak-epochs 10 --data /tmp/rc.lmdb   # memory slope
   python benchmark.py model --config configs/ucf101.yaml --device gpu --batch 32 --precision bf16 --channels-last
   python benchmark.py e2e --config configs/k400.yaml --device gpu --batch 64 --threads 4 --workers 6 \\
       --data data/k400_320.lmdb --json runs/bench/e2e.json
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the config's data.workers for DALI, the CPU count for reference)")
     p.add_argument("--steps", type=_int_at_least(1), default=20, help="timed steps (default: 20)")
     p.add_argument("--warmup", type=_int_at_least(0), default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--soak-epochs", type=_int_at_least(1), metavar="N",
+                   help="loader mode: afterwards run N whole epochs on a fresh loader, record host memory at "
+                        "the end of each, and report the slope in MB/epoch (a leak shows as a positive slope)")
     p.add_argument("--data", metavar="DB", help="LMDB of JPEG frames (default: a temporary synthetic one)")
     p.add_argument("--repeat", type=_repeat, default="auto", metavar="auto|N",
                    help="store each video N times in a temporary copy of --data; auto: as often as the "
@@ -130,6 +134,8 @@ def parse_args(argv=None):
     elif args.mode not in MODES:
         parser.error(f"unknown mode {args.mode!r}: choose {', '.join(MODES)} (or --all); "
                      "config overrides are key=value")
+    if args.soak_epochs and args.mode != "loader":
+        parser.error("--soak-epochs needs the loader mode")
     return args
 
 
@@ -407,6 +413,27 @@ def host_memory_mb() -> float:
     return total_kb / 1024
 
 
+def host_memory_split_mb() -> dict[str, float] | None:
+    """PSS of this process and its live descendants split into anonymous memory (heaps,
+    DALI's buffers: where a leak shows) and file-backed pages (the LMDB's memory map,
+    shared libraries: page cache that the kernel can reclaim). None without
+    /proc/PID/smaps_rollup."""
+    pids = [os.getpid(), *descendants(_proc_table(), os.getpid())]
+    fields = {"Pss_Anon:": "anon", "Pss_Shmem:": "shmem", "Pss_File:": "file"}
+    total = dict.fromkeys(fields.values(), 0.0)
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    key, *rest = line.split()
+                    if key in fields:
+                        total[fields[key]] += int(rest[0]) / 1024
+        except (OSError, ValueError, IndexError):
+            if pid == os.getpid():
+                return None
+    return total
+
+
 def peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
@@ -478,9 +505,52 @@ def run_loader(cfg: dict, args, db: str) -> dict:
     finally:
         batches.close()
         loader.close()
-    return dict(seconds=seconds, cpu_seconds=cpu, other_cpu_seconds=cpu1.others_since(cpu0, cpu),
-                host_rss_mb=memory, output_device=on_device,
-                workers=workers_for(args.loader, args, cfg), steps_per_epoch=loader.steps_per_epoch)
+    result = dict(seconds=seconds, cpu_seconds=cpu, other_cpu_seconds=cpu1.others_since(cpu0, cpu),
+                  host_rss_mb=memory, output_device=on_device,
+                  workers=workers_for(args.loader, args, cfg), steps_per_epoch=loader.steps_per_epoch)
+    if args.soak_epochs:
+        result.update(soak(cfg, args, db))
+    return result
+
+
+def soak(cfg: dict, args, db: str) -> dict:
+    """Whole epochs on a fresh loader, host memory (PSS of the process and its workers)
+    after each: a leak grows it by the same amount every epoch."""
+    from tqdm import tqdm
+
+    loader = make_loader(args.loader, db, cfg, args)
+    memory, anon, mapped, t0 = [], [], [], time.perf_counter()
+    try:
+        with tqdm(total=args.soak_epochs * loader.steps_per_epoch, desc="soak", unit="batch",
+                  disable=None) as bar:
+            for _ in range(args.soak_epochs):
+                for _ in loader:
+                    bar.update()
+                memory.append(host_memory_mb())
+                split = host_memory_split_mb()
+                if split is not None:
+                    anon.append(split["anon"] + split["shmem"])
+                    mapped.append(split["file"])
+    finally:
+        loader.close()
+    # The total includes the file pages of the LMDB's memory map, which grow until every
+    # page of the database has been read once and are page cache, not a leak; the
+    # anonymous part is what a leak would grow.
+    return dict(soak_epochs=args.soak_epochs, soak_steps_per_epoch=loader.steps_per_epoch,
+                soak_seconds=time.perf_counter() - t0, soak_host_mb=memory,
+                soak_slope_mb_per_epoch=memory_slope(memory),
+                soak_anon_mb=anon or None, soak_anon_slope_mb_per_epoch=memory_slope(anon) if anon else None,
+                soak_file_mb=mapped or None)
+
+
+def memory_slope(memory: list[float]) -> float | None:
+    """Least-squares slope of memory over epochs, MB per epoch (None for one epoch)."""
+    if len(memory) < 2:
+        return None
+    n = len(memory)
+    mean_x, mean_y = (n - 1) / 2, sum(memory) / n
+    return (sum((x - mean_x) * (y - mean_y) for x, y in enumerate(memory))
+            / sum((x - mean_x) ** 2 for x in range(n)))
 
 
 def synthetic_batch(cfg: dict, device) -> dict:
@@ -609,6 +679,7 @@ def run_one(args, cfg: dict, work: Path) -> dict:
         data_wait_fraction=measured.pop("data_wait_fraction", None),
         cpu_cores_used=measured["cpu_seconds"] / seconds,
         cpu_share=measured["cpu_seconds"] / seconds / cores,
+        cpu_ms_per_sample=1000 * measured["cpu_seconds"] / (args.steps * d["batch_size"]),
         peak_rss_mb=peak_rss_mb(),
         gpu_name=gpu_name(args.device),
         batch=d["batch_size"], frames=p["frames"], crop_size=p["crop_size"], steps=args.steps,
@@ -660,6 +731,9 @@ def run_all(args, cfg: dict, work: Path) -> dict:
                                            "warmup", "precision", "channels_last", "model_width", "data")}
     return dict(mode="all", loader=args.loader, source="lmdb", **summary,
                 compute_bound_ratio=e2e / model, loader_speedup=dali / reference,
+                # the same comparison in CPU time per sample: steadier on a shared machine
+                loader_cpu_speedup=(results["loader_reference"]["cpu_ms_per_sample"]
+                                    / results["loader_dali"]["cpu_ms_per_sample"]),
                 data_wait_fraction=first["data_wait_fraction"], samples_per_s=e2e,
                 frames_per_s=first["frames_per_s"],
                 host_rss_mb=max(r["host_rss_mb"] for r in results.values()),
@@ -686,13 +760,16 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-TABLE_HEAD = ("run", "loader", "samples/s", "frames/s", "ms/step", "data wait", "CPU cores", "host MB")
+# CPU ms/sample: CPU time of the process and its workers per sample, the cost that
+# decides samples/s at equal cores and that other processes on the machine barely move.
+TABLE_HEAD = ("run", "loader", "samples/s", "frames/s", "ms/step", "data wait", "CPU cores", "CPU ms/sample",
+              "host MB")
 
 
 def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
     return [(r["mode"], r["loader"] or "-", _fmt(r["samples_per_s"], ".1f"), _fmt(r["frames_per_s"], ".0f"),
              _fmt(r["step_ms"], ".1f"), _fmt(r["data_wait_fraction"], ".1%"), _fmt(r["cpu_cores_used"], ".2f"),
-             _fmt(r["host_rss_mb"], ".0f")) for r in results]
+             _fmt(r.get("cpu_ms_per_sample"), ".1f"), _fmt(r["host_rss_mb"], ".0f")) for r in results]
 
 
 def print_table(results: list[dict]):
@@ -705,7 +782,9 @@ def print_table(results: list[dict]):
 def headline_lines(summary: dict) -> list[str]:
     return [f"compute-bound ratio (e2e ÷ model samples/s): {summary['compute_bound_ratio']:.2f}"
             f"  (1.00 = the loader never holds training back; data wait {summary['data_wait_fraction']:.1%})",
-            f"loader speed-up (DALI ÷ reference samples/s): {summary['loader_speedup']:.2f}×"]
+            f"loader speed-up (DALI ÷ reference samples/s): {summary['loader_speedup']:.2f}×"] + (
+        [f"loader CPU-cost ratio (reference ÷ DALI CPU ms/sample): {summary['loader_cpu_speedup']:.2f}×"]
+        if summary.get("loader_cpu_speedup") else [])
 
 
 def settings_line(r: dict) -> str:
@@ -731,7 +810,8 @@ def write_report(summary: dict, path: Path) -> Path | None:
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
     lines += ["", *[f"- {line}" for line in headline_lines(summary)], "",
               "samples/s: training samples (two views each) per second; frames/s = 2·T·samples/s, the decoded "
-              "frames the views need. CPU cores: CPU seconds of the process and its workers per wall second. "
+              "frames the views need. CPU cores: CPU seconds of the process and its workers per wall second; "
+              "CPU ms/sample: their CPU time per sample (the cost behind samples/s at equal cores). "
               "host MB: resident memory (PSS) of the process and its workers at the end of the timed steps. "
               "model: synthetic inputs already on the device (the compute ceiling); e2e: the same steps fed by "
               "the loader. On a CPU-only machine the loader and the model share the same cores, so e2e should "
@@ -786,6 +866,18 @@ def main(argv=None) -> int:
     print(settings_line(results[-1]))
     print(f"data: {results[-1]['data'] or 'synthetic tensors on the device'}")
     print_table(results)
+    for r in results:
+        if r.get("soak_host_mb"):
+            slope = r["soak_slope_mb_per_epoch"]
+            print(f"soak: host MB after each of {r['soak_epochs']} epochs ({r['soak_steps_per_epoch']} steps each): "
+                  + ", ".join(f"{m:.0f}" for m in r["soak_host_mb"])
+                  + ("" if slope is None else f"; slope {slope:+.2f} MB/epoch"))
+            if r.get("soak_anon_mb"):
+                anon_slope = r["soak_anon_slope_mb_per_epoch"]
+                print("      of which anonymous (heaps, DALI buffers): "
+                      + ", ".join(f"{m:.0f}" for m in r["soak_anon_mb"])
+                      + ("" if anon_slope is None else f"; slope {anon_slope:+.2f} MB/epoch")
+                      + "; file-backed (LMDB map, libraries): " + ", ".join(f"{m:.0f}" for m in r["soak_file_mb"]))
     busy = [r["other_cpu_cores"] for r in results if busy_machine(r)]
     if busy:
         print(f"warning: other processes used up to {max(busy):.2f} of the {results[0]['cpu_count']} CPU cores "

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from .lmdb_store import read_metadata
 from .plan import Appearance, Box, PlanConfig, ViewPlan
 from .sharding import samples_per_rank
-from .sources import PretrainLmdbSource
+from .sources import PretrainLmdbSource, saturation_hue_matrix
 
 if TYPE_CHECKING:  # pipelines.loader imports DALI; the reference executor must not need it
     from .loader import LoaderSettings
@@ -55,16 +55,32 @@ def crop_and_resize(jpeg: bytes, box: Box, crop_size: int) -> np.ndarray:
 
 def adjust_hue(image: Image.Image, hue: float) -> Image.Image:
     """torchvision's adjust_hue on a PIL image: shift H of PIL's 8-bit HSV by hue·255
-    (truncated), wrapping around."""
+    (truncated), wrapping around. No longer used by the executors (they turn hue in YIQ,
+    saturate_and_turn_hue); kept to measure that deviation against."""
     hsv = np.array(image.convert("HSV"))
     hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(hue * 255)) % 256
     return Image.fromarray(hsv, "HSV").convert("RGB")
 
 
+def saturate_and_turn_hue(frame: np.ndarray, saturation: float, hue: float) -> np.ndarray:
+    """The jitter's saturation and hue as the DALI graph applies them: one YIQ colour
+    matrix (sources.saturation_hue_matrix), rounded half away from zero, saturated to uint8.
+
+    A deliberate change of this oracle, made with the DALI graph's (pretrain_pipeline.
+    color_jitter): PIL's ImageEnhance.Color + torchvision's adjust_hue (8-bit HSV round
+    trip) could only be replayed in DALI with ~60 elementwise ops, which made the DALI
+    pipeline slower than this executor on a CPU. The factors and their ranges are the
+    reference's; the hue turns chroma in YIQ (keeping luma) instead of shifting HSV hue."""
+    matrix = saturation_hue_matrix(saturation, int(hue * 255))
+    out = frame.astype(np.float32) @ matrix.T
+    return np.clip(np.floor(out + np.float32(0.5)), 0, 255).astype(np.uint8)
+
+
 def apply_appearance(frame: np.ndarray, look: Appearance, channel: int | None) -> np.ndarray:
     """The strong augmentation of one (S, S, 3) uint8 frame, as the reference: small
-    rotation (PIL, nearest, no expand, black corners), colour jitter (PIL ImageEnhance,
-    as torchvision's ColorJitter on PIL images), channel grey, PIL GaussianBlur(σ).
+    rotation (PIL, nearest, no expand, black corners), colour jitter (brightness and
+    contrast: PIL ImageEnhance, as torchvision's ColorJitter on PIL images; saturation and
+    hue: the YIQ matrix of saturate_and_turn_hue), channel grey, PIL GaussianBlur(σ).
 
     Jitter order: FIXED brightness → contrast → saturation → hue, the same as the DALI
     graph; the reference draws a random order per view (a documented deviation)."""
@@ -74,8 +90,7 @@ def apply_appearance(frame: np.ndarray, look: Appearance, channel: int | None) -
     if look.jitter:
         image = ImageEnhance.Brightness(image).enhance(look.brightness)
         image = ImageEnhance.Contrast(image).enhance(look.contrast)
-        image = ImageEnhance.Color(image).enhance(look.saturation)
-        image = adjust_hue(image, look.hue)
+        image = Image.fromarray(saturate_and_turn_hue(np.asarray(image), look.saturation, look.hue))
     if channel is not None:
         image = Image.fromarray(np.repeat(np.asarray(image)[..., channel:channel + 1], 3, axis=-1))
     if look.blur:

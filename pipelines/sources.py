@@ -189,6 +189,36 @@ def view_angle(view: ViewPlan) -> np.ndarray:
     return np.array(90.0 * view.rotation + view.appearance.angle, np.float32)
 
 
+# The colour jitter's saturation and hue act in YIQ space (the model of DALI's fn.hsv),
+# with PIL's luma weights as the Y row so that saturation blends with the luma PIL's
+# ImageEnhance.Color uses: one 3x3 matrix per view, one fused op in the DALI graph
+# (fn.coord_transform), the same matrix in the reference executor. torchvision's
+# adjust_hue (PIL's 8-bit HSV round trip) cost ~60 elementwise DALI ops, 26 ms per
+# 16x112x112 view on a CPU core, more than all the rest of a view; the YIQ rotation is a
+# documented deviation (it keeps luma where the HSV shift keeps max(R,G,B)).
+YIQ_FROM_RGB = np.array([[19595 / 65536, 38470 / 65536, 7471 / 65536],
+                         [0.596, -0.274, -0.322],
+                         [0.211, -0.523, 0.312]])
+_RGB_FROM_YIQ = np.linalg.inv(YIQ_FROM_RGB)
+# M(s, θ) = LUMA_PART + s·cos θ · CHROMA_PART + s·sin θ · TURN_PART (I, Q scaled by s, turned by θ)
+LUMA_PART = (_RGB_FROM_YIQ @ np.diag([1.0, 0.0, 0.0]) @ YIQ_FROM_RGB).astype(np.float32)
+CHROMA_PART = (_RGB_FROM_YIQ @ np.diag([0.0, 1.0, 1.0]) @ YIQ_FROM_RGB).astype(np.float32)
+TURN_PART = (_RGB_FROM_YIQ @ np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+             @ YIQ_FROM_RGB).astype(np.float32)
+# Hue in PIL's 8-bit units (255 = a full turn, as torchvision adds hue·255 to H) to the YIQ
+# angle in radians. Negative: HSV hue runs red → yellow → green, the YIQ angle the other way.
+HUE_UNITS_TO_RADIANS = -2.0 * math.pi / 255.0
+
+
+def saturation_hue_matrix(saturation: float, hue_shift: float) -> np.ndarray:
+    """(3, 3) float32 colour matrix of the jitter's saturation factor and hue shift (PIL
+    8-bit units, int(hue·255)): out = round(M @ rgb), as the DALI graph computes it."""
+    angle = np.float32(hue_shift) * np.float32(HUE_UNITS_TO_RADIANS)
+    a = np.float32(saturation) * np.cos(angle, dtype=np.float32)
+    b = np.float32(saturation) * np.sin(angle, dtype=np.float32)
+    return (LUMA_PART + a * CHROMA_PART + b * TURN_PART).astype(np.float32)
+
+
 def grey_matrices(channels, frames: int) -> np.ndarray:
     """(T, 3, 3) float32 colour matrices, one per frame, for fn.coord_transform: every
     output channel takes input channel channels[t]. Identity when there is no grey."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from .lmdb_store import VideoMeta
 from .plan import PlanConfig, PretrainPlan
-from .sources import BadSampleError, PretrainLmdbSource
+from .sources import APPEARANCE_OUTPUTS, BadSampleError, PretrainLmdbSource, appearance_arrays, view_angle
 
 VIDEO_INDEX_FORMAT = "cstp-dali-video-index"
 # What DALI 2.4 decodes on the CPU; H.264, HEVC, AV1 and MPEG-4 need NVDEC (dali-facts.md §1).
@@ -29,7 +29,9 @@ MAX_VIDEO_BYTES = 4 << 30  # refuse absurd files rather than read them into memo
 # The non-video outputs of the video source, in order, after the encoded file.
 VIDEO_PARAM_OUTPUTS = (
     "frames", "order1", "order2", "anchor1", "shape1", "anchor2", "shape2", "angle1", "angle2", "flip1", "flip2",
-    "spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index", "substituted",
+    "spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index",
+    *APPEARANCE_OUTPUTS,  # the strong augmentation, as on the LMDB path (sources.appearance_arrays)
+    "substituted",
 )
 
 
@@ -112,11 +114,12 @@ class PretrainVideoSource(PretrainLmdbSource):
         a1, s1 = _yx_box(plan.view1.box)
         a2, s2 = _yx_box(plan.view2.box)
         i32 = lambda v: np.array(v, dtype=np.int32)  # noqa: E731
-        return (encoded, frames, order1, order2, a1, s1, a2, s2,
-                np.array(90.0 * plan.view1.rotation, np.float32), np.array(90.0 * plan.view2.rotation, np.float32),
+        # angles: k·90° fused with the strong augmentation's small rotation, as on the LMDB path
+        return (encoded, frames, order1, order2, a1, s1, a2, s2, view_angle(plan.view1), view_angle(plan.view2),
                 i32(plan.view1.flip), i32(plan.view2.flip), i32(plan.spatial_label), i32(plan.temporal_label),
                 i32(plan.speed_label), i32(plan.view1.rotation), i32(plan.view2.rotation),
-                i32(plan.video_index), i32(substituted))
+                i32(plan.video_index), *appearance_arrays(plan.view1), *appearance_arrays(plan.view2),
+                i32(substituted))
 
 
 def _yx_box(box) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,7 @@ def check_result(r: dict, mode: str, loader):
     assert r["other_cpu_cores"] is None or r["other_cpu_cores"] >= 0
     assert r["frames_per_s"] == pytest.approx(2 * FRAMES * r["samples_per_s"], rel=1e-9)
     assert r["samples_per_s"] == pytest.approx(STEPS * BATCH / r["seconds"], rel=1e-9)
+    assert r["cpu_ms_per_sample"] == pytest.approx(1000 * r["cpu_cores_used"] / r["samples_per_s"], rel=1e-9)
     if mode == "e2e":
         assert 0 < r["data_wait_fraction"] < 1
         assert r["data_wait_fraction"] == pytest.approx(r["data_wait_seconds"] / r["seconds"], rel=1e-9)
@@ -59,6 +60,8 @@ def test_all_runs_every_mode_and_reports_the_ratios(tmp_path, tiny_db, capsys):
                                                            / runs["model"]["samples_per_s"], rel=1e-9)
     assert summary["loader_speedup"] == pytest.approx(runs["loader_dali"]["samples_per_s"]
                                                       / runs["loader_reference"]["samples_per_s"], rel=1e-9)
+    assert summary["loader_cpu_speedup"] == pytest.approx(runs["loader_reference"]["cpu_ms_per_sample"]
+                                                          / runs["loader_dali"]["cpu_ms_per_sample"], rel=1e-9)
     assert summary["mode"] == "all" and summary["gpu_name"] is None
     report = out.with_suffix(".md").read_text()
     assert "compute-bound ratio" in report and f"{summary['loader_speedup']:.2f}×" in report
@@ -87,6 +90,29 @@ def test_a_small_database_is_repeated_and_synthetic_data_needs_none(tmp_path, ti
     assert r["data"].startswith("synthetic") and r["repeat"] == 1
 
 
+def test_soak_records_memory_after_every_epoch(tmp_path, tiny_db, capsys):
+    out = tmp_path / "soak.json"
+    assert benchmark.main(["loader", *TINY, "--data", tiny_db, "--repeat", "1", "--workers", "0",
+                           "--soak-epochs", "3", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    check_result(r, "loader", "dali")
+    assert r["soak_epochs"] == 3 and r["soak_steps_per_epoch"] == 12 // BATCH
+    assert len(r["soak_host_mb"]) == 3 and all(m > 0 for m in r["soak_host_mb"])
+    assert r["soak_slope_mb_per_epoch"] == pytest.approx(benchmark.memory_slope(r["soak_host_mb"]))
+    if r["soak_anon_mb"] is not None:  # Linux: the total splits into anonymous and file-backed pages
+        assert len(r["soak_anon_mb"]) == len(r["soak_file_mb"]) == 3
+        for total, anon, mapped in zip(r["soak_host_mb"], r["soak_anon_mb"], r["soak_file_mb"]):
+            assert 0 < anon < total and anon + mapped == pytest.approx(total, rel=0.05, abs=5)
+    assert "slope" in capsys.readouterr().out
+
+
+def test_memory_slope_is_the_least_squares_slope():
+    assert benchmark.memory_slope([100.0, 102.0, 104.0]) == pytest.approx(2.0)
+    assert benchmark.memory_slope([100.0, 103.0, 100.0]) == pytest.approx(0.0)
+    assert benchmark.memory_slope([5.0, 1.0]) == pytest.approx(-4.0)
+    assert benchmark.memory_slope([7.0]) is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_gpu_without_a_gpu_is_refused(tmp_path, capsys):
     assert benchmark.main(["model", "--device", "gpu", *TINY, "--json", str(tmp_path / "x.json")]) == 2
@@ -103,6 +129,8 @@ def test_gpu_without_a_gpu_is_refused(tmp_path, capsys):
     (["model", "--precision", "fp16"], "invalid choice"),
     (["e2e", "--loader", "pil"], "invalid choice"),
     (["loader", "--repeat", "x"], "not an integer"),
+    (["model", "--soak-epochs", "2"], "--soak-epochs needs the loader mode"),
+    (["loader", "--soak-epochs", "0"], "must be >= 1"),
 ])
 def test_bad_flags_give_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,0 +1,84 @@
+"""The reference executor of clip plans: numpy/PIL in a torch DataLoader, every JPEG
+decoded whole by PIL, as the reference project's finetuning and test loaders do.
+
+It is the test oracle of the DALI clip pipeline (same source, so the same items,
+plans and substitutions, one to one) and the baseline the benchmark measures DALI
+against. Per clip: crop the planned box of each planned frame, bicubic resize to S×S
+(reference_executor.crop_and_resize), colour jitter when planned
+(reference_executor.apply_appearance), x/255·2−1, (3, T, S, S).
+
+Needs neither DALI nor the model code. LMDB only: the video-file path has no PIL
+reference (decoding video files is DALI's job here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .clip_plan import ClipPlan
+from .clip_source import CLIP_OUTPUTS, ClipLmdbSource
+from .reference_executor import apply_appearance, crop_and_resize
+
+
+def execute_clip_reference(jpegs: list[bytes], plan: ClipPlan) -> np.ndarray:
+    """One planned clip as float32 (3, T, S, S) in [-1, 1]."""
+    clip = np.stack([crop_and_resize(jpeg, plan.box, plan.out_size) for jpeg in jpegs])   # (T, S, S, 3)
+    if plan.appearance.jitter:
+        clip = np.stack([apply_appearance(frame, plan.appearance, None) for frame in clip])
+    scaled = clip.astype(np.float32) / 255.0 * 2.0 - 1.0
+    return np.ascontiguousarray(scaled.transpose(3, 0, 1, 2))
+
+
+class ReferenceClipDataset(Dataset):
+    """Item `position` = the sample the DALI source produces at that position of this
+    rank's `epoch`: the source picks the item, draws the plan and substitutes bad videos,
+    so the two executors cannot drift apart."""
+
+    def __init__(self, source: ClipLmdbSource, epoch: int = 0):
+        if type(source) is not ClipLmdbSource:
+            raise ValueError("the reference executor reads LMDBs of JPEG frames only; video files are decoded "
+                             "by DALI (executor='dali')")
+        self.source = source
+        self.epoch = epoch
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.source.per_rank
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        if not 0 <= position < len(self):
+            raise IndexError(f"position {position} outside this rank's {len(self)} samples")
+        plan, jpegs, substituted, valid = self.source.sample(self.epoch, position)
+        item = {"clip": torch.from_numpy(execute_clip_reference(jpegs, plan))}
+        values = (plan.label, plan.video, plan.clip_index, valid, substituted)
+        item.update({key: torch.tensor(value, dtype=torch.bool if key == "valid" else torch.int64)
+                     for key, value in zip(CLIP_OUTPUTS[1:], values)})
+        return item
+
+
+class ReferenceClipBatches:
+    """Batches of one epoch at a time from a torch DataLoader over ReferenceClipDataset.
+    Workers are forked per epoch (after set_epoch), as in the reference project."""
+
+    def __init__(self, source: ClipLmdbSource, *, batch_size: int, workers: int = 0, prefetch: int = 2,
+                 target: torch.device | None = None):
+        self.dataset = ReferenceClipDataset(source)
+        self.batch_size = batch_size
+        self.workers = workers
+        self.prefetch = prefetch
+        self.target = target
+
+    def epoch(self, epoch: int, first_sample: int = 0):
+        self.dataset.set_epoch(epoch)
+        extra = dict(multiprocessing_context="fork", prefetch_factor=self.prefetch) if self.workers else {}
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=range(first_sample, len(self.dataset)),
+                            shuffle=False, drop_last=True, num_workers=self.workers, persistent_workers=False,
+                            pin_memory=self.target is not None, **extra)
+        for batch in loader:
+            if self.target is not None:
+                batch = {k: v.to(self.target, non_blocking=True) for k, v in batch.items()}
+            yield batch

@@ -1,0 +1,257 @@
+"""Per-sample `external_source` callables for supervised clips (finetune / val / test):
+(epoch, position) -> the item this rank reads there, its ClipPlan and the encoded
+bytes the plan needs. Modelled on sources.PretrainLmdbSource: deterministic from
+DALI's SampleInfo, so a pipeline restarted at (start_epoch, start_sample) produces
+exactly what an uninterrupted run would have.
+
+Sharding:
+- train: one clip per video per epoch; sharding.shard_indices over the videos, as in
+  pretraining (every rank the same number of samples, a multiple of the batch; the
+  remainder is dropped and changes every epoch).
+- val / test: the flattened list of (video, clip) items is split across ranks in
+  contiguous blocks (sizes differ by at most one), each block padded to the same
+  length, a multiple of the batch, with copies of its last item flagged invalid.
+  Every item is read exactly once with valid = True over all ranks.
+
+A video that cannot be read is replaced by another item, chosen deterministically
+(sources.MAX_SUBSTITUTIONS in a row means the database is broken), and flagged
+`substituted`. In val/test a replacement is also flagged invalid: it is another
+video's clip, and counting it would weigh that video twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import msgpack
+import numpy as np
+
+from .clip_plan import JITTER_KEYS, MODES, ClipPlan, ClipPlanConfig, jitter_arrays, num_test_clips, test_clip_plans, \
+    train_clip_plan, val_clip_plan
+from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem
+from .sharding import samples_per_rank, shard_indices
+from .sources import MAX_SUBSTITUTIONS, BadSampleError, _guard_worker_process
+from .video_source import MAX_VIDEO_BYTES
+
+log = logging.getLogger(__name__)
+
+# The batch keys every clip loader yields (both executors, both data paths).
+CLIP_OUTPUTS = ("clip", "label", "video_index", "clip_index", "valid", "substituted")
+LABEL_OUTPUTS = CLIP_OUTPUTS[1:]
+JITTER_OUTPUTS = JITTER_KEYS  # the names pretrain_pipeline.color_jitter reads
+# The LMDB source's outputs after the T JPEG buffers, in order.
+CLIP_PARAM_OUTPUTS = ("anchor", "shape", *JITTER_OUTPUTS, *LABEL_OUTPUTS)
+# The video source's outputs after the encoded file, in order.
+VIDEO_CLIP_PARAM_OUTPUTS = ("frames", "order", "anchor", "shape", *JITTER_OUTPUTS, *LABEL_OUTPUTS)
+
+
+def eval_items(metas: list[VideoMeta], videos, mode: str, cfg: ClipPlanConfig) -> list[tuple[int, int]]:
+    """(video, clip_index) of every val or test item, in video order."""
+    if mode == "val":
+        return [(int(v), 0) for v in videos]
+    return [(int(v), c) for v in videos for c in range(num_test_clips(max(metas[v].frames, 1), cfg))]
+
+
+def eval_block(num_items: int, rank: int, world_size: int) -> np.ndarray:
+    """The contiguous block of item positions rank `rank` reads (np.array_split)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    return np.array_split(np.arange(num_items, dtype=np.int64), world_size)[rank]
+
+
+def eval_samples_per_rank(num_items: int, world_size: int, batch_size: int) -> int:
+    """The largest block, rounded up to whole batches: every rank runs as many steps."""
+    largest = -(-num_items // world_size)
+    return max(1, -(-largest // batch_size)) * batch_size
+
+
+class ClipLmdbSource:
+    """Sample source of the clip pipeline over an LMDB of JPEG frames.
+
+    Returns, per sample: the T JPEG buffers of the plan's frames, then the arrays named
+    in CLIP_PARAM_OUTPUTS (ROI anchor/shape in (x, y) order for decoders.image_slice,
+    the jitter parameters, the labels)."""
+
+    def __init__(self, db_path: str, metas: list[VideoMeta], cfg: ClipPlanConfig, mode: str, *, seed: int,
+                 batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 start_epoch: int = 0, start_sample: int = 0, videos=None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if start_sample % batch_size:
+            raise ValueError(f"start_sample {start_sample} must be a multiple of the batch size {batch_size}")
+        self.videos = np.arange(len(metas), dtype=np.int64) if videos is None else np.asarray(videos, np.int64)
+        if len(self.videos) == 0:
+            raise ValueError(f"{db_path}: no videos to read")
+        if self.videos.min() < 0 or self.videos.max() >= len(metas):
+            raise ValueError(f"video ids must lie in [0, {len(metas)}) for {db_path}")
+        if len(np.unique(self.videos)) != len(self.videos):
+            raise ValueError("the `videos` subset lists a video twice")
+        self.reader = LmdbFrameReader(db_path)
+        self.path = db_path
+        self.metas = metas
+        self.cfg = cfg
+        self.mode = mode
+        self.seed = seed
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.start_epoch = start_epoch
+        self.start_sample = start_sample
+        if mode == "train":
+            self.items = None
+            self.per_rank = samples_per_rank(len(self.videos), world_size, batch_size)
+        else:
+            self.items = eval_items(metas, self.videos, mode, cfg)
+            self.block = eval_block(len(self.items), rank, world_size)
+            self.per_rank = eval_samples_per_rank(len(self.items), world_size, batch_size)
+        if start_sample > self.per_rank:
+            raise ValueError(f"start_sample {start_sample} is past the {self.per_rank} samples of an epoch")
+        if start_sample == self.per_rank:
+            # A checkpoint taken after the epoch's last step: the next sample is the next
+            # epoch's first (DALI cannot start on an empty epoch).
+            self.start_epoch, self.start_sample = start_epoch + 1, 0
+        self._guarded_pid = os.getpid()
+        self._order_epoch = None
+        self._order = None
+        self._reported: set[int] = set()
+
+    @property
+    def num_outputs(self) -> int:
+        return self.cfg.frames + len(CLIP_PARAM_OUTPUTS)
+
+    @property
+    def num_items(self) -> int:
+        """Distinct samples of an epoch over all ranks (train: videos read per epoch)."""
+        return self.per_rank * self.world_size if self.items is None else len(self.items)
+
+    def position(self, sample_info) -> tuple[int, int]:
+        """(epoch, index within this rank's epoch) of a DALI SampleInfo."""
+        epoch = sample_info.epoch_idx + self.start_epoch
+        offset = self.start_sample if sample_info.epoch_idx == 0 else 0
+        return epoch, sample_info.idx_in_epoch + offset
+
+    def item_for(self, epoch: int, position: int) -> tuple[int, int, bool]:
+        """(video, clip_index, valid) this rank reads at `position` of `epoch`."""
+        if self.items is None:
+            if self._order_epoch != epoch:
+                self._order = shard_indices(len(self.videos), self.rank, self.world_size, self.batch_size,
+                                            self.seed, epoch, self.shuffle)
+                self._order_epoch = epoch
+            return int(self.videos[self._order[position]]), 0, True
+        if position < len(self.block):
+            return (*self.items[self.block[position]], True)
+        # Padding: repeat the block's last item (the first item when the block is empty).
+        return (*self.items[self.block[-1] if len(self.block) else 0], False)
+
+    def plan(self, epoch: int, video: int, clip_index: int = 0) -> ClipPlan:
+        meta = self.metas[video]
+        if self.mode == "train":
+            return train_clip_plan(self.seed, epoch, video, meta, self.cfg)
+        if self.mode == "val":
+            return val_clip_plan(video, meta, self.cfg)
+        return test_clip_plans(video, meta, self.cfg)[clip_index]
+
+    def _guard_if_worker(self):
+        if os.getpid() != self._guarded_pid:
+            _guard_worker_process()
+            self._guarded_pid = os.getpid()
+
+    def sample(self, epoch: int, position: int):
+        """(plan, payload, substituted, valid) at `position` of `epoch`; the one place
+        both executors take their samples from."""
+        video, clip, valid = self.item_for(epoch, position)
+        for attempt in range(MAX_SUBSTITUTIONS):
+            try:
+                plan = self.plan(epoch, video, clip)
+                payload = self.read_payload(plan)
+            except (BadSampleError, ValueError, IndexError) as err:   # ValueError: a video without frames
+                self._report_once(video, err)
+                video, clip = self.replacement(epoch, position, attempt)
+                continue
+            replaced = attempt > 0
+            # val/test: a replacement is another video's clip; it must not count twice
+            return plan, payload, int(replaced), valid and not (replaced and self.items is not None)
+        raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable videos in a row in {self.path}; the database "
+                           "looks broken (rebuild it with `python -m preprocessing build-lmdb`)")
+
+    def __call__(self, sample_info):
+        self._guard_if_worker()
+        epoch, position = self.position(sample_info)
+        if position >= self.per_rank:
+            raise StopIteration
+        return self.outputs(*self.sample(epoch, position))
+
+    def read_payload(self, plan: ClipPlan) -> list[bytes]:
+        """The JPEG bytes of the plan's frames, or BadSampleError."""
+        meta = self.metas[plan.video]
+        try:
+            jpegs = self.reader.frames(plan.video, plan.frames)
+        except (KeyError, IndexError, ValueError, TypeError, LmdbFormatError,
+                msgpack.exceptions.UnpackException) as err:
+            raise BadSampleError(f"{type(err).__name__}: {err}") from None
+        for jpeg in set(jpegs):
+            problem = jpeg_problem(jpeg, meta.height, meta.width)
+            if problem:
+                raise BadSampleError(problem)
+        return jpegs
+
+    def outputs(self, plan: ClipPlan, jpegs: list[bytes], substituted: int, valid: bool) -> tuple:
+        b = plan.box
+        return (*[np.frombuffer(j, dtype=np.uint8) for j in jpegs],
+                np.array([b.x, b.y], np.float32), np.array([b.w, b.h], np.float32),
+                *jitter_arrays(plan.appearance), *label_arrays(plan, substituted, valid))
+
+    def replacement(self, epoch: int, position: int, attempt: int) -> tuple[int, int]:
+        """Another (video, clip), from the same epoch's pool, deterministically."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank, position, attempt, 0xBAD])
+        if self.items is None:
+            return int(self.videos[rng.integers(0, len(self.videos))]), 0
+        return self.items[int(rng.integers(0, len(self.items)))]
+
+    def _report_once(self, video: int, err: Exception):
+        if video not in self._reported:
+            self._reported.add(video)
+            log.warning("skipping video %d (%s) of %s: %s; another sample takes its place", video,
+                        self.metas[video].name, self.path, err)
+
+
+def label_arrays(plan: ClipPlan, substituted: int, valid: bool) -> tuple[np.ndarray, ...]:
+    """LABEL_OUTPUTS as 0-d int32 arrays (parallel external_source rejects numpy scalars)."""
+    i32 = lambda v: np.array(v, dtype=np.int32)  # noqa: E731
+    return i32(plan.label), i32(plan.video), i32(plan.clip_index), i32(valid), i32(substituted)
+
+
+class ClipVideoSource(ClipLmdbSource):
+    """Video files (a JSON index): the encoded file plus the clip's distinct frames,
+    sorted (a decoder seeking backwards is slow; short videos wrap and repeat frames),
+    and where each clip frame sits in that list."""
+
+    def __init__(self, index_path: str, metas: list[VideoMeta], files: list[str], cfg: ClipPlanConfig,
+                 mode: str, **kwargs):
+        super().__init__(index_path, metas, cfg, mode, **kwargs)
+        self.files = files
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 + len(VIDEO_CLIP_PARAM_OUTPUTS)
+
+    def read_payload(self, plan: ClipPlan) -> np.ndarray:
+        """The encoded file, or BadSampleError for a missing or absurd file. A file
+        damaged inside still fails in the decoder: validate datasets offline
+        (`preprocessing index-videos` decodes every frame once)."""
+        try:
+            size = os.path.getsize(self.files[plan.video])
+            if size == 0 or size > MAX_VIDEO_BYTES:
+                raise OSError(f"file size {size} bytes is out of range")
+            return np.fromfile(self.files[plan.video], dtype=np.uint8)
+        except OSError as err:
+            raise BadSampleError(f"{type(err).__name__}: {err}") from None
+
+    def outputs(self, plan: ClipPlan, encoded: np.ndarray, substituted: int, valid: bool) -> tuple:
+        frames, order = np.unique(plan.frames, return_inverse=True)
+        b = plan.box  # (y, x) order, for fn.slice with axis_names="HW"
+        return (encoded, frames.astype(np.int32), order.astype(np.int32),
+                np.array([b.y, b.x], np.float32), np.array([b.h, b.w], np.float32),
+                *jitter_arrays(plan.appearance), *label_arrays(plan, substituted, valid))

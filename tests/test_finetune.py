@@ -1,0 +1,207 @@
+"""finetune.py and evaluate.py end to end on a tiny LMDB: validation split, logs,
+best checkpoint, linear probe, exact resume, plateau scheduler, the evaluation report,
+and 2 gloo ranks under torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import finetune
+from cstp.checkpoint import latest_checkpoint
+from cstp.finetune_engine import validation_split
+from tests.lmdb_fixtures import coded_video, write_lmdb
+from tests.test_ddp import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.width=0.125", "clip.frames=4", "clip.stride=2", "clip.crop_size=32", "clip.test_short_side=32",
+        "batch_size=4", "epochs=3", "log_every=1", "progress=false", "train.threads=1", "num_threads=1",
+        "device=cpu", "val_fraction=0.2"]
+CLASSES = ["alpha", "beta", "gamma"]
+
+
+@pytest.fixture(scope="module")
+def tiny_db(tmp_path_factory):
+    # 18 videos of 3 classes, 9..26 frames (the short ones wrap in the test protocol)
+    names = [f"{CLASSES[i % 3]}/v{i:03d}" for i in range(18)]
+    return str(write_lmdb(tmp_path_factory.mktemp("db") / "tiny.lmdb",
+                          [coded_video(9 + i, 32, 40) for i in range(18)], names=names,
+                          labels=[i % 3 for i in range(18)], classes=CLASSES))
+
+
+def run(out, db, *extra, resume=False):
+    argv = ["--out", str(out), f"data.train={db}", *TINY, *extra] + (["--resume", "auto"] if resume else [])
+    assert finetune.main(argv) == 0
+
+
+def records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_validation_split_is_stratified_deterministic_and_disjoint():
+    labels = [0] * 10 + [1] * 5 + [2] * 1
+    train, val = validation_split(labels, 0.2, seed=1)
+    assert sorted(train + val) == list(range(16)) and not set(train) & set(val)
+    assert [labels[i] for i in val].count(0) == 2     # round(0.2 * 10)
+    assert [labels[i] for i in val].count(1) == 1     # round(0.2 * 5)
+    assert 15 in train                                # a class of one video stays in training
+    assert validation_split(labels, 0.2, seed=1) == (train, val)
+    assert validation_split(labels, 0.2, seed=2)[1] != val
+
+
+def test_finetune_logs_validates_and_keeps_the_best(tmp_path, tiny_db):
+    run(tmp_path, tiny_db)
+    recs = records(tmp_path)
+    train_recs = [r for r in recs if "loss" in r]
+    val_recs = [r for r in recs if "val_loss" in r]
+    # 18 videos, 3 to validation (one per class), 15 to training: 3 steps of 4 per epoch
+    assert [r["step"] for r in train_recs] == list(range(1, 10))
+    assert [(r["step"], r["epoch"], r["val_videos"]) for r in val_recs] == [(3, 0, 3), (6, 1, 3), (9, 2, 3)]
+    for key in ("lr", "train_top1", "samples_per_s", "data_wait_fraction"):
+        assert key in train_recs[0]
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["format"] == "cstp-dali-finetune" and "optimizer" not in best
+    assert best["classes"] == CLASSES and best["num_classes"] == 3
+    chosen = max(val_recs, key=lambda r: (r["val_top1"], -r["val_loss"]))
+    assert best["best"]["epoch"] == chosen["epoch"] and best["best"]["val_top1"] == chosen["val_top1"]
+    assert len(best["val_videos"]) == 3
+    _, last = latest_checkpoint(tmp_path)
+    assert last["position"] == {"epoch": 3, "sample": 0, "step": 9}
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_mid_epoch_gives_the_same_weights_and_scheduler(tmp_path, tiny_db):
+    # patience 0 and an impossible improvement threshold (better than 0 loss): the lr drops
+    # tenfold at every validation, so the resumed run must carry the scheduler state across
+    plateau = ["plateau_patience=0", "plateau_threshold=1.0", "epochs=4"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(straight, tiny_db, *plateau, "max_steps=11")
+    run(stopped, tiny_db, *plateau, "max_steps=5")            # stops inside epoch 1
+    _, mid = latest_checkpoint(stopped)
+    assert mid["position"] == {"epoch": 1, "sample": 8, "step": 5}
+    run(stopped, tiny_db, *plateau, "max_steps=11", resume=True)
+    _, a = latest_checkpoint(straight)
+    _, b = latest_checkpoint(stopped)
+    assert a["position"] == b["position"] == {"epoch": 3, "sample": 8, "step": 11}
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["scheduler"] == b["scheduler"]
+    lrs = [r["lr"] for r in records(straight) if "val_loss" in r]
+    assert lrs == pytest.approx([0.0025, 0.00025, 0.000025])
+    assert [r["step"] for r in records(stopped)] == [r["step"] for r in records(straight)]
+
+
+def test_linear_probe_keeps_the_pretrained_backbone_and_its_bn_statistics(tmp_path, tiny_db):
+    from cstp.models.cstp_model import reference_init_
+    from cstp.models.r2plus1d import R2Plus1D10
+
+    torch.manual_seed(3)
+    backbone = reference_init_(R2Plus1D10(0.125))
+    init = tmp_path / "backbone.pt"
+    torch.save({"format": "cstp-dali-backbone", "width": 0.125, "state_dict": backbone.state_dict()}, init)
+    run(tmp_path / "probe", tiny_db, f"model.init={init}", "model.mode=linear", "epochs=1")
+    _, state = latest_checkpoint(tmp_path / "probe")
+    assert state["init"]["kind"] == "exported backbone"
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(state["model"]["backbone." + key], value), key   # running stats included
+    assert not torch.equal(state["model"]["head.bn.running_mean"], torch.zeros(12))   # the head trained
+
+
+def test_bad_inputs_give_messages(tmp_path, tiny_db, capsys):
+    assert finetune.main(["--out", str(tmp_path), *TINY]) == 2
+    assert "data.train" in capsys.readouterr().err
+    assert finetune.main(["--out", str(tmp_path), f"data.train={tiny_db}", *TINY, "model.mode=probe"]) == 2
+    assert "model.mode" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": torch.zeros(1)}, bad)
+    assert finetune.main(["--out", str(tmp_path), f"data.train={tiny_db}", *TINY, f"model.init={bad}"]) == 2
+    assert "expected one of" in capsys.readouterr().err
+    exported = tmp_path / "backbone.pt"
+    torch.save({"format": "cstp-dali-backbone", "width": 0.125, "state_dict": {}}, exported)
+    assert finetune.main(["--out", str(tmp_path), f"data.train={tiny_db}", *TINY, "--resume", str(exported)]) == 2
+    assert "a pretrained backbone goes to model.init" in capsys.readouterr().err
+    assert finetune.main(["--out", str(tmp_path), f"data.train={tiny_db}", *TINY, "batch_size=64"]) == 2
+    assert "smaller batch size" in capsys.readouterr().err
+
+
+def test_evaluate_writes_the_report(tmp_path, tiny_db):
+    run(tmp_path / "ft", tiny_db, "epochs=1")
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint", str(tmp_path / "ft" / "best.pt"), "--data", tiny_db, "--train-data",
+                          tiny_db, "--json", str(out), "--no-progress", "--num-threads", "1"]) == 0
+    report = json.loads(out.read_text())
+    assert report["videos"] == 18
+    assert 0 <= report["top1"] <= report["top5"] <= 1
+    assert report["top5"] == 1.0                            # 3 classes
+    assert set(report["per_class"]) == set(CLASSES)
+    cm = torch.tensor(report["confusion_matrix"])
+    assert cm.sum() == 18 and cm.sum(1).tolist() == [6, 6, 6]
+    assert report["top1"] == pytest.approx(cm.diag().sum().item() / 18)
+    assert Path(report["confusion_png"]).stat().st_size > 1000
+    assert set(report["retrieval"]) == {"r1", "r5", "r10", "r20", "r50"}
+    r = report["retrieval"]
+    assert r["r1"] <= r["r5"] <= r["r10"] <= r["r20"] <= r["r50"] == 1.0   # 18 gallery videos, 6 per class
+    assert report["clip"] == {"frames": 4, "stride": 2, "crop_size": 32, "test_short_side": 32}
+
+    # a backbone alone: retrieval only, leave-one-out without --train-data
+    assert evaluate.main(["--random-init", "0.125", "--data", tiny_db, "--json", str(out), "--no-progress",
+                          "frames=4", "stride=2", "crop_size=32", "test_short_side=32"]) == 0
+    report = json.loads(out.read_text())
+    assert report["top1"] is None and "leave-one-out" in report["retrieval_gallery"]
+    assert report["retrieval"]["r50"] == 1.0                # 17 others, 5 of the same class
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_keep_identical_learning_rates_and_resume(tmp_path, tiny_db):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+    def torchrun(script, *args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+               "127.0.0.1", "--master-port", str(free_port()), str(ROOT / script), *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # patience 0: any epoch without a better validation loss cuts the lr
+    common = ["--out", str(out), f"data.train={tiny_db}", *TINY, "batch_size=2", "plateau_patience=0"]
+    torchrun("finetune.py", *common, "epochs=2")
+    torchrun("finetune.py", *common, "epochs=4", "--resume", "auto")
+    vals = [r for r in records(out) if "val_loss" in r]
+    # 15 training videos over 2 ranks x batch 2: 3 steps per epoch
+    assert [r["step"] for r in vals] == [3, 6, 9, 12]
+    # the lr the plateau rule gives for the logged (global) losses, across the resume at step 6
+    best, lr = float("inf"), 0.025
+    for r in vals:
+        if r["val_loss"] < best * (1 - 1e-4):
+            best = r["val_loss"]
+        else:
+            lr *= 0.1
+        assert r["lr"] == pytest.approx(lr)
+    assert vals[-1]["lr"] < 0.025                            # the test did cut the lr
+    best = float("inf")
+    for r in vals:
+        assert r["val_videos"] == 3                          # every validation video once over both ranks
+        # the ranks validate different videos; each stepped its scheduler with the all-reduced loss
+        # (rank 1's own loss would give it another `best`), so both keep the same state and lr
+        best = min(best, r["val_loss"])
+        assert r["plateau_best_ranks"] == pytest.approx([best, best], rel=1e-3)
+        assert r["plateau_bad_epochs_ranks"][0] == r["plateau_bad_epochs_ranks"][1]
+        assert len(r["lr_ranks"]) == 2 and r["lr_ranks"][0] == r["lr_ranks"][1] == pytest.approx(r["lr"])
+    _, state = latest_checkpoint(out)
+    assert state["world_size"] == 2 and state["position"]["step"] == 12
+
+    # evaluation split over 2 ranks: the same report as one process
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert evaluate.main(["--checkpoint", str(out / "best.pt"), "--data", tiny_db, "--json", str(one),
+                          "--no-progress", "--batch-size", "4"]) == 0
+    torchrun("evaluate.py", "--checkpoint", str(out / "best.pt"), "--data", tiny_db, "--json", str(two),
+             "--no-progress", "--batch-size", "4", "--device", "cpu")
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["videos"] == b["videos"] == 18
+    assert a["confusion_matrix"] == b["confusion_matrix"]
+    assert a["retrieval"] == pytest.approx(b["retrieval"])
