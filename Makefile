@@ -43,6 +43,7 @@ $(DEMO_DB): $(DEMO_DATA)/train.txt
 demo: $(STAMP) check-ffmpeg $(DEMO_DB)
 	rm -rf runs/demo
 	$(PY) train.py --config configs/demo.yaml --out runs/demo
+	$(PY) scripts/demo_downstream.py --run runs/demo --data $(DEMO_DATA)
 
 test: $(STAMP) check-ffmpeg
 	$(PY) -m pytest -q

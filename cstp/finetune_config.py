@@ -1,0 +1,107 @@
+"""Finetuning configuration: the reference's supervised recipe (cstp-method-spec.md §5.2,
+§7, §8) as plain nested values, with the same `key=value` overrides as pretraining
+(see cstp/config.py: full `optim.lr` or a unique last part such as `lr`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, _coerce, _flatten, _resolve_key, _set, parse_override
+
+FINETUNE_DEFAULTS: dict = {
+    "run": {
+        "out": "runs/finetune",
+        "seed": 1,
+        "epochs": 100,
+        "max_steps": 0,             # stop after this many optimizer steps (0 = run all epochs)
+        "log_every": 10,            # steps between JSONL records
+        "checkpoint_every": 0,      # steps between checkpoints (0 = only at epoch ends)
+        "keep_checkpoints": 2,
+        "max_bad_steps": 20,
+        "progress": True,
+        "tensorboard": True,        # OUT/tensorboard on rank 0 (skipped with a warning without the package)
+    },
+    "data": {
+        "train": "",                # LMDB (or .json video index) of the training list
+        "device": "auto",           # auto | cpu | gpu: where DALI decodes and augments
+        "batch_size": 30,           # per rank (the reference: 2 GPUs x 30)
+        "num_threads": 2,
+        "workers": 0,
+        "prefetch": 2,
+        # Model selection and the plateau scheduler read a validation split carved from
+        # the training list (the reference used the test split, spec §11.11).
+        "val_fraction": 0.1,        # per class, at least one video of every class with >= 2
+        "val_every": 1,             # epochs between validations
+    },
+    "clip": {                       # pipelines.clip_plan.ClipPlanConfig
+        "frames": 16,
+        "stride": 4,
+        "crop_size": 112,
+        "test_short_side": 128,
+        "min_area": 0.2,
+        "max_area": 1.0,
+        "jitter_prob": 0.3,
+    },
+    "model": {
+        "width": 0.0,               # 0 = follow the checkpoint (1.0 when training from scratch)
+        "init": "",                 # backbone checkpoint; "" = from scratch
+        "mode": "all",              # all (finetune every layer) | linear (frozen backbone)
+        "num_classes": 0,           # 0 = the training LMDB's class count
+    },
+    "optim": {
+        "lr": 0.025,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "plateau_patience": 10,     # ReduceLROnPlateau on the validation loss
+        "plateau_factor": 0.1,
+        "plateau_threshold": 1e-4,  # relative improvement that counts (torch's default)
+    },
+    "train": {
+        "precision": "auto",        # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+        "threads": 0,
+    },
+}
+
+
+def apply_overrides(cfg: dict, overrides: dict) -> dict:
+    cfg = copy.deepcopy(cfg)
+    known = _flatten(FINETUNE_DEFAULTS)
+    for key, value in overrides.items():
+        full = _resolve_key(key, known)
+        _set(cfg, full, _coerce(full, value, known[full]))
+    return cfg
+
+
+def load_finetune_config(path: str | None = None, overrides=()) -> dict:
+    cfg = copy.deepcopy(FINETUNE_DEFAULTS)
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+        cfg = apply_overrides(cfg, _flatten(loaded))
+    cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict):
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg["data"]["device"] in ("auto", "cpu", "gpu"), "data.device must be auto, cpu or gpu")
+    need(cfg["data"]["batch_size"] >= 1, "data.batch_size must be >= 1")
+    need(0 < cfg["data"]["val_fraction"] < 1, "data.val_fraction must be in (0, 1)")
+    need(cfg["data"]["val_every"] >= 1, "data.val_every must be >= 1")
+    need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
+    need(cfg["model"]["mode"] in ("all", "linear"), "model.mode must be all or linear")
+    need(0 <= cfg["model"]["width"] <= 4, "model.width must be in [0, 4] (0 = from the checkpoint)")
+    need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
+    need(0 < cfg["optim"]["plateau_factor"] < 1, "optim.plateau_factor must be in (0, 1)")

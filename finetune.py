@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+r"""Finetune an R(2+1)D backbone for action recognition (the CSTP downstream protocol).
+
+  python finetune.py --config configs/finetune_ucf101.yaml --out runs/ft_ucf \
+      data.train=data/ucf101_train01.lmdb model.init=runs/ucf/backbone.pt
+  python finetune.py --config configs/finetune_demo.yaml model.init=          # from scratch
+  torchrun --nproc-per-node 2 finetune.py --config configs/finetune_ucf101.yaml --resume auto ...
+
+model.init takes our exported backbone.pt, a pretraining ckpt_*.pt (online backbone)
+or a reference-project checkpoint (module.online_net.* keys); empty = from scratch.
+model.mode=linear trains only the head (frozen backbone, BN statistics included).
+A stratified validation split (data.val_fraction of each class) is carved out of
+the training LMDB: it drives the plateau scheduler and picks OUT/best.pt; the test
+split is never seen here (evaluate.py reads it). Writes OUT/config.yaml,
+OUT/metrics.jsonl, OUT/ckpt_*.pt, OUT/best.pt and OUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (configs/finetune_*.yaml); defaults are the reference's")
+    parser.add_argument("--out", help="output directory (overrides run.out)")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="'auto': continue from the newest valid checkpoint in the output directory "
+                             "(start fresh if there is none); or a checkpoint file")
+    parser.add_argument("--executor", choices=("dali", "reference"), default="dali",
+                        help="who runs the clip plans: DALI (default) or the numpy/PIL reference executor")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def fail(message: str) -> int:
+    print(f"finetune.py: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from cstp.config import ConfigError
+    from cstp.finetune_config import load_finetune_config
+
+    try:
+        cfg = load_finetune_config(args.config, args.overrides)
+    except ConfigError as err:
+        return fail(str(err))
+    if args.out:
+        cfg["run"]["out"] = args.out
+    from train import distributed_env, find_resume_state, resolve_device
+
+    rank, world_size, local_rank = distributed_env()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
+    out_dir = Path(cfg["run"]["out"])
+    d, m = cfg["data"], cfg["model"]
+    if not d["train"]:
+        return fail("set data.train to the training LMDB (python -m preprocessing build-lmdb ...)")
+
+    import torch
+    import torch.distributed as dist
+
+    from cstp.backbone_io import BackboneLoadError, load_backbone
+    from cstp.checkpoint import CheckpointError, list_checkpoints
+    from cstp.classifier import build_classifier
+    from cstp.finetune_engine import FINETUNE_FORMAT, FinetuneTrainer, Position, validation_split
+    from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
+    from pipelines.clip_plan import clip_config_from
+    from pipelines.lmdb_store import LmdbFormatError
+
+    if cfg["train"]["threads"]:
+        torch.set_num_threads(cfg["train"]["threads"])
+    device = resolve_device(d["device"])
+    try:
+        resume_path, resume_state = find_resume_state(args.resume, out_dir)
+    except CheckpointError as err:
+        return fail(str(err))
+    if resume_state is not None and resume_state.get("format") != FINETUNE_FORMAT:
+        return fail(f"{resume_path} is not a finetuning checkpoint (format {resume_state.get('format')!r}); "
+                    "--resume continues a finetuning run; a pretrained backbone goes to model.init")
+    if resume_state is None and list_checkpoints(out_dir):
+        return fail(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run "
+                    "or choose another --out")
+    position = Position(**resume_state["position"]) if resume_state else Position()
+
+    backbone = None
+    width = m["width"] or 1.0
+    if m["init"] and resume_state is None:
+        try:
+            backbone = load_backbone(m["init"], expected_width=m["width"] or None)
+        except BackboneLoadError as err:
+            return fail(f"model.init: {err}")
+        width = backbone.width
+    elif resume_state is not None:
+        width = resume_state["width"]
+
+    try:
+        clip_cfg = clip_config_from(cfg["clip"])
+    except ValueError as err:
+        return fail(f"clip: {err}")
+    settings = ClipLoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"], workers=d["workers"],
+                                  prefetch=d["prefetch"], seed=cfg["run"]["seed"])
+    common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor)
+    # Loaders (and their forked workers) come before the process group (dali-under-torchrun.md §1).
+    try:
+        from pipelines.lmdb_store import read_metadata
+        from pipelines.video_source import is_video_index, read_video_index
+        metas = read_video_index(d["train"])[0] if is_video_index(d["train"]) else read_metadata(d["train"])[0]
+        train_ids, val_ids = validation_split([mm.label for mm in metas], d["val_fraction"], cfg["run"]["seed"])
+        if not val_ids:
+            return fail(f"{d['train']}: no class has 2 videos, so there is nothing to validate on")
+        if resume_state is not None and resume_state.get("val_videos") not in (None, val_ids):
+            return fail("the validation split differs from the checkpoint's (data.val_fraction, run.seed or "
+                        "the training LMDB changed)")
+        train_loader = ClipLoader(d["train"], "train", clip_cfg, settings, start_epoch=position.epoch,
+                                  start_sample=position.sample, videos=train_ids, **common)
+        val_loader = ClipLoader(d["train"], "val", clip_cfg, settings, videos=val_ids, **common)
+    except (FileNotFoundError, LmdbFormatError, ValueError) as err:
+        return fail(f"cannot read the data: {err}")
+    num_classes = m["num_classes"] or train_loader.num_classes
+    if num_classes < train_loader.num_classes:
+        train_loader.close()
+        val_loader.close()
+        return fail(f"model.num_classes={num_classes} but {d['train']} has {train_loader.num_classes} classes")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device == "gpu" else "gloo")
+    train_device = torch.device(f"cuda:{local_rank}" if device == "gpu" else "cpu")
+    if device == "gpu":
+        torch.cuda.set_device(train_device)
+        torch.backends.cudnn.benchmark = True
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        logging.info("%s; %d train / %d validation videos, %d classes, %d ranks x batch %d, %d steps per epoch",
+                     f"backbone from {backbone.kind} {backbone.path}" if backbone else
+                     ("resuming " + str(resume_path) if resume_state else "from scratch"),
+                     len(train_ids), len(val_ids), num_classes, world_size, d["batch_size"],
+                     train_loader.steps_per_epoch)
+    try:
+        torch.manual_seed(cfg["run"]["seed"])   # the head's (and a scratch backbone's) initialisation
+        model = build_classifier(width, num_classes, backbone.state_dict if backbone else None,
+                                 frozen=m["mode"] == "linear")
+        meta = {"width": width, "classes": list(train_loader.classes), "num_videos": len(metas),
+                "val_videos": val_ids, "init": {"kind": backbone.kind, "path": backbone.path} if backbone
+                else (resume_state or {}).get("init", {"kind": "scratch", "path": ""}),
+                "clip": dict(cfg["clip"])}
+        trainer = FinetuneTrainer(cfg, model, train_loader, val_loader, out_dir, train_device,
+                                  resume_state=resume_state, meta=meta)
+        previous = {sig: signal.signal(sig, trainer.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            summary = trainer.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        train_loader.close()
+        val_loader.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        b = summary["best"]
+        print(f"finetuned {summary['steps']} steps in {summary['seconds']:.0f} s; best validation top-1 "
+              f"{b['val_top1']:.3f} (loss {b['val_loss']:.4f}) at epoch {b['epoch']} -> {out_dir / 'best.pt'}")
+        if summary["stopped_early"]:
+            print(f"stopped by a signal at step {summary['steps']}; continue with --resume auto")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
