@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     # workers must not inherit the group's sockets (dali-under-torchrun.md §1).
     try:
         loader = PretrainLoader(d["path"], plan_cfg, settings, device=device, local_rank=local_rank, rank=rank,
-                                world_size=world_size, start_epoch=position.epoch, start_sample=position.sample)
+                                world_size=world_size, start_epoch=position.epoch, start_sample=position.sample,
+                                list_path=d["list"] or None)
     except (FileNotFoundError, LmdbFormatError, ValueError) as err:
         print(f"train.py: cannot read the data: {err}", file=sys.stderr)
         return 2

@@ -36,7 +36,8 @@ DEFAULTS: dict = {
         "nan_at_steps": [],
     },
     "data": {
-        "path": "",                 # LMDB of JPEG frames
+        "path": "",                 # LMDB of JPEG frames, or a video index (.json)
+        "list": "",                 # optional reference-format list: read a reference-project LMDB through it
         "device": "auto",           # auto | cpu | gpu: where DALI decodes and augments
         "batch_size": 16,           # per rank
         "num_threads": 2,

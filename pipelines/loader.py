@@ -38,16 +38,20 @@ class LoaderSettings:
 class PretrainLoader:
     def __init__(self, db_path: str, plan_cfg: PlanConfig, settings: LoaderSettings, *,
                  device: str = "cpu", local_rank: int = 0, rank: int = 0, world_size: int = 1,
-                 start_epoch: int = 0, start_sample: int = 0):
+                 start_epoch: int = 0, start_sample: int = 0, list_path: str | None = None):
+        # list_path: a reference-format list (pipelines/reference_lmdb.py) through which a
+        # reference-project LMDB is read: its videos, in its order, with its labels.
         # Imported here so that `import pipelines` works without DALI (e.g. for plans).
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         videos = is_video_index(db_path)
+        if videos and list_path:
+            raise ValueError("a list file selects videos of an LMDB; a video index lists its videos itself")
         if videos:
             self.metas, self.classes, files = read_video_index(db_path)
             refuse_undecodable(self.metas, files, device)
         else:
-            self.metas, self.classes = read_metadata(db_path)
+            self.metas, self.classes = read_metadata(db_path, list_path)
         if not self.metas:
             raise ValueError(f"{db_path} holds no videos")
         self.batch_size = settings.batch_size

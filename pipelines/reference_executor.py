@@ -166,13 +166,13 @@ class ReferencePretrainLoader:
 
     def __init__(self, db_path: str, plan_cfg: PlanConfig, settings: "LoaderSettings", *,
                  device: str = "cpu", local_rank: int = 0, rank: int = 0, world_size: int = 1,
-                 start_epoch: int = 0, start_sample: int = 0):
+                 start_epoch: int = 0, start_sample: int = 0, list_path: str | None = None):
         if start_sample % settings.batch_size:
             raise ValueError(f"start_sample {start_sample} must be a multiple of the batch size "
                              f"{settings.batch_size}")
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-        self.metas, self.classes = read_metadata(db_path)
+        self.metas, self.classes = read_metadata(db_path, list_path)
         if not self.metas:
             raise ValueError(f"{db_path} holds no videos")
         self.settings = settings

@@ -15,7 +15,7 @@ import signal
 import msgpack
 import numpy as np
 
-from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem
+from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem, lmdb_keys
 from .plan import PlanConfig, PretrainPlan, ViewPlan, make_pretrain_plan
 from .sharding import samples_per_rank, shard_indices
 
@@ -69,7 +69,7 @@ class PretrainLmdbSource:
                  start_epoch: int = 0, start_sample: int = 0):
         if start_sample % batch_size:
             raise ValueError(f"start_sample {start_sample} must be a multiple of the batch size {batch_size}")
-        self.reader = LmdbFrameReader(db_path)
+        self.reader = LmdbFrameReader(db_path, lmdb_keys(metas))
         self.metas = metas
         self.plan_cfg = plan_cfg
         self.seed = seed

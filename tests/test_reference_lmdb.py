@@ -128,3 +128,38 @@ def test_broken_entry_is_left_out_not_fatal(tmp_path):
     metas, _ = read_metadata(str(db), str(listing))
     assert [m.name for m in metas] == ["bowling/ba"]
     assert np.array_equal([m.key for m in metas], [order.index("bowling/ba")])
+
+
+@pytest.mark.parametrize("executor", ["dali", "reference"])
+def test_pretraining_loaders_read_a_reference_lmdb_through_its_list(tmp_path, executor):
+    """Both executors, fed a reference-layout LMDB and a list in another order than the
+    entry ids, decode each listed video's own frames: the R channel carries a per-video
+    frame number, and an entry of another video would also fail the size check and be
+    substituted."""
+    from pipelines.loader import LoaderSettings, PretrainLoader
+    from pipelines.plan import PlanConfig
+    from pipelines.reference_executor import ReferencePretrainLoader
+
+    db = tmp_path / "ref.lmdb"
+    build_reference_lmdb(db)
+    listing = tmp_path / "list.txt"
+    order = ["bowling/bb", "archery/ab", "cycling/ca", "bowling/ba"]
+    listing.write_text("".join(f"{name}.avi {label} {VIDEOS[name]}\n" for label, name in enumerate(order)))
+    cfg = PlanConfig(frames=4, crop_size=16, strong_prob=0.0, flip_prob=0.0)
+    settings = LoaderSettings(batch_size=4, num_threads=1, seed=3, shuffle=False)
+    make = PretrainLoader if executor == "dali" else ReferencePretrainLoader
+    loader = make(str(db), cfg, settings, list_path=str(listing))
+    assert [m.name for m in loader.metas] == order
+    batch = next(iter(loader))
+    if "substituted" in batch:   # the reference executor has no substitution
+        assert batch["substituted"].tolist() == [0, 0, 0, 0]
+    for sample, video in enumerate(batch["video_index"].tolist()):
+        name = order[video]
+        offset = sorted(VIDEOS).index(name) * 40
+        own = {(offset + i) % 32 for i in range(VIDEOS[name])}
+        for view in ("view1", "view2"):
+            red = (batch[view][sample, 0].float().mean(dim=(1, 2)).numpy() + 1) * 127.5
+            decoded = set(np.rint((red - 4) / 8).astype(int).tolist())
+            assert decoded <= own, (name, view, decoded, own)
+    if hasattr(loader, "close"):
+        loader.close()
