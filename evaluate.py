@@ -5,11 +5,17 @@ r"""Evaluate a finetuned classifier or a backbone: the reference test protocol p
       --train-data data/ucf101_train01.lmdb --json runs/ft/eval.json
   python evaluate.py --checkpoint runs/ucf/backbone.pt --data TEST.lmdb --train-data TRAIN.lmdb --json r.json
   python evaluate.py --random-init 1.0 --data TEST.lmdb --train-data TRAIN.lmdb --json random.json
+  python evaluate.py --checkpoint best.pt --data ucf101.lmdb --list testlist01_nframe.txt \
+      --train-data ucf101.lmdb --train-list trainlist01_nframe.txt --spatial-crops 3 --json r.json
 
 Test protocol (spec §8): every video is cut into back-to-back clips (T frames,
 stride s) plus one clip aligned to its end; short side test_short_side, one centre
 crop; the clips' raw logits are averaged per video. Reports top-1, top-5 and
-per-class accuracy, a confusion matrix (JSON and PNG).
+per-class accuracy, a confusion matrix (JSON and PNG). --spatial-crops 3 reads every
+clip three times, at the start, centre and end of the long side (the SlowFast /
+pytorchvideo 3-crop test) and averages the logits over all clips and crops; the
+retrieval features (test and gallery) are averaged the same way. The report's
+`test_items` counts the (clip, crop) items read: 3x as many with 3 crops, ~3x the time.
 
 Retrieval (the VCOP / PRP protocol): each test video's backbone feature (the mean
 over its clips) queries the training videos' features by cosine similarity; R@k is
@@ -21,7 +27,10 @@ own gallery (leave-one-out), and the report says so.
 retrieval), or a backbone alone (backbone.pt, a pretraining ckpt_*.pt, a reference
 checkpoint: retrieval only). Clip geometry follows the finetuning checkpoint;
 override with key=value (frames=16 stride=4 crop_size=112 test_short_side=128).
-One spatial crop only: more crops (the 3-crop protocol) are not implemented.
+
+--list / --train-list read an LMDB built by the reference project through its list
+file (UCF101/HMDB51 "<class>/<video>.avi <label> <frames>", Kinetics "val/<class>/<id>.mp4
+<label> <frames>"): the listed videos, in list order, with the list's labels.
 """
 
 from __future__ import annotations
@@ -41,7 +50,14 @@ def parse_args(argv=None):
                         help="a reference-initialised backbone of this width instead of a checkpoint "
                              "(the retrieval baseline)")
     parser.add_argument("--data", required=True, help="test LMDB (or .json video index)")
+    parser.add_argument("--list", dest="list_path", metavar="PATH",
+                        help="reference-format list file selecting and labelling the videos of --data "
+                             "(a reference-project LMDB)")
     parser.add_argument("--train-data", help="training LMDB: the retrieval / kNN gallery")
+    parser.add_argument("--train-list", metavar="PATH", help="reference-format list file for --train-data")
+    parser.add_argument("--spatial-crops", type=int, choices=(1, 3),
+                        help="crops per test clip: 1 = centre (the reference), 3 = start/centre/end of the "
+                             "long side; default: the checkpoint's clip setting (1)")
     parser.add_argument("--json", required=True, help="where to write the report")
     parser.add_argument("--confusion-png", help="confusion-matrix image (default: next to --json)")
     parser.add_argument("--batch-size", type=int, default=16, help="clips per batch and rank (default 16)")
@@ -86,8 +102,9 @@ def load_model(args):
 
 
 def video_outputs(backbone, head, loader, device, progress: bool, desc: str):
-    """Per-video mean logits and mean backbone features over all of a video's clips
-    (summed over every rank), the labels, and which videos were seen."""
+    """Per-video mean logits and mean backbone features over all of a video's clips and
+    spatial crops (summed over every rank), the labels, which videos were seen, and
+    how many (clip, crop) items went into the means."""
     import torch
 
     from cstp.metrics import VideoAverager
@@ -114,7 +131,7 @@ def video_outputs(backbone, head, loader, device, progress: bool, desc: str):
     seen = features.seen.cpu()
     labels = torch.tensor([m.label for m in loader.metas])
     return (features.means().cpu()[seen], logits.means().cpu()[seen] if logits is not None else None,
-            labels[seen], seen)
+            labels[seen], seen, int(features.counts.sum().item()))
 
 
 def plot_confusion(confusion, classes, path: Path, title: str):
@@ -174,6 +191,10 @@ def main(argv=None) -> int:
     if unknown:
         return fail(f"unknown clip setting(s) {', '.join(unknown)}; known: "
                     f"{', '.join(ClipPlanConfig.__dataclass_fields__)}")
+    if args.spatial_crops is not None:
+        overrides["spatial_crops"] = args.spatial_crops
+    if args.train_list and not args.train_data:
+        return fail("--train-list needs --train-data (the LMDB it selects videos of)")
     try:
         clip_cfg = clip_config_from({**clip_section, **overrides})
     except (TypeError, ValueError) as err:
@@ -185,9 +206,10 @@ def main(argv=None) -> int:
     settings = ClipLoaderSettings(batch_size=args.batch_size, num_threads=args.num_threads, seed=args.seed)
     common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor)
     try:
-        test_loader = ClipLoader(args.data, "test", clip_cfg, settings, **common)
-        train_loader = ClipLoader(args.train_data, "test", clip_cfg, settings, **common) if args.train_data else None
-    except (FileNotFoundError, LmdbFormatError, ValueError) as err:
+        test_loader = ClipLoader(args.data, "test", clip_cfg, settings, list_path=args.list_path, **common)
+        train_loader = ClipLoader(args.train_data, "test", clip_cfg, settings, list_path=args.train_list,
+                                  **common) if args.train_data else None
+    except (FileNotFoundError, LmdbFormatError, ValueError) as err:   # ReferenceListError is a ValueError
         return fail(f"cannot read the data: {err}")
     classes = list(test_loader.classes)
     if head is not None:
@@ -205,10 +227,10 @@ def main(argv=None) -> int:
         head.to(torch_device).eval()
     progress = args.progress and rank == 0
     try:
-        test_feats, test_logits, test_labels, seen = video_outputs(backbone, head, test_loader, torch_device,
-                                                                   progress, "test clips")
+        test_feats, test_logits, test_labels, seen, items_read = video_outputs(
+            backbone, head, test_loader, torch_device, progress, "test clips")
         if train_loader is not None:
-            gallery, _, gallery_labels, _ = video_outputs(backbone, None, train_loader, torch_device, progress,
+            gallery, _, gallery_labels, _, _ = video_outputs(backbone, None, train_loader, torch_device, progress,
                                                           "train clips")
     finally:
         test_loader.close()
@@ -219,9 +241,11 @@ def main(argv=None) -> int:
     if rank != 0:
         return 0
 
-    report = {"checkpoint": description, "data": args.data, "videos": int(seen.sum()),
+    report = {"checkpoint": description, "data": args.data, "list": args.list_path, "videos": int(seen.sum()),
               "clip": {k: getattr(clip_cfg, k) for k in ("frames", "stride", "crop_size", "test_short_side")},
-              "spatial_crops": 1, "top1": None, "top5": None, "per_class": None}
+              "spatial_crops": clip_cfg.spatial_crops,
+              # (clip, crop) items read with valid = True, over all ranks: what the logits average over
+              "test_items": items_read, "top1": None, "top5": None, "per_class": None}
     n_classes = max(len(classes), int(test_labels.max()) + 1)
     names = classes or [str(i) for i in range(n_classes)]
     if test_logits is not None:
@@ -250,8 +274,8 @@ def main(argv=None) -> int:
     Path(args.json).write_text(json.dumps(report, indent=2))
     top = "" if report["top1"] is None else f"top-1 {report['top1']:.3f}  top-5 {report['top5']:.3f}  "
     r = report["retrieval"]
-    print(f"{description}: {report['videos']} videos  {top}R@1 {r['r1']:.3f}  R@5 {r['r5']:.3f}  "
-          f"kNN {report['knn_top1']:.3f}  -> {args.json}")
+    print(f"{description}: {report['videos']} videos ({items_read} items = clips x {clip_cfg.spatial_crops} "
+          f"crop(s))  {top}R@1 {r['r1']:.3f}  R@5 {r['r5']:.3f}  kNN {report['knn_top1']:.3f}  -> {args.json}")
     return 0
 
 

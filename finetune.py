@@ -9,6 +9,8 @@ r"""Finetune an R(2+1)D backbone for action recognition (the CSTP downstream pro
 model.init takes our exported backbone.pt, a pretraining ckpt_*.pt (online backbone)
 or a reference-project checkpoint (module.online_net.* keys); empty = from scratch.
 model.mode=linear trains only the head (frozen backbone, BN statistics included).
+data.train_list reads an LMDB built by the reference project through its list file
+(e.g. trainlist01_nframe.txt): the listed videos, in list order, with their labels.
 A stratified validation split (data.val_fraction of each class) is carved out of
 the training LMDB: it drives the plateau scheduler and picks OUT/best.pt; the test
 split is never seen here (evaluate.py reads it). Writes OUT/config.yaml,
@@ -109,12 +111,16 @@ def main(argv=None) -> int:
         return fail(f"clip: {err}")
     settings = ClipLoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"], workers=d["workers"],
                                   prefetch=d["prefetch"], seed=cfg["run"]["seed"])
-    common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor)
+    common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor,
+                  list_path=d["train_list"] or None)
     # Loaders (and their forked workers) come before the process group (dali-under-torchrun.md §1).
     try:
         from pipelines.lmdb_store import read_metadata
         from pipelines.video_source import is_video_index, read_video_index
-        metas = read_video_index(d["train"])[0] if is_video_index(d["train"]) else read_metadata(d["train"])[0]
+        if d["train_list"] and is_video_index(d["train"]):
+            return fail("data.train_list selects videos of an LMDB; a video index lists its videos itself")
+        metas = read_video_index(d["train"])[0] if is_video_index(d["train"]) else \
+            read_metadata(d["train"], d["train_list"] or None)[0]
         train_ids, val_ids = validation_split([mm.label for mm in metas], d["val_fraction"], cfg["run"]["seed"])
         if not val_ids:
             return fail(f"{d['train']}: no class has 2 videos, so there is nothing to validate on")

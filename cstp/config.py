@@ -44,6 +44,7 @@ DEFAULTS: dict = {
         "workers": 0,               # external_source worker processes (0 = in-process)
         "prefetch": 2,
         "shuffle": True,
+        "decode": "roi",            # LMDB JPEGs: roi (decode only the crop box) | full (whole frame, then slice)
     },
     "plan": {
         "frames": 16,
@@ -153,9 +154,11 @@ def _set(tree: dict, dotted: str, value):
     node[leaf] = value
 
 
-def apply_overrides(cfg: dict, overrides: dict) -> dict:
+def apply_overrides(cfg: dict, overrides: dict, defaults: dict | None = None) -> dict:
+    """`cfg` with `overrides` ({key: value}) applied; keys and types are checked against
+    `defaults` (the pretraining DEFAULTS unless another recipe's are given)."""
     cfg = copy.deepcopy(cfg)
-    known = _flatten(DEFAULTS)
+    known = _flatten(DEFAULTS if defaults is None else defaults)
     for key, value in overrides.items():
         full = _resolve_key(key, known)
         _set(cfg, full, _coerce(full, value, known[full]))
@@ -173,8 +176,12 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> dict:
-    cfg = copy.deepcopy(DEFAULTS)
+def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, defaults: dict | None = None,
+                validator=None) -> dict:
+    """Defaults, then the YAML file, then the `key=value` overrides; checked by `validator`.
+    Other recipes (finetuning) pass their own `defaults` and `validator`."""
+    defaults = DEFAULTS if defaults is None else defaults
+    cfg = copy.deepcopy(defaults)
     if path:
         p = Path(path)
         if not p.is_file():
@@ -182,9 +189,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> d
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections")
-        cfg = apply_overrides(cfg, _flatten(loaded))
-    cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
-    validate(cfg)
+        cfg = apply_overrides(cfg, _flatten(loaded), defaults)
+    cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides), defaults)
+    (validator or validate)(cfg)
     return cfg
 
 
@@ -195,6 +202,7 @@ def validate(cfg: dict):
 
     need(cfg["data"]["device"] in ("auto", "cpu", "gpu"), "data.device must be auto, cpu or gpu")
     need(cfg["data"]["batch_size"] >= 1, "data.batch_size must be >= 1")
+    need(cfg["data"]["decode"] in ("roi", "full"), "data.decode must be roi or full")
     need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
     need(0 <= cfg["optim"]["warmup_epochs"] <= cfg["run"]["epochs"],
          "optim.warmup_epochs must be between 0 and run.epochs")

@@ -5,12 +5,7 @@
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
-import yaml
-
-from .config import ConfigError, _coerce, _flatten, _resolve_key, _set, parse_override
+from .config import ConfigError, load_config
 
 FINETUNE_DEFAULTS: dict = {
     "run": {
@@ -27,6 +22,8 @@ FINETUNE_DEFAULTS: dict = {
     },
     "data": {
         "train": "",                # LMDB (or .json video index) of the training list
+        "train_list": "",           # reference-format list file selecting and labelling data.train's videos
+                                    # (an LMDB built by the reference project); "" = the LMDB's own metadata
         "device": "auto",           # auto | cpu | gpu: where DALI decodes and augments
         "batch_size": 30,           # per rank (the reference: 2 GPUs x 30)
         "num_threads": 2,
@@ -67,28 +64,8 @@ FINETUNE_DEFAULTS: dict = {
 }
 
 
-def apply_overrides(cfg: dict, overrides: dict) -> dict:
-    cfg = copy.deepcopy(cfg)
-    known = _flatten(FINETUNE_DEFAULTS)
-    for key, value in overrides.items():
-        full = _resolve_key(key, known)
-        _set(cfg, full, _coerce(full, value, known[full]))
-    return cfg
-
-
 def load_finetune_config(path: str | None = None, overrides=()) -> dict:
-    cfg = copy.deepcopy(FINETUNE_DEFAULTS)
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections")
-        cfg = apply_overrides(cfg, _flatten(loaded))
-    cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
-    validate(cfg)
-    return cfg
+    return load_config(path, overrides, defaults=FINETUNE_DEFAULTS, validator=validate)
 
 
 def validate(cfg: dict):

@@ -3,14 +3,18 @@ batches (dicts of torch tensors on the loader's device), one epoch per iteration
 
     settings = ClipLoaderSettings(batch_size=8, num_threads=2, workers=0, prefetch=2, seed=1)
     loader = ClipLoader(path, "train", ClipPlanConfig(), settings, device="gpu", local_rank=0,
-                        rank=0, world_size=1, start_epoch=0, start_sample=0, videos=None)
+                        rank=0, world_size=1, start_epoch=0, start_sample=0, videos=None, list_path=None)
     # path: an LMDB of JPEG frames, or a video index (.json, `preprocessing index-videos`)
+    # list_path: a reference-format list file (pipelines/reference_lmdb.py) through which
+    #   a reference-project LMDB is read: the list's videos, in its order, with its labels
     for epoch in range(loader.start_epoch, epochs):
         for batch in loader:
             batch["clip"]         # float32 (B, 3, T, S, S) in [-1, 1]
             batch["label"]        # int64 (B,)
             batch["video_index"]  # int64 (B,), index into loader.metas
             batch["clip_index"]   # int64 (B,), which test clip of the video (0 in train/val)
+            batch["crop_index"]   # int64 (B,), which spatial crop of that clip (0 in train/val and
+                                  #   with clip_cfg.spatial_crops = 1)
             batch["valid"]        # bool (B,): False for padding (val/test) and val/test replacements
             batch["substituted"]  # int64 (B,): 1 where an unreadable video was replaced
 
@@ -52,13 +56,17 @@ class ClipLoaderSettings:
 class ClipLoader:
     def __init__(self, path: str, mode: str, clip_cfg: ClipPlanConfig, settings: ClipLoaderSettings, *,
                  device: str = "cpu", local_rank: int = 0, rank: int = 0, world_size: int = 1,
-                 start_epoch: int = 0, start_sample: int = 0, videos=None, executor: str = "dali"):
+                 start_epoch: int = 0, start_sample: int = 0, videos=None, executor: str = "dali",
+                 list_path: str | None = None):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         path = str(path)
         from_videos = is_video_index(path)
+        if from_videos and list_path:
+            raise ValueError(f"{path}: a list file selects videos of an LMDB; a video index lists its videos "
+                             "itself (drop the list, or point at the LMDB)")
         if from_videos:
             self.metas, self.classes, files = read_video_index(path)
             if executor == "reference":
@@ -67,7 +75,8 @@ class ClipLoader:
             refuse_undecodable(self.metas if videos is None else [self.metas[v] for v in videos],
                                files if videos is None else [files[v] for v in videos], device)
         else:
-            self.metas, self.classes = read_metadata(path)
+            # With a list: metas[i].key is the LMDB entry of video i (the source reads it there).
+            self.metas, self.classes = read_metadata(path, str(list_path) if list_path else None)
         if not self.metas:
             raise ValueError(f"{path} holds no videos")
         self.num_classes = len(self.classes) or max(m.label for m in self.metas) + 1

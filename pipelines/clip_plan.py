@@ -13,8 +13,12 @@ is the box of each planned frame, bicubic-resized to crop_size × crop_size.
   RandomResizedCrop of the full frame; colour jitter with probability jitter_prob;
   no flip (the reference comments it out).
 - test: back-to-back clips plus one aligned to the end (test_clip_starts); short
-  side to test_short_side, centre crop (test_box).
-- val: the middle test clip of each video, same spatial view as test.
+  side to test_short_side, then spatial_crops crops of each clip (test_boxes): 1 =
+  the centre crop (the reference's protocol), 3 = start / centre / end of the long
+  side (the 3-crop test of SlowFast and pytorchvideo). Each (clip, crop) is one test
+  item, clip-major: (clip 0, crop 0), (clip 0, crop 1), ..., (clip 1, crop 0), ...
+- val: the middle test clip of each video, centre crop only (whatever spatial_crops
+  says: validation picks checkpoints, it does not report accuracy).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .lmdb_store import VideoMeta
 from .plan import NO_APPEARANCE, Appearance, Box, PlanConfig, plan_rng, sample_appearance, sample_first_box
 
 MODES = ("train", "val", "test")
+SPATIAL_CROPS = (1, 3)   # test crops per clip: the centre one, or start / centre / end of the long side
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class ClipPlanConfig:
     stride: int = 4                    # s, frames between two clip frames (pb_rate)
     crop_size: int = 112               # S
     test_short_side: int = 128         # val/test: short side before the centre crop
+    spatial_crops: int = 1             # test: crops per clip, 1 (centre) or 3 (start/centre/end of the long side)
     min_area: float = 0.2              # train RandomResizedCrop: area fraction range
     max_area: float = 1.0
     min_ratio: float = 3 / 4           # aspect ratio range (w/h)
@@ -61,6 +67,8 @@ class ClipPlanConfig:
             raise ValueError(f"crop_size must be >= 8, got {self.crop_size}")
         if self.test_short_side < self.crop_size:
             raise ValueError(f"test_short_side {self.test_short_side} must be >= crop_size {self.crop_size}")
+        if self.spatial_crops not in SPATIAL_CROPS:
+            raise ValueError(f"spatial_crops must be one of {SPATIAL_CROPS}, got {self.spatial_crops}")
         if not 0 <= self.jitter_prob <= 1:
             raise ValueError(f"jitter_prob must be a probability in [0, 1], got {self.jitter_prob}")
         if self.max_box_attempts < 1:
@@ -103,6 +111,7 @@ class ClipPlan:
     box: Box                   # source pixels, inside the frame
     out_size: int              # the box is resized to out_size × out_size
     appearance: Appearance = NO_APPEARANCE   # colour jitter only (train); neutral otherwise
+    crop_index: int = 0        # which spatial crop of the test clip (test_boxes); 0 for train and val
 
 
 def clip_indices(start: int, num_frames: int, cfg: ClipPlanConfig) -> np.ndarray:
@@ -177,6 +186,23 @@ def test_box(width: int, height: int, cfg: ClipPlanConfig) -> Box:
     return Box((width - side) // 2, (height - side) // 2, side, side)
 
 
+def test_boxes(width: int, height: int, cfg: ClipPlanConfig) -> list[Box]:
+    """The spatial_crops boxes of a test clip, in crop_index order.
+
+    1 crop: [test_box]. 3 crops: the same square, centred across the short side and
+    placed at the start, the centre and the end of the long side, as pytorchvideo's
+    uniform_crop / SlowFast's 3-crop test do after the short-side resize: left /
+    centre / right for landscape frames (and square ones), top / centre / bottom for
+    portrait frames. For UCF's 340×256: x = 0, 58, 116 at y = 16, side 224 (in the
+    128-short-side frame: 0, 29, 58 — the end crop touches the right border)."""
+    centre = test_box(width, height, cfg)
+    if cfg.spatial_crops == 1:
+        return [centre]
+    if height > width:
+        return [Box(centre.x, y, centre.w, centre.h) for y in (0, centre.y, height - centre.h)]
+    return [Box(x, centre.y, centre.w, centre.h) for x in (0, centre.x, width - centre.w)]
+
+
 def train_box(rng: np.random.Generator, width: int, height: int, cfg: ClipPlanConfig) -> Box:
     """RandomResizedCrop of the full frame (spec §5.2): area U(min_area, max_area)·W·H,
     ratio U(min_ratio, max_ratio), w and h swapped with p = 0.5, max_box_attempts tries.
@@ -212,12 +238,27 @@ def train_clip_plan(seed: int, epoch: int, video: int, meta: VideoMeta, cfg: Cli
 
 
 def test_clip_plans(video: int, meta: VideoMeta, cfg: ClipPlanConfig) -> list[ClipPlan]:
-    """Every test clip of `video`, in order (clip_index = position in the list)."""
+    """Every test item of `video`, clip-major: position = clip_index · spatial_crops +
+    crop_index (with one crop, the clips in order)."""
     _check(video, meta)
-    box = test_box(meta.width, meta.height, cfg)
+    boxes = test_boxes(meta.width, meta.height, cfg)
     return [ClipPlan(video=video, clip_index=i, label=meta.label, frames=clip_indices(s, meta.frames, cfg),
-                     box=box, out_size=cfg.crop_size)
-            for i, s in enumerate(test_clip_starts(meta.frames, cfg))]
+                     box=box, out_size=cfg.crop_size, crop_index=c)
+            for i, s in enumerate(test_clip_starts(meta.frames, cfg)) for c, box in enumerate(boxes)]
+
+
+def test_clip_plan(video: int, meta: VideoMeta, cfg: ClipPlanConfig, clip_index: int,
+                   crop_index: int = 0) -> ClipPlan:
+    """One test item of `video` (what test_clip_plans lists at that position)."""
+    _check(video, meta)
+    starts = test_clip_starts(meta.frames, cfg)
+    if not 0 <= clip_index < len(starts) or not 0 <= crop_index < cfg.spatial_crops:
+        raise IndexError(f"video {video} has {len(starts)} test clips x {cfg.spatial_crops} crops; "
+                         f"no (clip {clip_index}, crop {crop_index})")
+    return ClipPlan(video=video, clip_index=clip_index, label=meta.label,
+                    frames=clip_indices(starts[clip_index], meta.frames, cfg),
+                    box=test_boxes(meta.width, meta.height, cfg)[crop_index], out_size=cfg.crop_size,
+                    crop_index=crop_index)
 
 
 def val_clip_plan(video: int, meta: VideoMeta, cfg: ClipPlanConfig) -> ClipPlan:
@@ -229,6 +270,7 @@ def val_clip_plan(video: int, meta: VideoMeta, cfg: ClipPlanConfig) -> ClipPlan:
 
 
 def num_test_clips(num_frames: int, cfg: ClipPlanConfig) -> int:
+    """Temporal test clips of an N-frame video (each read spatial_crops times)."""
     return len(test_clip_starts(num_frames, cfg))
 
 
@@ -244,5 +286,5 @@ JITTER_KEYS = ("jitter", "brightness", "contrast", "saturation", "hue_shift")
 
 # Names starting with "test_" are not tests: keep pytest from collecting them when a
 # test module imports them.
-for _name in ("test_clip_starts", "test_box", "test_clip_plans"):
+for _name in ("test_clip_starts", "test_box", "test_boxes", "test_clip_plans", "test_clip_plan"):
     globals()[_name].__test__ = False

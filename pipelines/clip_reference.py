@@ -54,9 +54,9 @@ class ReferenceClipDataset(Dataset):
             raise IndexError(f"position {position} outside this rank's {len(self)} samples")
         plan, jpegs, substituted, valid = self.source.sample(self.epoch, position)
         item = {"clip": torch.from_numpy(execute_clip_reference(jpegs, plan))}
-        values = (plan.label, plan.video, plan.clip_index, valid, substituted)
+        values = (plan.label, plan.video, plan.clip_index, valid, substituted, plan.crop_index)
         item.update({key: torch.tensor(value, dtype=torch.bool if key == "valid" else torch.int64)
-                     for key, value in zip(CLIP_OUTPUTS[1:], values)})
+                     for key, value in zip(CLIP_OUTPUTS[1:], values, strict=True)})
         return item
 
 

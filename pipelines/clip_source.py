@@ -8,7 +8,7 @@ Sharding:
 - train: one clip per video per epoch; sharding.shard_indices over the videos, as in
   pretraining (every rank the same number of samples, a multiple of the batch; the
   remainder is dropped and changes every epoch).
-- val / test: the flattened list of (video, clip) items is split across ranks in
+- val / test: the flattened list of (video, clip, crop) items is split across ranks in
   contiguous blocks (sizes differ by at most one), each block padded to the same
   length, a multiple of the batch, with copies of its last item flagged invalid.
   Every item is read exactly once with valid = True over all ranks.
@@ -27,9 +27,9 @@ import os
 import msgpack
 import numpy as np
 
-from .clip_plan import JITTER_KEYS, MODES, ClipPlan, ClipPlanConfig, jitter_arrays, num_test_clips, test_clip_plans, \
+from .clip_plan import JITTER_KEYS, MODES, ClipPlan, ClipPlanConfig, jitter_arrays, num_test_clips, test_clip_plan, \
     train_clip_plan, val_clip_plan
-from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem
+from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem, lmdb_keys
 from .sharding import samples_per_rank, shard_indices
 from .sources import MAX_SUBSTITUTIONS, BadSampleError, _guard_worker_process
 from .video_source import MAX_VIDEO_BYTES
@@ -37,7 +37,9 @@ from .video_source import MAX_VIDEO_BYTES
 log = logging.getLogger(__name__)
 
 # The batch keys every clip loader yields (both executors, both data paths).
-CLIP_OUTPUTS = ("clip", "label", "video_index", "clip_index", "valid", "substituted")
+# crop_index (last, so the older keys keep their positions): which spatial crop of a
+# test clip (0 in train / val, and with one test crop).
+CLIP_OUTPUTS = ("clip", "label", "video_index", "clip_index", "valid", "substituted", "crop_index")
 LABEL_OUTPUTS = CLIP_OUTPUTS[1:]
 JITTER_OUTPUTS = JITTER_KEYS  # the names pretrain_pipeline.color_jitter reads
 # The LMDB source's outputs after the T JPEG buffers, in order.
@@ -46,11 +48,13 @@ CLIP_PARAM_OUTPUTS = ("anchor", "shape", *JITTER_OUTPUTS, *LABEL_OUTPUTS)
 VIDEO_CLIP_PARAM_OUTPUTS = ("frames", "order", "anchor", "shape", *JITTER_OUTPUTS, *LABEL_OUTPUTS)
 
 
-def eval_items(metas: list[VideoMeta], videos, mode: str, cfg: ClipPlanConfig) -> list[tuple[int, int]]:
-    """(video, clip_index) of every val or test item, in video order."""
+def eval_items(metas: list[VideoMeta], videos, mode: str, cfg: ClipPlanConfig) -> list[tuple[int, int, int]]:
+    """(video, clip_index, crop_index) of every val or test item, in video order, then
+    clip, then crop (val: one centre crop of one clip per video)."""
     if mode == "val":
-        return [(int(v), 0) for v in videos]
-    return [(int(v), c) for v in videos for c in range(num_test_clips(max(metas[v].frames, 1), cfg))]
+        return [(int(v), 0, 0) for v in videos]
+    return [(int(v), c, k) for v in videos for c in range(num_test_clips(max(metas[v].frames, 1), cfg))
+            for k in range(cfg.spatial_crops)]
 
 
 def eval_block(num_items: int, rank: int, world_size: int) -> np.ndarray:
@@ -87,7 +91,9 @@ class ClipLmdbSource:
             raise ValueError(f"video ids must lie in [0, {len(metas)}) for {db_path}")
         if len(np.unique(self.videos)) != len(self.videos):
             raise ValueError("the `videos` subset lists a video twice")
-        self.reader = LmdbFrameReader(db_path)
+        # Videos of a reference LMDB read through a list file sit at other entry ids
+        # (VideoMeta.key): video i reads entry metas[i].key.
+        self.reader = LmdbFrameReader(db_path, lmdb_keys(metas))
         self.path = db_path
         self.metas = metas
         self.cfg = cfg
@@ -132,26 +138,26 @@ class ClipLmdbSource:
         offset = self.start_sample if sample_info.epoch_idx == 0 else 0
         return epoch, sample_info.idx_in_epoch + offset
 
-    def item_for(self, epoch: int, position: int) -> tuple[int, int, bool]:
-        """(video, clip_index, valid) this rank reads at `position` of `epoch`."""
+    def item_for(self, epoch: int, position: int) -> tuple[int, int, int, bool]:
+        """(video, clip_index, crop_index, valid) this rank reads at `position` of `epoch`."""
         if self.items is None:
             if self._order_epoch != epoch:
                 self._order = shard_indices(len(self.videos), self.rank, self.world_size, self.batch_size,
                                             self.seed, epoch, self.shuffle)
                 self._order_epoch = epoch
-            return int(self.videos[self._order[position]]), 0, True
+            return int(self.videos[self._order[position]]), 0, 0, True
         if position < len(self.block):
             return (*self.items[self.block[position]], True)
         # Padding: repeat the block's last item (the first item when the block is empty).
         return (*self.items[self.block[-1] if len(self.block) else 0], False)
 
-    def plan(self, epoch: int, video: int, clip_index: int = 0) -> ClipPlan:
+    def plan(self, epoch: int, video: int, clip_index: int = 0, crop_index: int = 0) -> ClipPlan:
         meta = self.metas[video]
         if self.mode == "train":
             return train_clip_plan(self.seed, epoch, video, meta, self.cfg)
         if self.mode == "val":
             return val_clip_plan(video, meta, self.cfg)
-        return test_clip_plans(video, meta, self.cfg)[clip_index]
+        return test_clip_plan(video, meta, self.cfg, clip_index, crop_index)
 
     def _guard_if_worker(self):
         if os.getpid() != self._guarded_pid:
@@ -161,14 +167,14 @@ class ClipLmdbSource:
     def sample(self, epoch: int, position: int):
         """(plan, payload, substituted, valid) at `position` of `epoch`; the one place
         both executors take their samples from."""
-        video, clip, valid = self.item_for(epoch, position)
+        video, clip, crop, valid = self.item_for(epoch, position)
         for attempt in range(MAX_SUBSTITUTIONS):
             try:
-                plan = self.plan(epoch, video, clip)
+                plan = self.plan(epoch, video, clip, crop)
                 payload = self.read_payload(plan)
             except (BadSampleError, ValueError, IndexError) as err:   # ValueError: a video without frames
                 self._report_once(video, err)
-                video, clip = self.replacement(epoch, position, attempt)
+                video, clip, crop = self.replacement(epoch, position, attempt)
                 continue
             replaced = attempt > 0
             # val/test: a replacement is another video's clip; it must not count twice
@@ -203,11 +209,11 @@ class ClipLmdbSource:
                 np.array([b.x, b.y], np.float32), np.array([b.w, b.h], np.float32),
                 *jitter_arrays(plan.appearance), *label_arrays(plan, substituted, valid))
 
-    def replacement(self, epoch: int, position: int, attempt: int) -> tuple[int, int]:
-        """Another (video, clip), from the same epoch's pool, deterministically."""
+    def replacement(self, epoch: int, position: int, attempt: int) -> tuple[int, int, int]:
+        """Another (video, clip, crop), from the same epoch's pool, deterministically."""
         rng = np.random.default_rng([self.seed, epoch, self.rank, position, attempt, 0xBAD])
         if self.items is None:
-            return int(self.videos[rng.integers(0, len(self.videos))]), 0
+            return int(self.videos[rng.integers(0, len(self.videos))]), 0, 0
         return self.items[int(rng.integers(0, len(self.items)))]
 
     def _report_once(self, video: int, err: Exception):
@@ -220,7 +226,8 @@ class ClipLmdbSource:
 def label_arrays(plan: ClipPlan, substituted: int, valid: bool) -> tuple[np.ndarray, ...]:
     """LABEL_OUTPUTS as 0-d int32 arrays (parallel external_source rejects numpy scalars)."""
     i32 = lambda v: np.array(v, dtype=np.int32)  # noqa: E731
-    return i32(plan.label), i32(plan.video), i32(plan.clip_index), i32(valid), i32(substituted)
+    return (i32(plan.label), i32(plan.video), i32(plan.clip_index), i32(valid), i32(substituted),
+            i32(plan.crop_index))
 
 
 class ClipVideoSource(ClipLmdbSource):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipelines import lmdb_store as fmt
 from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
-from pipelines.clip_plan import ClipPlanConfig, test_clip_plans, train_clip_plan, val_clip_plan
+from pipelines.clip_plan import ClipPlanConfig, test_clip_plan, test_clip_plans, train_clip_plan, val_clip_plan
 from pipelines.lmdb_store import VideoMeta
 from pipelines.video_source import VideoIndexError
 from preprocessing.__main__ import main as preprocessing_main
@@ -54,8 +54,8 @@ def coded_db(tmp_path_factory):
                       [coded_video(n, HEIGHT, WIDTH) for n in LENGTHS])
 
 
-def meta(video):
-    return VideoMeta(f"class{video % 2}/video{video:03d}", video % 2, LENGTHS[video], HEIGHT, WIDTH)
+def meta(video, height=HEIGHT, width=WIDTH):
+    return VideoMeta(f"class{video % 2}/video{video:03d}", video % 2, LENGTHS[video], height, width)
 
 
 def to_pixels(clip) -> np.ndarray:
@@ -63,9 +63,9 @@ def to_pixels(clip) -> np.ndarray:
     return torch.as_tensor(clip).permute(1, 2, 3, 0).numpy().astype(np.float64) * 127.5 + 127.5
 
 
-def expected_clip(plan) -> np.ndarray:
+def expected_clip(plan, height=HEIGHT, width=WIDTH) -> np.ndarray:
     b = plan.box
-    return np.stack([coded_frame(int(f), HEIGHT, WIDTH)[b.y:b.y + b.h, b.x:b.x + b.w]
+    return np.stack([coded_frame(int(f), height, width)[b.y:b.y + b.h, b.x:b.x + b.w]
                      for f in plan.frames]).astype(np.float64)
 
 
@@ -73,19 +73,21 @@ def collect(loader, epochs=1):
     return [{k: v.clone() for k, v in batch.items()} for _ in range(epochs) for batch in loader]
 
 
-def plan_of(mode, seed, epoch, video, clip_index, cfg=EXACT):
+def plan_of(mode, seed, epoch, video, clip_index, cfg=EXACT, crop_index=0, height=HEIGHT, width=WIDTH):
     if mode == "train":
-        return train_clip_plan(seed, epoch, video, meta(video), cfg)
+        return train_clip_plan(seed, epoch, video, meta(video, height, width), cfg)
     if mode == "val":
-        return val_clip_plan(video, meta(video), cfg)
-    return test_clip_plans(video, meta(video), cfg)[clip_index]
+        return val_clip_plan(video, meta(video, height, width), cfg)
+    return test_clip_plan(video, meta(video, height, width), cfg, clip_index, crop_index)
 
 
-def check_exact(batch, mode, seed, epoch, tolerance=JPEG_TOLERANCE, labels=True):
+def check_exact(batch, mode, seed, epoch, tolerance=JPEG_TOLERANCE, labels=True, cfg=EXACT, height=HEIGHT,
+                width=WIDTH):
     for i, video in enumerate(batch["video_index"].tolist()):
-        plan = plan_of(mode, seed, epoch, video, int(batch["clip_index"][i]))
+        plan = plan_of(mode, seed, epoch, video, int(batch["clip_index"][i]), cfg, int(batch["crop_index"][i]),
+                       height, width)
         got = to_pixels(batch["clip"][i])
-        assert np.abs(got - expected_clip(plan)).max() <= tolerance + 1e-3, (mode, video, plan)
+        assert np.abs(got - expected_clip(plan, height, width)).max() <= tolerance + 1e-3, (mode, video, plan)
         # read back from the pixels alone (averaged over the clip, beyond JPEG noise):
         # frame indices, box corner, and a gradient of one level per pixel (no rescaling)
         frames, _, _ = decode_coded(got)
@@ -115,6 +117,7 @@ def test_train_clips_read_the_planned_frames_and_box(coded_db):
             assert batch["clip"].shape == (2, 3, 4, CROP, CROP) and batch["clip"].dtype == torch.float32
             assert batch["valid"].dtype == torch.bool and batch["valid"].all()
             assert (batch["clip_index"] == 0).all() and (batch["substituted"] == 0).all()
+            assert (batch["crop_index"] == 0).all()
             check_exact(batch, "train", 3, epoch)
     # a new epoch draws new starts
     first = {int(v): tuple(train_clip_plan(3, 0, v, meta(v), EXACT).frames) for v in range(10)}
@@ -137,6 +140,114 @@ def test_val_and_test_clips_read_the_planned_frames_and_centre_box(coded_db, mod
         assert (batch["clip"].flatten(1).min(1).values >= -1).all()
 
 
+@pytest.fixture(scope="module")
+def portrait_db(tmp_path_factory):
+    """The first four videos of coded_db, as portrait frames (64 high, 48 wide)."""
+    return write_lmdb(tmp_path_factory.mktemp("portrait") / "portrait.lmdb",
+                      [coded_video(n, WIDTH, HEIGHT) for n in LENGTHS[:4]])
+
+
+@pytest.mark.parametrize("orientation", ["landscape", "portrait"])
+def test_three_test_crops_read_start_centre_and_end_of_the_long_side(coded_db, portrait_db, orientation):
+    """spatial_crops=3: every (clip, crop) is one item, and the pixels DALI returns say
+    where each crop sat: 32-pixel boxes at 0, 16 and 32 along the 64-pixel long side,
+    8 pixels in from the 48-pixel short side."""
+    three = ClipPlanConfig(**{**vars(EXACT), "spatial_crops": 3})
+    db, videos, (height, width) = ((coded_db, 10, (HEIGHT, WIDTH)) if orientation == "landscape"
+                                   else (portrait_db, 4, (WIDTH, HEIGHT)))
+    loader = ClipLoader(db, "test", three, settings(batch_size=4))
+    batches = collect(loader)
+    rows = [(v, c, k) for b in batches for v, c, k, ok in zip(b["video_index"].tolist(), b["clip_index"].tolist(),
+                                                              b["crop_index"].tolist(), b["valid"].tolist()) if ok]
+    clips = [len(test_clip_plans(v, meta(v), EXACT)) for v in range(videos)]
+    assert rows == [(v, c, k) for v in range(videos) for c in range(clips[v]) for k in range(3)]
+    assert loader.num_items == 3 * sum(clips)
+    placed = set()
+    for batch in batches:
+        check_exact(batch, "test", 1, 0, cfg=three, height=height, width=width)   # frames and box, from pixels
+        rows_, cols_ = np.mgrid[0:CROP, 0:CROP]
+        for i in range(len(batch["clip"])):
+            got = to_pixels(batch["clip"][i])           # G = x, B = y of the source pixel, +- JPEG noise
+            corner = round(float((got[..., 1] - cols_).mean())), round(float((got[..., 2] - rows_).mean()))
+            placed.add((int(batch["crop_index"][i]), *corner))
+    assert placed == ({(0, 0, 8), (1, 16, 8), (2, 32, 8)} if orientation == "landscape"
+                      else {(0, 8, 0), (1, 8, 16), (2, 8, 32)})
+
+
+# ---------------------------------------------------------------- reference-project LMDBs and lists
+
+# name -> frames, for an LMDB in the reference project's layout; every video's frames carry
+# its identity in B (y + 40 · its position in sorted order), so a video read in another's
+# place is 40 levels off, a wrong frame 8 levels (R), a wrong box 1 level per pixel (G, B).
+REF_VIDEOS = {"archery/a1": 9, "archery/a2": 14, "bowling/b1": 20, "bowling/b2": 11, "cycling/c1": 17,
+              "cycling/c2": 8}
+
+
+def ref_frame(name: str, index: int) -> np.ndarray:
+    frame = coded_frame(index, HEIGHT, WIDTH)
+    frame[..., 2] += 40 * sorted(REF_VIDEOS).index(name)
+    return frame
+
+
+def build_reference_layout_lmdb(path) -> list[str]:
+    """As the reference's make_lmdb_kin.py writes it (tests/test_reference_lmdb.py): sorted
+    names shuffled with seed 0, entry id = position in the shuffled list, only
+    __keys__/__len__/__order__/__vlen__, none of our metadata."""
+    import random
+
+    import msgpack
+
+    order = sorted(REF_VIDEOS)
+    random.seed(0)
+    random.shuffle(order)
+    env = lmdb.open(str(path), map_size=1 << 28)
+    with env.begin(write=True) as txn:
+        for name in sorted(REF_VIDEOS):
+            frames = [encode_jpeg(ref_frame(name, i)) for i in range(REF_VIDEOS[name])]
+            txn.put(b"%09d" % order.index(name), msgpack.dumps(frames))
+        txn.put(b"__keys__", msgpack.dumps([b"%09d" % i for i in range(len(order))]))
+        txn.put(b"__len__", msgpack.dumps(len(order)))
+        txn.put(b"__order__", msgpack.dumps(order))
+        txn.put(b"__vlen__", msgpack.dumps([REF_VIDEOS[n] for n in sorted(REF_VIDEOS)]))
+    env.close()
+    return order
+
+
+@pytest.mark.parametrize("executor", ["dali", "reference"])
+def test_a_reference_lmdb_is_read_through_its_list_file(tmp_path, executor):
+    db = tmp_path / "ref.lmdb"
+    order = build_reference_layout_lmdb(db)
+    listing = tmp_path / "testlist01_nframe.txt"
+    # UCF style; neither sorted nor entry order; labels not in sorted-class order; one video
+    # left out; one frame count a frame short of the entry's (the list wins)
+    listed = [("cycling/c1", 0, 17), ("archery/a2", 2, 13), ("bowling/b1", 1, 20), ("cycling/c2", 0, 8),
+              ("archery/a1", 2, 9)]
+    listing.write_text("".join(f"{name}.avi {label} {frames}\n" for name, label, frames in listed))
+    assert [order.index(n) for n, *_ in listed] != list(range(5))      # entry ids are not list positions
+    loader = ClipLoader(db, "test", EXACT, settings(batch_size=3), list_path=listing, executor=executor)
+    assert [(m.name, m.label, m.frames) for m in loader.metas] == listed
+    assert loader.classes == ["cycling", "bowling", "archery"]
+    batches = collect(loader)
+    rows = [(v, c) for b in batches for v, c, ok in zip(b["video_index"].tolist(), b["clip_index"].tolist(),
+                                                       b["valid"].tolist()) if ok]
+    assert rows == [(v, c) for v, (_, _, n) in enumerate(listed) for c in range(len(test_clip_plans(
+        v, VideoMeta("", 0, n, HEIGHT, WIDTH), EXACT)))]
+    for batch in batches:
+        for i, video in enumerate(batch["video_index"].tolist()):
+            name, label, frames = listed[video]
+            assert batch["label"][i] == label
+            plan = test_clip_plan(video, loader.metas[video], EXACT, int(batch["clip_index"][i]))
+            assert plan.frames.max() < frames
+            b = plan.box
+            want = np.stack([ref_frame(name, int(f))[b.y:b.y + b.h, b.x:b.x + b.w] for f in plan.frames])
+            got = to_pixels(batch["clip"][i])
+            assert np.abs(got - want).max() <= JPEG_TOLERANCE + 1e-3, (name, plan)
+            assert np.array_equal(decode_coded(got)[0][:, 0, 0], plan.frames % 32)   # the frame indices
+    listing.write_text("golf/g1.avi 0 30\n")
+    with pytest.raises(ValueError, match="none of the 1 videos"):
+        ClipLoader(db, "test", EXACT, settings(), list_path=listing, executor=executor)
+
+
 # ---------------------------------------------------------------- DALI vs reference
 
 
@@ -154,16 +265,17 @@ def mean_levels(a, b) -> float:
     return float((a - b).abs().flatten(1).mean(1).max()) * 127.5
 
 
-@pytest.mark.parametrize("mode", ["train", "test"])
-def test_dali_equals_the_reference_executor(smooth_db, mode):
-    cfg = ClipPlanConfig(frames=4, stride=3, crop_size=24, test_short_side=30, jitter_prob=0.5)
+@pytest.mark.parametrize("mode, crops", [("train", 1), ("test", 1), ("test", 3)])
+def test_dali_equals_the_reference_executor(smooth_db, mode, crops):
+    cfg = ClipPlanConfig(frames=4, stride=3, crop_size=24, test_short_side=30, jitter_prob=0.5,
+                         spatial_crops=crops)
     dali_loader = ClipLoader(smooth_db, mode, cfg, settings(batch_size=3, seed=2))
     dali = collect(dali_loader)
     ref = collect(ClipLoader(smooth_db, mode, cfg, settings(batch_size=3, seed=2), executor="reference"))
     assert len(dali) == len(ref) > 0
     jittered = 0
     for d, r in zip(dali, ref):
-        for key in ("label", "video_index", "clip_index", "valid", "substituted"):
+        for key in ("label", "video_index", "clip_index", "valid", "substituted", "crop_index"):
             assert torch.equal(d[key], r[key]), key
         assert mean_levels(d["clip"], r["clip"]) < MEAN_TOLERANCE
         if mode == "train":

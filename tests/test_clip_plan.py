@@ -175,3 +175,68 @@ def test_config_validates_and_reads_yaml_sections():
 def test_videos_without_frames_are_refused():
     with pytest.raises(ValueError, match="no frames"):
         cp.train_clip_plan(0, 0, 1, VideoMeta("v", 0, 0, 240, 320), CFG)
+
+
+# ---------------------------------------------------------------- spatial crops
+
+THREE = ClipPlanConfig(spatial_crops=3)
+
+
+def test_three_crops_of_ucf_frames_in_source_pixels():
+    # 340x256 -> short side 128 (k = 1/2): 112-pixel crops at x = 0, 29, 58 of the 170-pixel-wide
+    # resized frame, i.e. 224-pixel boxes at x = 0, 58, 116, centred vertically (y = 16)
+    assert cp.test_boxes(340, 256, THREE) == [cp.Box(0, 16, 224, 224), cp.Box(58, 16, 224, 224),
+                                              cp.Box(116, 16, 224, 224)]
+    # portrait: top / centre / bottom, centred horizontally
+    assert cp.test_boxes(256, 340, THREE) == [cp.Box(16, 0, 224, 224), cp.Box(16, 58, 224, 224),
+                                              cp.Box(16, 116, 224, 224)]
+    # 320x240: side round(112 * 240 / 128) = 210; the end box touches the right border
+    assert cp.test_boxes(320, 240, THREE) == [cp.Box(0, 15, 210, 210), cp.Box(55, 15, 210, 210),
+                                              cp.Box(110, 15, 210, 210)]
+    # a square frame counts as landscape (pytorchvideo's uniform_crop: height > width is portrait)
+    assert cp.test_boxes(128, 128, THREE) == [cp.Box(0, 8, 112, 112), cp.Box(8, 8, 112, 112),
+                                              cp.Box(16, 8, 112, 112)]
+    # one crop: the centre box, as before
+    assert cp.test_boxes(340, 256, CFG) == [cp.test_box(340, 256, CFG)]
+
+
+@pytest.mark.parametrize("width, height", [(454, 256), (171, 128), (640, 360), (240, 320), (100, 90)])
+def test_three_crops_agree_with_resize_then_crop(width, height):
+    """pytorchvideo's uniform_crop after Resize(128): offsets 0, (L - 112) // 2 and L - 112
+    along the long side L, in resized pixels; the boxes agree within one resized pixel."""
+    k = 128 / min(width, height)
+    resized = (int(round(width * k)), int(round(height * k)))
+    long_axis = 1 if height > width else 0
+    boxes = cp.test_boxes(width, height, THREE)
+    centre = cp.test_box(width, height, THREE)
+    want = [0, (resized[long_axis] - 112) // 2, resized[long_axis] - 112]
+    for box, offset in zip(boxes, want):
+        assert box.inside(width, height) and (box.w, box.h) == (centre.w, centre.h)
+        along, across = (box.y, box.x) if long_axis else (box.x, box.y)
+        assert abs(along * k - offset) <= 1
+        assert across == (centre.x if long_axis else centre.y)     # centred across the short side
+    first, last = boxes[0], boxes[-1]
+    assert (first.y if long_axis else first.x) == 0
+    assert (last.y + last.h == height) if long_axis else (last.x + last.w == width)
+
+
+def test_each_clip_and_crop_is_one_test_item_clip_major():
+    meta = VideoMeta("v", 4, 182, 256, 340)
+    plans = cp.test_clip_plans(2, meta, THREE)
+    starts = cp.test_clip_starts(182, THREE)                      # [0, 60, 120, 121]
+    assert [(p.clip_index, p.crop_index) for p in plans] == [(c, k) for c in range(4) for k in range(3)]
+    assert [int(p.frames[0]) for p in plans] == [s for s in starts for _ in range(3)]
+    assert [p.box.x for p in plans] == [0, 58, 116] * 4 and all(p.label == 4 for p in plans)
+    for p in plans:
+        q = cp.test_clip_plan(2, meta, THREE, p.clip_index, p.crop_index)
+        assert (q.box, q.clip_index, q.crop_index) == (p.box, p.clip_index, p.crop_index)
+        assert np.array_equal(q.frames, p.frames)
+    with pytest.raises(IndexError, match="4 test clips x 3 crops"):
+        cp.test_clip_plan(2, meta, THREE, 0, 3)
+    # one crop: the same clips as before, crop_index 0
+    assert [(p.clip_index, p.crop_index) for p in cp.test_clip_plans(2, meta, CFG)] == [(c, 0) for c in range(4)]
+    # validation keeps the centre crop whatever the test's crop count
+    assert cp.val_clip_plan(2, meta, THREE).box == cp.test_box(340, 256, CFG)
+    with pytest.raises(ValueError, match="spatial_crops"):
+        ClipPlanConfig(spatial_crops=2)
+    assert clip_config_from({"spatial_crops": 3}).spatial_crops == 3

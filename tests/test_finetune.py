@@ -129,6 +129,25 @@ def test_bad_inputs_give_messages(tmp_path, tiny_db, capsys):
     assert "smaller batch size" in capsys.readouterr().err
 
 
+def test_finetune_reads_a_reference_lmdb_through_data_train_list(tmp_path):
+    from tests.test_clip_pipeline import build_reference_layout_lmdb
+
+    db = tmp_path / "ref.lmdb"
+    build_reference_layout_lmdb(db)
+    listing = tmp_path / "trainlist01.txt"
+    # labels in the list's own numbering (not sorted class order); one video not listed
+    listing.write_text("cycling/c1.avi 0 17\ncycling/c2.avi 0 8\nbowling/b1.avi 1 20\nbowling/b2.avi 1 11\n"
+                       "archery/a1.avi 2 9\n")
+    run(tmp_path / "ft", str(db), f"data.train_list={listing}", "batch_size=2", "epochs=1")
+    best = torch.load(tmp_path / "ft" / "best.pt", weights_only=True)
+    assert best["classes"] == ["cycling", "bowling", "archery"] and best["num_classes"] == 3
+    assert best["num_videos"] == 5
+    # one validation video from each class with two (list positions 0-1 and 2-3)
+    assert len(best["val_videos"]) == 2 and {v // 2 for v in best["val_videos"]} == {0, 1}
+    assert finetune.main(["--out", str(tmp_path / "x"), f"data.train={db}", *TINY,
+                          f"data.train_list={tmp_path / 'none.txt'}"]) == 2
+
+
 def test_evaluate_writes_the_report(tmp_path, tiny_db):
     run(tmp_path / "ft", tiny_db, "epochs=1")
     out = tmp_path / "eval.json"
