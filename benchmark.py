@@ -16,11 +16,15 @@ Modes (one per run, or all four with --all):
   loader speed-up     = DALI ÷ reference samples/s
 It writes a Markdown report and, when matplotlib is importable, a PNG bar chart.
 
-Data: --data DB (an LMDB from `python -m preprocessing build-lmdb`); without it a
-small temporary LMDB of colour-coded synthetic frames is built, so the benchmark
-runs anywhere. A database with fewer videos than the run needs is copied into a
-temporary one that stores each video several times (--repeat), so that epoch
-ends (DALI resets, DataLoader worker forks) do not fall inside the timed steps.
+Data: --data DB (an LMDB from `python -m preprocessing build-lmdb`) or --data INDEX.json
+(a video index from `python -m preprocessing index-videos`: the video-file path, NVDEC on
+--device gpu); without it, temporary colour-coded synthetic data is made (an LMDB, or with
+--source video one ffmpeg-encoded file listed many times: H.264 for gpu, MJPEG for cpu), so
+the benchmark runs anywhere. The reference executor reads LMDBs only: with a video index
+its runs read --reference-data DB (build it from the same videos). A dataset with fewer
+videos than the run needs is copied into a temporary one that lists each video several
+times (--repeat), so that epoch ends (DALI resets, DataLoader worker forks) do not fall
+inside the timed steps. --decode roi|full picks how the LMDB path decodes JPEGs.
 
 examples:
   python benchmark.py --all --device cpu --batch 8 --steps 20 --warmup 3 plan.frames=16 crop_size=112 \\
@@ -28,8 +32,13 @@ examples:
   python benchmark.py loader --loader reference --workers 2 --data /tmp/rc.lmdb
   python benchmark.py loader --threads 2 --workers 2 --soak-epochs 10 --data /tmp/rc.lmdb   # memory slope
   python benchmark.py model --config configs/ucf101.yaml --device gpu --batch 32 --precision bf16 --channels-last
+  python benchmark.py loader --device gpu --decode full --data data/ucf101_256.lmdb      # roi vs full decode
+  python benchmark.py --all --device gpu --data data/ucf101_nvdec.json --reference-data data/ucf101_256.lmdb
   python benchmark.py e2e --config configs/k400.yaml --device gpu --batch 64 --threads 4 --workers 6 \\
       --data data/k400_320.lmdb --json runs/bench/e2e.json
+
+`python benchmark.py gpu-check-summary WORK OUT` builds scripts/gpu_check.sh's headline table
+from the JSON files of its runs.
 
 Any config value can be overridden with key=value as in train.py (model.width=0.5,
 plan.frames=16, crop_size=112, ...); the flags below win over the overrides.
@@ -51,6 +60,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 MODES = ("loader", "model", "e2e")
+SOURCES = ("lmdb", "video")
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 # A copied ("repeated") database is never made larger than this; past it, epoch
 # ends fall inside the timed steps (and the result says so).
@@ -104,7 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soak-epochs", type=_int_at_least(1), metavar="N",
                    help="loader mode: afterwards run N whole epochs on a fresh loader, record host memory at "
                         "the end of each, and report the slope in MB/epoch (a leak shows as a positive slope)")
-    p.add_argument("--data", metavar="DB", help="LMDB of JPEG frames (default: a temporary synthetic one)")
+    p.add_argument("--data", metavar="DB|INDEX.json",
+                   help="LMDB of JPEG frames, or a video index (.json) for the video-file path "
+                        "(default: temporary synthetic data of --source)")
+    p.add_argument("--source", choices=SOURCES,
+                   help="data path: lmdb or video (default: video for a .json --data, else lmdb)")
+    p.add_argument("--reference-data", metavar="DB",
+                   help="with a video index: the LMDB (of the same videos) that the reference executor reads")
+    p.add_argument("--decode", choices=("roi", "full"),
+                   help="LMDB path: decode only the crop box (roi) or whole frames, then slice (full) "
+                        "(default: the config's data.decode)")
     p.add_argument("--repeat", type=_repeat, default="auto", metavar="auto|N",
                    help="store each video N times in a temporary copy of --data; auto: as often as the "
                         "timed steps need to stay within one epoch (up to 4 GiB); 1: use --data as it is")
@@ -136,7 +155,21 @@ def parse_args(argv=None):
                      "config overrides are key=value")
     if args.soak_epochs and args.mode != "loader":
         parser.error("--soak-epochs needs the loader mode")
+    given = explicit_data_path(args)
+    if given is not None:
+        implied = "video" if given.endswith(".json") else "lmdb"
+        if args.source not in (None, implied):
+            parser.error(f"--source {args.source} does not fit --data {given} (a .json is a video index, "
+                         "anything else an LMDB)")
     return args
+
+
+def data_source(args) -> str:
+    """lmdb or video: what the DALI runs read."""
+    given = explicit_data_path(args)
+    if given is not None:
+        return "video" if given.endswith(".json") else "lmdb"
+    return args.source or "lmdb"
 
 
 def load_benchmark_config(args) -> dict:
@@ -152,6 +185,8 @@ def load_benchmark_config(args) -> dict:
         d["batch_size"] = args.batch
     if args.threads:
         d["num_threads"] = args.threads
+    if args.decode:
+        d["decode"] = args.decode
     t["precision"] = args.precision or ("bf16" if args.device == "gpu" else "fp32")
     t["channels_last"] = bool(args.channels_last)
     if args.seed is not None:
@@ -289,17 +324,30 @@ def _db_bytes(path: str) -> int:
     return os.path.getsize(data_file)
 
 
-def prepare_data(args, cfg: dict, work: Path) -> tuple[str, str, int, int]:
-    """(database path, where it came from, videos, copies) for the data modes."""
-    from pipelines.lmdb_store import LmdbFormatError, read_metadata
-
+def prepare_data(args, cfg: dict, work: Path, *, for_reference: bool = False) -> tuple[str, str, int, int]:
+    """(data path, where it came from, videos, copies) for the data modes. `for_reference`:
+    the LMDB that the reference executor reads (with a video index: --reference-data)."""
     batch = cfg["data"]["batch_size"]
     need = samples_needed(args, batch)
     given = explicit_data_path(args)
+    video = data_source(args) == "video"
+    if video and for_reference:
+        if given is not None and not args.reference_data:
+            raise BenchmarkError(f"the reference executor reads LMDBs only, and {given} is a video index: pass "
+                                 "--reference-data DB, an LMDB of the same videos (python -m preprocessing "
+                                 "build-lmdb --videos DIR --out DB)")
+        given = args.reference_data
     if given is None:
+        if video and not for_reference:
+            index = work / "synthetic_videos.json"
+            return str(index), write_synthetic_videos(index, cfg, max(8, need), args.device), max(8, need), 1
         db = work / "synthetic.lmdb"
         origin = write_synthetic_db(db, cfg, max(8, need))
         return str(db), origin, max(8, need), 1
+    if video and not for_reference:
+        return _prepare_video_index(args, given, batch, need, work)
+    from pipelines.lmdb_store import LmdbFormatError, read_metadata
+
     try:
         metas, _ = read_metadata(given)
     except (FileNotFoundError, LmdbFormatError, OSError) as err:
@@ -322,9 +370,95 @@ def prepare_data(args, cfg: dict, work: Path) -> tuple[str, str, int, int]:
                              "pass --repeat N or a smaller --batch")
     if copies == 1:
         return given, origin, len(metas), 1
-    db = work / "repeated.lmdb"
+    db = work / ("repeated_reference.lmdb" if for_reference else "repeated.lmdb")
     write_repeated_db(given, db, copies)
     return str(db), f"{origin}, each video stored {copies}×", len(metas) * copies, copies
+
+
+def _prepare_video_index(args, given: str, batch: int, need: int, work: Path) -> tuple[str, str, int, int]:
+    """A video index, listed `copies` times in a temporary index when it is short (the
+    files are not copied: an index entry is a path)."""
+    from pipelines.video_source import VideoIndexError, read_video_index
+
+    try:
+        metas, _, files = read_video_index(given)
+    except (FileNotFoundError, VideoIndexError, OSError, ValueError, KeyError) as err:
+        raise BenchmarkError(f"cannot read the data: {err}") from None
+    if not metas:
+        raise BenchmarkError(f"{given} holds no videos")
+    origin = args.data_origin or f"video index {given}"
+    copies = -(-need // len(metas)) if args.repeat == "auto" else args.repeat
+    copies = max(copies, 1)
+    if len(metas) * copies < batch:
+        raise BenchmarkError(f"{given} holds {len(metas)} videos, fewer than one batch of {batch}; "
+                             "pass --repeat N or a smaller --batch")
+    if copies == 1:
+        return given, origin, len(metas), 1
+    index = json.loads(Path(given).read_text())
+    entries = [{**entry, "name": f"{meta.name}#{k}", "file": file}
+               for k in range(copies)
+               for entry, meta, file in zip(index["videos"], metas, files)]
+    out = work / "repeated_videos.json"
+    out.write_text(json.dumps({**index, "root": "/", "videos": entries}))
+    return str(out), f"{origin}, each video listed {copies}×", len(metas) * copies, copies
+
+
+def find_ffmpeg() -> str | None:
+    """The ffmpeg binary: on PATH, else the static one of the imageio-ffmpeg wheel (a GPU
+    machine without system packages can carry that wheel)."""
+    import shutil
+
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        return None
+
+
+# What the synthetic video file is encoded with: H.264 needs NVDEC (gpu); DALI decodes
+# MJPEG on the CPU too. Short GOP, as `preprocessing transcode` writes them.
+SYNTHETIC_VIDEO_CODECS = {
+    "gpu": ("h264", ".mp4", ["-c:v", "libx264", "-preset", "ultrafast", "-crf", "18", "-g", "16",
+                             "-pix_fmt", "yuv420p"]),
+    "cpu": ("mjpeg", ".avi", ["-c:v", "mjpeg", "-q:v", "3", "-pix_fmt", "yuvj420p"]),
+}
+
+
+def write_synthetic_videos(index_path: Path, cfg: dict, videos: int, device: str) -> str:
+    """One video file of the synthetic LMDB's colour-coded frames (plus noise, so that
+    the encoder has texture to code), listed `videos` times in a video index."""
+    import numpy as np
+
+    from pipelines.video_source import VIDEO_INDEX_FORMAT
+
+    ffmpeg = find_ffmpeg()
+    if ffmpeg is None:
+        raise BenchmarkError("synthetic video data needs ffmpeg (install it, or `pip install imageio-ffmpeg`), "
+                             "or pass --data INDEX.json")
+    p = cfg["plan"]
+    height = max(64, 2 * p["crop_size"]) // 2 * 2
+    width = height * 4 // 3 // 2 * 2
+    length = min(128, max(32, (p["frames"] - 1) * max(p["strides"]) + 1))
+    codec, ext, codec_args = SYNTHETIC_VIDEO_CODECS[device]
+    y, x = np.mgrid[0:height, 0:width]
+    rng = np.random.default_rng(0)
+    raw = b"".join((np.stack([np.full_like(x, 8 * (f % 32) + 4), x % 256, y % 256], axis=-1)
+                    + rng.integers(0, 16, size=(height, width, 3))).clip(0, 255).astype(np.uint8).tobytes()
+                   for f in range(length))
+    video = index_path.with_name("synthetic" + ext)
+    proc = subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
+                           f"{width}x{height}", "-r", "25", "-i", "-", *codec_args, str(video)],
+                          input=raw, capture_output=True)
+    if proc.returncode != 0:
+        raise BenchmarkError(f"ffmpeg could not write the synthetic video: {proc.stderr.decode()[-300:]}")
+    entries = [dict(name=f"synthetic/video{v:05d}", file=video.name, label=0, frames=length, height=height,
+                    width=width, fps=25.0, codec=codec) for v in range(videos)]
+    index_path.write_text(json.dumps({"format": VIDEO_INDEX_FORMAT, "version": 1, "root": ".",
+                                      "classes": ["synthetic"], "videos": entries}))
+    return f"synthetic colour-coded {codec} video: 1 file of {length} frames, {width}×{height}, listed {videos}×"
 
 
 # ---------------------------------------------------------------- host measurements
@@ -448,12 +582,16 @@ def make_loader(kind: str, db: str, cfg: dict, args):
     d = cfg["data"]
     settings = LoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"],
                               workers=workers_for(kind, args, cfg), prefetch=d["prefetch"],
-                              shuffle=d["shuffle"], seed=cfg["run"]["seed"])
-    if kind == "dali":
-        from pipelines.loader import PretrainLoader
-        return PretrainLoader(db, plan_config(cfg), settings, device=args.device)
-    from pipelines.reference_executor import ReferencePretrainLoader
-    return ReferencePretrainLoader(db, plan_config(cfg), settings, device=args.device)
+                              shuffle=d["shuffle"], seed=cfg["run"]["seed"], decode=d["decode"])
+    from pipelines.lmdb_store import LmdbFormatError
+    try:
+        if kind == "dali":
+            from pipelines.loader import PretrainLoader
+            return PretrainLoader(db, plan_config(cfg), settings, device=args.device)
+        from pipelines.reference_executor import ReferencePretrainLoader
+        return ReferencePretrainLoader(db, plan_config(cfg), settings, device=args.device)
+    except (FileNotFoundError, LmdbFormatError, ValueError) as err:  # VideoIndexError is a ValueError
+        raise BenchmarkError(f"cannot use the data: {err}") from None
 
 
 def endless(loader):
@@ -657,13 +795,15 @@ def run_one(args, cfg: dict, work: Path) -> dict:
         torch.set_num_threads(cfg["train"]["threads"])
     p, d = cfg["plan"], cfg["data"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # others' work on the same cores
+    reference = args.mode != "model" and args.loader == "reference"
+    source = "synthetic tensors" if args.mode == "model" else "lmdb" if reference else data_source(args)
     result = dict(mode=args.mode, device=args.device, loader=None if args.mode == "model" else args.loader,
-                  source="synthetic tensors" if args.mode == "model" else "lmdb", data=None, videos=None,
-                  repeat=None)
+                  source=source, data=None, videos=None, repeat=None,
+                  decode=d["decode"] if source == "lmdb" and args.loader == "dali" else None)
     if args.mode == "model":
         measured = run_model(cfg, args)
     else:
-        db, origin, videos, copies = prepare_data(args, cfg, work)
+        db, origin, videos, copies = prepare_data(args, cfg, work, for_reference=reference)
         result.update(data=origin, videos=videos, repeat=copies)
         measured = run_loader(cfg, args, db) if args.mode == "loader" else run_e2e(cfg, args, db)
     seconds = measured.pop("seconds")
@@ -703,7 +843,7 @@ def child_command(args, mode: str, loader: str | None, db: str, origin: str, out
            "--json", str(out), "--data", db, "--repeat", "1", "--data-origin", origin,
            "--loader", loader or args.loader]
     for flag, value in (("--batch", args.batch), ("--threads", args.threads), ("--workers", args.workers),
-                        ("--precision", args.precision), ("--seed", args.seed)):
+                        ("--precision", args.precision), ("--seed", args.seed), ("--decode", args.decode)):
         if value is not None:
             cmd += [flag, str(value)]
     if args.channels_last:
@@ -713,12 +853,16 @@ def child_command(args, mode: str, loader: str | None, db: str, origin: str, out
 
 def run_all(args, cfg: dict, work: Path) -> dict:
     db, origin, _, _ = prepare_data(args, cfg, work)
+    # the reference executor reads an LMDB: the same one, or with a video index --reference-data
+    ref_db, ref_origin = (db, origin) if data_source(args) == "lmdb" else \
+        prepare_data(args, cfg, work, for_reference=True)[:2]
     results = {}
     for mode, loader in ALL_RUNS:
         name = f"{mode}_{loader}" if loader else mode
         print(f"benchmark.py: running {name.replace('_', ' ')} ...", file=sys.stderr, flush=True)
         out = work / f"{name}.json"
-        proc = subprocess.run(child_command(args, mode, loader, db, origin, out), cwd=REPO,
+        data, data_origin = (ref_db, ref_origin) if loader == "reference" else (db, origin)
+        proc = subprocess.run(child_command(args, mode, loader, data, data_origin, out), cwd=REPO,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout + proc.stderr)
@@ -729,7 +873,8 @@ def run_all(args, cfg: dict, work: Path) -> dict:
     first = results["e2e"]
     summary = {key: first[key] for key in ("device", "gpu_name", "batch", "frames", "crop_size", "steps",
                                            "warmup", "precision", "channels_last", "model_width", "data")}
-    return dict(mode="all", loader=args.loader, source="lmdb", **summary,
+    return dict(mode="all", loader=args.loader, source=data_source(args), decode=results["e2e"]["decode"],
+                **summary,
                 compute_bound_ratio=e2e / model, loader_speedup=dali / reference,
                 # the same comparison in CPU time per sample: steadier on a shared machine
                 loader_cpu_speedup=(results["loader_reference"]["cpu_ms_per_sample"]
@@ -762,12 +907,20 @@ def _fmt(value, spec: str) -> str:
 
 # CPU ms/sample: CPU time of the process and its workers per sample, the cost that
 # decides samples/s at equal cores and that other processes on the machine barely move.
-TABLE_HEAD = ("run", "loader", "samples/s", "frames/s", "ms/step", "data wait", "CPU cores", "CPU ms/sample",
+TABLE_HEAD = ("run", "loader", "source", "samples/s", "frames/s", "ms/step", "data wait", "CPU cores", "CPU ms/sample",
               "host MB")
 
 
+def _source_cell(r: dict) -> str:
+    source = r.get("source") or "-"
+    if source == "synthetic tensors":
+        return "-"
+    return f"{source} ({r['decode']})" if r.get("decode") else source
+
+
 def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
-    return [(r["mode"], r["loader"] or "-", _fmt(r["samples_per_s"], ".1f"), _fmt(r["frames_per_s"], ".0f"),
+    return [(r["mode"], r["loader"] or "-", _source_cell(r), _fmt(r["samples_per_s"], ".1f"),
+             _fmt(r["frames_per_s"], ".0f"),
              _fmt(r["step_ms"], ".1f"), _fmt(r["data_wait_fraction"], ".1%"), _fmt(r["cpu_cores_used"], ".2f"),
              _fmt(r.get("cpu_ms_per_sample"), ".1f"), _fmt(r["host_rss_mb"], ".0f")) for r in results]
 
@@ -776,7 +929,7 @@ def print_table(results: list[dict]):
     rows = [TABLE_HEAD, *table_rows(results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEAD))]
     for row in rows:
-        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        print("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
 
 
 def headline_lines(summary: dict) -> list[str]:
@@ -845,7 +998,223 @@ def default_json(args) -> Path:
     return REPO / "runs" / "benchmark" / f"{'all' if args.all else args.mode}-{args.device}.json"
 
 
+# ---------------------------------------------------------------- scripts/gpu_check.sh's summary
+#
+# gpu_check.sh writes one JSON per benchmark run into its work folder, named
+#   all_lmdb_b<B>            --all on the LMDB (loader dali + reference, model, e2e)
+#   video_loader_b<B>, video_e2e_b<B>    the video-file path (NVDEC on a GPU)
+#   decode_roi_b<B>, decode_full_b<B>    loader mode, the LMDB path's two JPEG decode modes
+#   model_<precision>[_cl]               model mode at the first batch
+# plus marks.txt (one "name start end" line per run, Unix seconds) and the GPU's
+# utilisation log (nvidia-smi dmon, or a --query-gpu CSV). The table below holds every
+# headline figure of issue #6.
+
+UTIL_COLUMNS = {"sm": "sm", "dec": "dec", "jpg": "jpg", "utilization.gpu": "sm", "utilization.decoder": "dec",
+                "utilization.jpeg": "jpg"}
+
+
+def parse_gpu_utilisation(text: str) -> list[dict]:
+    """Samples {t: Unix seconds, sm, dec, jpg: percent or None} from `nvidia-smi dmon -s u -o DT`
+    or from `nvidia-smi --query-gpu=timestamp,utilization.gpu,utilization.decoder[,...]
+    --format=csv,nounits` output. Lines it cannot read are skipped."""
+    from datetime import datetime
+
+    samples, names, csv = [], None, False
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            tokens = line[1:].split()
+            if names is None and "gpu" in [t.lower() for t in tokens]:
+                names = [t.lower() for t in tokens]
+            continue
+        if line.startswith("timestamp"):   # the CSV header
+            names = [c.strip().split(" [")[0].lower() for c in line.split(",")]
+            csv = True
+            continue
+        if names is None:
+            continue
+        cells = [c.strip() for c in line.split(",")] if csv else line.split()
+        if len(cells) != len(names):
+            continue
+        row = dict(zip(names, cells))
+        try:
+            if csv:
+                t = datetime.strptime(row["timestamp"], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            else:
+                t = datetime.strptime(f"{row['date']} {row['time']}", "%Y%m%d %H:%M:%S").timestamp()
+        except (KeyError, ValueError):
+            continue
+        sample = {"t": t, "sm": None, "dec": None, "jpg": None}
+        for name, key in UTIL_COLUMNS.items():
+            if name in row:
+                try:
+                    sample[key] = float(row[name])
+                except ValueError:   # "-": the counter is not available
+                    pass
+        samples.append(sample)
+    return samples
+
+
+def utilisation_between(samples: list[dict], start: float, end: float) -> dict:
+    """Mean and max of each counter over the samples in [start, end] (None where none)."""
+    inside = [s for s in samples if int(start) <= s["t"] <= end]   # dmon's times are whole seconds
+    out = {"samples": len(inside)}
+    for key in ("sm", "dec", "jpg"):
+        values = [s[key] for s in inside if s[key] is not None]
+        out[key] = (sum(values) / len(values), max(values)) if values else None
+    return out
+
+
+def read_marks(text: str) -> dict[str, tuple[float, float]]:
+    marks = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            try:
+                marks[parts[0]] = (float(parts[1]), float(parts[2]))
+            except ValueError:
+                pass
+    return marks
+
+
+def _get(runs: dict, name: str, *keys):
+    value = runs.get(name)
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def check_batches(runs: dict) -> list[int]:
+    import re
+
+    found = {int(m.group(1)) for name in runs
+             if (m := re.fullmatch(r"(?:all_lmdb|video_loader|video_e2e)_b(\d+)", name))}
+    return sorted(found)
+
+
+def gpu_check_rows(runs: dict, util: dict | None = None) -> list[tuple[str, ...]]:
+    """The headline table: (figure, one column per batch, target)."""
+    util = util or {}
+    batches = check_batches(runs)
+    rows = [("figure", *([f"batch {b}" for b in batches] or ["value"]), "target")]
+
+    def row(label, values, spec, target=""):
+        rows.append((label, *[_fmt(v, spec) for v in values or [None]], target))
+
+    def single(label, text, target=""):   # one figure: in the first batch column
+        rows.append((label, *([text] + [""] * len(batches))[:max(len(batches), 1)], target)
+                    if batches else (label, text, target))
+
+    model = [_get(runs, f"all_lmdb_b{b}", "results", "model", "samples_per_s") for b in batches]
+    ref = [_get(runs, f"all_lmdb_b{b}", "results", "loader_reference", "samples_per_s") for b in batches]
+    row("model samples/s (synthetic inputs on the device)", model, ".1f")
+    for source in ("lmdb", "video"):
+        if source == "lmdb":
+            loader = [_get(runs, f"all_lmdb_b{b}", "results", "loader_dali", "samples_per_s") for b in batches]
+            e2e = [_get(runs, f"all_lmdb_b{b}", "results", "e2e", "samples_per_s") for b in batches]
+            wait = [_get(runs, f"all_lmdb_b{b}", "results", "e2e", "data_wait_fraction") for b in batches]
+        else:
+            loader = [_get(runs, f"video_loader_b{b}", "samples_per_s") for b in batches]
+            e2e = [_get(runs, f"video_e2e_b{b}", "samples_per_s") for b in batches]
+            wait = [_get(runs, f"video_e2e_b{b}", "data_wait_fraction") for b in batches]
+        if not any(v is not None for v in loader + e2e):
+            continue
+        row(f"{source}: DALI loader samples/s", loader, ".1f")
+        row(f"{source}: decoded frames/s (DALI loader)",
+            [_get(runs, f"all_lmdb_b{b}", "results", "loader_dali", "frames_per_s") if source == "lmdb"
+             else _get(runs, f"video_loader_b{b}", "frames_per_s") for b in batches], ".0f")
+        row(f"{source}: loader speed-up DALI ÷ reference (PIL, same cores)",
+            [_ratio(a, r) for a, r in zip(loader, ref)], ".2f", ">=5x")
+        row(f"{source}: e2e samples/s", e2e, ".1f")
+        row(f"{source}: compute-bound ratio e2e ÷ model", [_ratio(a, m) for a, m in zip(e2e, model)], ".3f",
+            ">=0.95")
+        row(f"{source}: data wait in e2e", wait, ".1%")
+    row("reference loader samples/s (LMDB, PIL)", ref, ".1f")
+    for name in sorted(n for n in runs if n.startswith("decode_roi_b")):
+        roi, full = runs[name], runs.get(name.replace("roi", "full"))
+        if not full:
+            continue
+        faster = "roi" if roi["samples_per_s"] >= full["samples_per_s"] else "full"
+        gain = max(roi["samples_per_s"], full["samples_per_s"]) / min(roi["samples_per_s"], full["samples_per_s"])
+        single(f"LMDB JPEG decode, loader at batch {roi['batch']}: roi / full samples/s",
+               f"{roi['samples_per_s']:.1f} / {full['samples_per_s']:.1f}", f"faster: {faster} ({gain:.2f}x)")
+    # model mode at the first batch: the precision / channels-last runs, and the --all run's model
+    models = {}
+    first = _get(runs, f"all_lmdb_b{batches[0]}", "results", "model") if batches else None
+    for r in [first] + [r for name, r in sorted(runs.items()) if name.startswith("model_")]:
+        if isinstance(r, dict) and "precision" in r:
+            models.setdefault((r["precision"], r["channels_last"], r["batch"]), r)
+    for r in (models[key] for key in sorted(models)):
+        single(f"model {r['precision']}{' channels-last' if r['channels_last'] else ''}, batch {r['batch']}: "
+               "samples/s", f"{r['samples_per_s']:.1f}")
+    for key, engine, prefix in (("dec", "NVDEC", "video_"), ("jpg", "NVJPG", "all_lmdb_")):
+        picked = [(name, u[key]) for name, u in util.items() if name.startswith(prefix) and u.get(key)]
+        if picked:
+            name, (mean, peak) = max(picked, key=lambda item: item[1][1])
+            single(f"{engine} utilisation % (mean / max, busiest run: {name})", f"{mean:.0f} / {peak:.0f}")
+    rss = [r.get("host_rss_mb") for r in runs.values() if isinstance(r, dict) and r.get("host_rss_mb")]
+    if rss:
+        single("host memory MB (largest run)", f"{max(rss):.0f}")
+    return rows
+
+
+def format_rows(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows]
+
+
+def gpu_check_summary(work: Path, out: Path) -> list[str]:
+    """Read gpu_check.sh's results, write results.json and summary.txt into `out`, return
+    the summary's lines (the headline table last)."""
+    runs = {}
+    for path in sorted(work.glob("*.json")):
+        try:
+            runs[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    marks = read_marks((work / "marks.txt").read_text()) if (work / "marks.txt").is_file() else {}
+    samples = []
+    for log in (out / "dmon.log", out / "smi_query.csv"):
+        if log.is_file() and not samples:
+            samples = parse_gpu_utilisation(log.read_text())
+    util = {name: utilisation_between(samples, *span) for name, span in marks.items()} if samples else {}
+    gpu = (out / "gpu.csv").read_text().splitlines()[1:] if (out / "gpu.csv").is_file() else []
+    tests = (work / "pytest_gpu.txt").read_text().strip() if (work / "pytest_gpu.txt").is_file() else "not run"
+    (out / "results.json").write_text(json.dumps({"gpu": gpu, "gpu_tests": tests, "runs": runs,
+                                                  "utilisation": util, "marks": marks}, indent=2) + "\n")
+    first = next((r for r in runs.values() if isinstance(r, dict) and "device" in r), {})
+    lines = [f"GPU: {', '.join(gpu) or '?'}; device {first.get('device')}; DALI: {dali_version() or '?'}; "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"data: {_get(runs, 'all_lmdb_b' + str((check_batches(runs) or [0])[0]), 'data') or '-'}; "
+             f"{_get(runs, 'video_loader_b' + str((check_batches(runs) or [0])[0]), 'data') or '-'}",
+             f"pytest -m gpu: {tests}"]
+    if util:
+        lines += ["", "GPU utilisation per run, % mean/max (sm = SMs, dec = NVDEC, jpg = NVJPG; '-' not reported):"]
+        cell = lambda v: "-" if v is None else f"{v[0]:.0f}/{v[1]:.0f}"  # noqa: E731
+        lines += format_rows([("run", "sm", "dec", "jpg", "samples")]
+                             + [(name, cell(u["sm"]), cell(u["dec"]), cell(u["jpg"]), str(u["samples"]))
+                                for name, u in util.items()])
+    lines += ["", *format_rows(gpu_check_rows(runs, util))]
+    (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gpu-check-summary"]:   # used by scripts/gpu_check.sh: gpu-check-summary WORK OUT
+        if len(argv) != 3:
+            print("usage: benchmark.py gpu-check-summary WORK_DIR OUT_DIR", file=sys.stderr)
+            return 2
+        print("\n".join(gpu_check_summary(Path(argv[1]), Path(argv[2]))))
+        return 0
     args = parse_args(argv)
     try:
         cfg = load_benchmark_config(args)

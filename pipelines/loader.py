@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .lmdb_store import read_metadata
 from .plan import PlanConfig
-from .pretrain_pipeline import PRETRAIN_OUTPUTS, cstp_pretrain_pipeline, cstp_pretrain_video_pipeline
+from .pretrain_pipeline import PRETRAIN_OUTPUTS, check_decode, cstp_pretrain_pipeline, cstp_pretrain_video_pipeline
 from .sharding import samples_per_rank
 from .sources import PretrainLmdbSource
 from .video_source import PretrainVideoSource, is_video_index, read_video_index, refuse_undecodable
@@ -33,6 +33,7 @@ class LoaderSettings:
     prefetch: int = 2             # pipeline prefetch queue depth
     shuffle: bool = True
     seed: int = 1
+    decode: str = "roi"           # LMDB path: "roi" | "full" (pretrain_pipeline.DECODE_MODES); videos ignore it
 
 
 class PretrainLoader:
@@ -61,14 +62,15 @@ class PretrainLoader:
         self.device = device
         common = dict(seed=settings.seed, batch_size=settings.batch_size, rank=rank, world_size=world_size,
                       shuffle=settings.shuffle, start_epoch=start_epoch, start_sample=start_sample)
+        parallel = settings.workers > 0
+        extra = dict(py_num_workers=settings.workers, py_start_method=settings.start_method) if parallel else {}
         if videos:
             self.source = PretrainVideoSource(db_path, self.metas, files, plan_cfg, **common)
             make_pipeline = cstp_pretrain_video_pipeline
         else:
             self.source = PretrainLmdbSource(db_path, self.metas, plan_cfg, **common)
             make_pipeline = cstp_pretrain_pipeline
-        parallel = settings.workers > 0
-        extra = dict(py_num_workers=settings.workers, py_start_method=settings.start_method) if parallel else {}
+            extra["decode"] = check_decode(settings.decode)
         self.pipeline = make_pipeline(
             source=self.source, device=device, parallel=parallel,
             batch_size=settings.batch_size, num_threads=settings.num_threads,

@@ -1,7 +1,9 @@
 """The DALI graph that executes CSTP pretraining plans (LMDB of JPEG frames).
 
-Per view, in reading order: ROI-decode the planned box of each planned frame
-(nvJPEG on `gpu`), stack the frames into a clip (FHWC), bicubic resize to S×S,
+Per view, in reading order: decode the planned box of each planned frame (nvJPEG
+on `gpu`; `decode="roi"` decodes only the box, `decode="full"` decodes whole frames
+and slices the box out of the stacked clip), stack the frames into a clip (FHWC),
+bicubic resize to S×S,
 rotate by k·90° (exact on a square) plus the strong augmentation's small angle,
 colour jitter (fused ops: brightness, contrast, one saturation+hue colour matrix),
 per-frame channel grey, Gaussian blur (each only where the plan's view is "strong" and
@@ -30,14 +32,40 @@ def decoder_device(device: str) -> str:
     return "mixed" if device == "gpu" else "cpu"
 
 
-def execute_view(encoded_frames, anchor, shape, angle, flip, crop_size: int, device: str, look=None):
-    """One view of a plan: decode only the box of each frame, then resize, rotate,
-    (appearance), flip, normalise."""
-    frames = [fn.decoders.image_slice(buf, anchor, shape, device=decoder_device(device), axis_names="WH",
-                                      normalized_anchor=False, normalized_shape=False,
-                                      output_type=types.RGB)
-              for buf in encoded_frames]
-    return augment_view(fn.stack(*frames, axis_name="F"), angle, flip, crop_size, look)
+# How the LMDB path decodes a view's JPEG frames (LoaderSettings.decode, config data.decode):
+#   roi   fn.decoders.image_slice per frame: only the planned box is decoded (nvJPEG ROI
+#         decode on GPU; on a CPU, libjpeg-turbo skips the rows and columns outside it);
+#   full  fn.decoders.image per frame, then one fn.slice of the box on the stacked clip:
+#         whole frames, which lets a GPU use its hardware JPEG engines (they decode whole
+#         images only) and batch all frames of a position in one call.
+# Both give the same pixels (tests/test_pretrain_pipeline.py); which one is faster depends
+# on the card and the crop: scripts/gpu_check.sh measures both.
+DECODE_MODES = ("roi", "full")
+
+
+def check_decode(decode: str) -> str:
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    return decode
+
+
+def execute_view(encoded_frames, anchor, shape, angle, flip, crop_size: int, device: str, look=None,
+                 decode: str = "roi"):
+    """One view of a plan: decode the box of each frame (see DECODE_MODES), then resize,
+    rotate, (appearance), flip, normalise. `anchor`/`shape` are (x, y) / (w, h)."""
+    if check_decode(decode) == "roi":
+        frames = [fn.decoders.image_slice(buf, anchor, shape, device=decoder_device(device), axis_names="WH",
+                                          normalized_anchor=False, normalized_shape=False,
+                                          output_type=types.RGB)
+                  for buf in encoded_frames]
+        clip = fn.stack(*frames, axis_name="F")
+    else:
+        frames = [fn.decoders.image(buf, device=decoder_device(device), output_type=types.RGB)
+                  for buf in encoded_frames]
+        # the clip is FHWC, so the box's (x, y) order becomes axis_names "WH", as for image_slice
+        clip = fn.slice(fn.stack(*frames, axis_name="F"), anchor, shape, axis_names="WH",
+                        normalized_anchor=False, normalized_shape=False)
+    return augment_view(clip, angle, flip, crop_size, look)
 
 
 def augment_view(clip, angle, flip, crop_size: int, look=None):
@@ -144,7 +172,8 @@ def view_look(params: dict, view: int) -> dict:
 
 
 @pipeline_def(enable_conditionals=True)  # the colour jitter branch (appearance)
-def cstp_pretrain_pipeline(source: PretrainLmdbSource, device: str = "cpu", parallel: bool = False):
+def cstp_pretrain_pipeline(source: PretrainLmdbSource, device: str = "cpu", parallel: bool = False,
+                           decode: str = "roi"):
     outputs = fn.external_source(source=source, num_outputs=source.num_outputs, batch=False,
                                  parallel=parallel)
     t = source.plan_cfg.frames
@@ -152,9 +181,9 @@ def cstp_pretrain_pipeline(source: PretrainLmdbSource, device: str = "cpu", para
     p = dict(zip(PRETRAIN_PARAM_OUTPUTS, outputs[2 * t:]))
     size = source.plan_cfg.crop_size
     view1 = execute_view(jpegs1, p["anchor1"], p["shape1"], p["angle1"], p["flip1"], size, device,
-                         view_look(p, 1))
+                         view_look(p, 1), decode)
     view2 = execute_view(jpegs2, p["anchor2"], p["shape2"], p["angle2"], p["flip2"], size, device,
-                         view_look(p, 2))
+                         view_look(p, 2), decode)
     labels = [p[name] for name in PRETRAIN_OUTPUTS[2:]]
     if device == "gpu":
         labels = [label.gpu() for label in labels]

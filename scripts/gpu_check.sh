@@ -1,39 +1,58 @@
 #!/usr/bin/env bash
-# Every GPU check of CSTP-DALI in one run, for a lent GPU session (one H100/H200,
-# DALI installed into /tmp/site as in ../shared/device/README.md):
+# Every GPU check of CSTP-DALI in one run, for a lent GPU session (one H100/H200, DALI
+# installed into /tmp/site as in ../shared/device/README.md; lmdb and ffmpeg-python come
+# with it). Frugal: planned for ~5 minutes on an H100 after the DALI install (not yet timed
+# on one); past GPU_CHECK_BUDGET_S seconds (default 420) the remaining benchmark runs are
+# skipped and the summary still comes. Real clips: carry a copy of ../shared/data/real-clips
+# as data/real-clips (6 MB), or pass --clips DIR.
 #
 #   1. records the card (`nvidia-smi --query-gpu=name --format=csv`) and the versions;
-#   2. gets an LMDB: --data DB if given (e.g. a carried data/rc.lmdb); else real clips
-#      (--clips DIR, or shared/data/real-clips in the copied tree) through
-#      `python -m preprocessing build-lmdb --short-side 256`; else the demo set
-#      (`python -m preprocessing demo-data` then `build-lmdb`); both need ffmpeg. Without
-#      ffmpeg, benchmark.py's own synthetic LMDB;
-#   3. runs the pytest tests marked gpu, if there are any;
-#   4. benchmark.py --all --device gpu at per-GPU batch 32 and 64 in bf16
-#      (configs/ucf101.yaml: R(2+1)D-10 width 1.0, 16 frames, 112 px);
-#   5. benchmark.py model at batch 32: fp32 vs bf16, without and with channels-last;
-#   6. prints a short table last.
+#   2. data, both sources from the same videos: real clips (--clips DIR, else shared/data/
+#      real-clips or data/real-clips in the copied tree) or, without them, `preprocessing demo-data`;
+#      `preprocessing transcode` makes NVDEC-friendly H.264 copies (short side 256), then
+#      `index-videos` indexes them (video-file path) and `build-lmdb` converts the same files
+#      (LMDB path). Needs ffmpeg and ffprobe; without them benchmark.py makes synthetic data
+#      (an LMDB; for videos one H.264 file, needing ffmpeg or the imageio-ffmpeg wheel).
+#      --data DB / --videos INDEX.json use prepared data instead;
+#   3. pytest -m gpu (tests/test_gpu.py: GPU vs CPU for the same plans, both data paths,
+#      ClipLoader, devices of the batches);
+#   4. starts `nvidia-smi dmon -s u` (SM, NVDEC, NVJPG utilisation) in the background;
+#   5. benchmark.py --all on the LMDB at per-GPU batch 32 and 64, bf16 (DALI loader, PIL
+#      reference loader with the same CPU cores, model, e2e); the video path's loader and
+#      e2e at 32 and 64; the LMDB loader with --decode roi and --decode full; model mode fp32
+#      and bf16 with and without channels-last (configs/ucf101.yaml: R(2+1)D-10 width 1.0,
+#      16 frames, 112 px);
+#   6. ends with a short table of every headline figure (benchmark.py gpu-check-summary):
+#      compute-bound ratio e2e ÷ model for both sources and batches, loader speed-up DALI ÷
+#      reference, roi vs full decode (which is faster), model fp32/bf16/channels-last,
+#      NVDEC/NVJPG utilisation.
 #
-# Results go to $OUT (or --out DIR): gpu_check.log, gpu.csv, results.json, summary.txt,
-# all_b32.md/.png, all_b64.md/.png (8 files: what the device tool brings back).
+# Results go to $OUT (or --out DIR), 8 files at most (what the device tool brings back):
+# gpu_check.log, summary.txt, results.json (every run's JSON, utilisation per run), gpu.csv,
+# dmon.log, smi_query.csv, all_lmdb_b32.md, all_lmdb_b64.md.
 #
 #   bash scripts/gpu_check.sh                    # on the GPU machine, after the DALI install
-#   bash scripts/gpu_check.sh --data data/rc.lmdb
-#   bash scripts/gpu_check.sh --cpu-dry-run      # the same steps, tiny, on a CPU (to test this script)
+#   bash scripts/gpu_check.sh --data data/rc.lmdb --videos data/rc_h264.json
+#   bash scripts/gpu_check.sh --cpu-dry-run      # the same steps, tiny, on a CPU (tests this script)
+#   bash scripts/gpu_check.sh --prepare data/gpu_check   # here, with ffmpeg: step 2 only, into a folder
+#       # (~55 MB for the real clips) to carry to a GPU machine that has no ffmpeg; there:
+#   bash scripts/gpu_check.sh --data data/gpu_check/h264.lmdb --videos data/gpu_check/h264.json
 #
-# Exit status: 0 all steps ran; 1 a step failed (the others still ran); 2 bad arguments
-# or a missing prerequisite (no GPU, no DALI).
+# Exit status: 0 all steps ran; 1 a step failed or was skipped (the others still ran);
+# 2 bad arguments or a missing prerequisite (no GPU, no DALI).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-DRY=0 DATA="" CLIPS="" OUTDIR="${OUT:-}"
+DRY=0 DATA="" VIDEOS="" CLIPS="" PREPARE="" OUTDIR="${OUT:-}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-dry-run) DRY=1 ;;
     --data) DATA="${2:?--data needs an LMDB path}"; shift ;;
+    --videos) VIDEOS="${2:?--videos needs a video index (.json)}"; shift ;;
     --clips) CLIPS="${2:?--clips needs a folder}"; shift ;;
+    --prepare) PREPARE="${2:?--prepare needs a folder}"; shift ;;
     --out) OUTDIR="${2:?--out needs a folder}"; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -42,7 +61,12 @@ done
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 WORK=$(mktemp -d /tmp/gpu_check_work.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+MONITORS=()
+cleanup() {
+  for pid in "${MONITORS[@]}"; do kill "$pid" 2>/dev/null; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
 exec > >(tee -a "$OUTDIR/gpu_check.log") 2>&1
 
 [ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -52,33 +76,100 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 
 if [ "$DRY" = 1 ]; then
-  # Same steps, tiny: a 0.0625-wide model on 4-frame 32-px views, two small batches.
-  DEVICE=cpu BATCHES="2 4" MODEL_BATCH=2 STEPS=2 WARMUP=1 SHORT_SIDE=64 LIMIT=300
+  # Same steps, tiny: a 0.0625-wide model on 4-frame 32-px views, batches of 2 and 4.
+  DEVICE=cpu BATCHES="2 4" STEPS=2 WARMUP=1 SHORT_SIDE=64 LIMIT=300 DECODE_STEPS=2 CLIP_LIST=2
   CFG=(--config configs/demo.yaml model.width=0.0625 proj_hidden=32 proj_dim=16 plan.frames=4 crop_size=32
-       train.threads=1 --threads 1 --workers 0)
+       train.threads=1 --threads 1)
+  WORKER_ARGS=(--workers 0)
 else
-  DEVICE=gpu BATCHES="32 64" MODEL_BATCH=32 STEPS=15 WARMUP=5 SHORT_SIDE=256 LIMIT=240
-  CFG=(--config configs/ucf101.yaml)
+  # 10 timed steps after 3 warm-up ones: each figure is an average over 320-640 samples.
+  DEVICE=gpu BATCHES="32 64" STEPS=10 WARMUP=3 SHORT_SIDE=256 LIMIT=180 DECODE_STEPS=15 CLIP_LIST=0
+  # bf16 explicitly (the GPU default too); DALI: the recipe's 4 threads and 4 workers; the
+  # reference loader: one DataLoader worker per CPU core (benchmark.py's default), its best.
+  CFG=(--config configs/ucf101.yaml --threads 4 --precision bf16)
+  WORKER_ARGS=()
 fi
+FIRST_BATCH=${BATCHES%% *}
+# Seconds after which the remaining benchmark runs are skipped (0 = none), so that the summary
+# still comes inside the device call's limit; a run in flight at the budget finishes (LIMIT each).
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$([ "$DRY" = 1 ] && echo 0 || echo 420)}
 FAILED=()
-step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+START=$(date +%s)
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S), +$(( $(date +%s) - START )) s)"; }
 run() {  # run CMD...: a step that may fail without stopping the others
   echo "+ $*"
   "$@"; local rc=$?
   [ $rc -eq 0 ] || { echo "!! exit $rc: $*"; FAILED+=("$*"); }
   return $rc
 }
+bench() {  # bench NAME ARGS...: one benchmark.py run, its JSON in $WORK/NAME.json, its time span in marks.txt
+  local name=$1; shift
+  if [ "$BUDGET_S" -gt 0 ] && [ $(( $(date +%s) - START )) -gt "$BUDGET_S" ]; then
+    echo "!! skipped $name: past the time budget of $BUDGET_S s (GPU_CHECK_BUDGET_S)"; FAILED+=("$name (skipped)")
+    return 1
+  fi
+  local t0; t0=$(date +%s.%N)
+  # the run's own flags last: they win over CFG's (e.g. --precision fp32)
+  run timeout "$LIMIT" "$PYTHON" benchmark.py "${CFG[@]}" --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" \
+      "$@" --json "$WORK/$name.json"
+  local rc=$?
+  echo "$name $t0 $(date +%s.%N)" >> "$WORK/marks.txt"
+  return $rc
+}
+
+make_data() {  # make_data DIR: NVDEC-friendly H.264 copies of $CLIPS, their index and their LMDB in DIR
+  local dir=$1 list_args=()
+  mkdir -p "$dir"
+  if [ -z "$CLIPS" ]; then
+    for d in shared/data/real-clips ../shared/data/real-clips data/real-clips; do
+      [ -d "$d" ] && { CLIPS=$d; break; }
+    done
+  fi
+  if [ -z "$CLIPS" ]; then
+    run "$PYTHON" -m preprocessing demo-data --out "$WORK/demo" --workers "$(nproc)" && CLIPS="$WORK/demo/videos"
+  elif [ "$CLIP_LIST" -gt 0 ]; then  # dry run: two clips are enough
+    (cd "$CLIPS" && ls | grep -E '\.(mp4|avi|mkv|webm)$' | head -n "$CLIP_LIST") > "$WORK/clips.txt"
+    list_args=(--list "$WORK/clips.txt")
+  fi
+  [ -n "$CLIPS" ] || return 1
+  # One set of files for both sources: NVDEC-friendly H.264, then index it and convert it.
+  run "$PYTHON" -m preprocessing transcode --videos "$CLIPS" "${list_args[@]}" --out "$dir/h264" \
+      --short-side "$SHORT_SIDE" --preset veryfast --workers "$(nproc)" --quiet &&
+    run "$PYTHON" -m preprocessing index-videos --videos "$dir/h264" --out "$dir/h264.json" \
+        --workers "$(nproc)" --quiet &&
+    # the index names its folder relative to itself, so the folder can travel
+    run "$PYTHON" -c 'import json, sys; p = sys.argv[1]; i = json.load(open(p)); i["root"] = "h264"
+json.dump(i, open(p, "w"), indent=1)' "$dir/h264.json" && VIDEOS="$dir/h264.json"
+  [ -d "$dir/h264" ] && run "$PYTHON" -m preprocessing build-lmdb --videos "$dir/h264" --out "$dir/h264.lmdb" \
+      --workers "$(nproc)" --quiet && DATA="$dir/h264.lmdb"
+}
+
+if [ -n "$PREPARE" ]; then
+  step "prepare the data for a GPU machine (step 2 only) in $PREPARE"
+  command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || {
+    echo "gpu_check.sh: --prepare needs ffmpeg and ffprobe"; exit 2; }
+  SHORT_SIDE=256 CLIP_LIST=0
+  make_data "$PREPARE" || { echo "gpu_check.sh: preparing the data failed"; exit 1; }
+  [ ${#FAILED[@]} -eq 0 ] || { echo "FAILED steps: ${FAILED[*]}"; exit 1; }
+  du -sh "$PREPARE"
+  echo "carry $PREPARE (git-ignored under data/), then on the GPU machine:"
+  echo "  bash scripts/gpu_check.sh --data $DATA --videos $VIDEOS"
+  exit 0
+fi
 
 step "machine"
 date -u
-if command -v nvidia-smi >/dev/null 2>&1; then
+HAVE_SMI=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  HAVE_SMI=1
   nvidia-smi --query-gpu=name --format=csv | tee "$OUTDIR/gpu.csv"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
 else
   printf 'name\n(no nvidia-smi on this machine)\n' | tee "$OUTDIR/gpu.csv"
 fi
+echo "CPU cores: $(nproc)"
 "$PYTHON" - <<'EOF' || { echo "gpu_check.sh: python cannot import what the project needs (see ../shared/device/README.md)"; exit 2; }
-import importlib.metadata as md, platform, sys
+import platform
 import torch, numpy, lmdb, msgpack, yaml, PIL
 import nvidia.dali as dali
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
@@ -90,87 +181,99 @@ if [ "$DRY" = 0 ] && ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda
 fi
 
 step "data"
-DATA_ARGS=()
-if [ -n "$DATA" ]; then
-  [ -e "$DATA" ] || { echo "gpu_check.sh: --data $DATA does not exist"; exit 2; }
-  DATA_ARGS=(--data "$DATA"); echo "using the LMDB $DATA"
-else
-  if [ -z "$CLIPS" ]; then
-    for d in shared/data/real-clips ../shared/data/real-clips data/real-clips; do
-      [ -d "$d" ] && { CLIPS=$d; break; }
-    done
-  fi
-  if command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1; then
-    if [ -n "$CLIPS" ]; then
-      run "$PYTHON" -m preprocessing build-lmdb --videos "$CLIPS" --out "$WORK/clips.lmdb" \
-          --short-side "$SHORT_SIDE" --workers "$(nproc)" --quiet && DATA_ARGS=(--data "$WORK/clips.lmdb")
-    else
-      run "$PYTHON" -m preprocessing demo-data --out "$WORK/demo" --workers "$(nproc)" &&
-        run "$PYTHON" -m preprocessing build-lmdb --videos "$WORK/demo/videos" --list "$WORK/demo/train.txt" \
-            --out "$WORK/demo.lmdb" --workers "$(nproc)" --quiet && DATA_ARGS=(--data "$WORK/demo.lmdb")
-    fi
-  else
-    echo "no ffmpeg here${CLIPS:+ (clips found in $CLIPS but they cannot be decoded)}"
-  fi
-  [ ${#DATA_ARGS[@]} -gt 0 ] || echo "falling back to benchmark.py's synthetic colour-coded LMDB"
+[ -z "$DATA" ] || [ -e "$DATA" ] || { echo "gpu_check.sh: --data $DATA does not exist"; exit 2; }
+[ -z "$VIDEOS" ] || [ -f "$VIDEOS" ] || { echo "gpu_check.sh: --videos $VIDEOS does not exist"; exit 2; }
+HAVE_FF=0
+command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 && HAVE_FF=1
+if [ -z "$DATA$VIDEOS" ] && [ "$HAVE_FF" = 1 ]; then
+  make_data "$WORK/data"
+elif [ -z "$DATA$VIDEOS" ]; then
+  echo "no ffmpeg/ffprobe here: benchmark.py makes synthetic colour-coded data"
 fi
+LMDB_ARGS=() VIDEO_ARGS=(--source video)
+if [ -n "$DATA" ]; then
+  # Store each video often enough, once, for the largest batch's warm-up + timed steps to fit in
+  # one epoch (an epoch end re-forks the reference loader's workers inside the timed steps);
+  # every run then reads this copy as it is (--repeat 1) instead of writing its own.
+  NEED_ALL=$(( (WARMUP + STEPS + 2) * ${BATCHES##* } ))
+  NEED_DECODE=$(( (WARMUP + DECODE_STEPS + 2) * FIRST_BATCH ))
+  run "$PYTHON" - "$DATA" "$WORK/repeated.lmdb" $(( NEED_ALL > NEED_DECODE ? NEED_ALL : NEED_DECODE )) <<'EOF' &&
+import sys
+import benchmark
+from pipelines.lmdb_store import read_metadata
+source, target, need = sys.argv[1], sys.argv[2], int(sys.argv[3])
+videos = len(read_metadata(source)[0])
+copies = max(1, -(-need // videos))
+benchmark.write_repeated_db(source, target, copies)
+print(f"{source}: {videos} videos, stored {copies}x in {target} ({benchmark._db_bytes(target) / 2**30:.2f} GiB)")
+EOF
+    LMDB_ARGS=(--data "$WORK/repeated.lmdb" --repeat 1
+               --data-origin "LMDB $(basename "$DATA") (short side $SHORT_SIDE), each video stored several times")
+  [ ${#LMDB_ARGS[@]} -gt 0 ] || LMDB_ARGS=(--data "$DATA")
+fi
+if [ -n "$VIDEOS" ]; then
+  if [ "$DEVICE" = cpu ]; then
+    # DALI decodes H.264 on the GPU only; the dry run tests the video steps on synthetic MJPEG
+    echo "(dry run: the H.264 index $VIDEOS is for the GPU; the video steps use synthetic MJPEG)"
+  else
+    VIDEO_ARGS=(--data "$VIDEOS")
+    [ -n "$DATA" ] && VIDEO_ARGS+=(--reference-data "$DATA")
+  fi
+fi
+echo "LMDB: ${DATA:-synthetic}; videos: ${VIDEOS:-synthetic}"
 
 step "pytest -m gpu"
-"$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests; rc=$?
+timeout "$LIMIT" "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_gpu.py > "$WORK/pytest_gpu.log" 2>&1
+rc=$?
+cat "$WORK/pytest_gpu.log"
 case $rc in
-  0) echo "gpu tests passed" ;;
-  5) echo "no tests are marked gpu" ;;
-  *) echo "!! gpu tests failed (exit $rc)"; FAILED+=("pytest -m gpu") ;;
+  0) tail -n 1 "$WORK/pytest_gpu.log" > "$WORK/pytest_gpu.txt" ;;
+  5) echo "no tests are marked gpu" > "$WORK/pytest_gpu.txt" ;;
+  *) echo "FAILED (exit $rc): $(tail -n 1 "$WORK/pytest_gpu.log")" > "$WORK/pytest_gpu.txt"
+     FAILED+=("pytest -m gpu") ;;
 esac
 
-step "benchmark --all, bf16"
-for b in $BATCHES; do
-  run timeout "$LIMIT" "$PYTHON" benchmark.py --all --device "$DEVICE" --batch "$b" --precision bf16 \
-      --steps "$STEPS" --warmup "$WARMUP" "${CFG[@]}" "${DATA_ARGS[@]}" \
-      --json "$WORK/all_b$b.json" --report "$OUTDIR/all_b$b.md"
-done
-
-step "benchmark model: fp32 / bf16 × channels-last off / on, batch $MODEL_BATCH"
-for precision in fp32 bf16; do
-  for cl in "" --channels-last; do
-    run timeout "$LIMIT" "$PYTHON" benchmark.py model --device "$DEVICE" --batch "$MODEL_BATCH" \
-        --precision "$precision" $cl --steps "$STEPS" --warmup "$WARMUP" "${CFG[@]}" \
-        --json "$WORK/model_${precision}${cl:+_cl}.json"
+step "utilisation monitors"
+if [ "$HAVE_SMI" = 1 ]; then
+  nvidia-smi dmon -s u -o DT -d 1 > "$OUTDIR/dmon.log" 2>&1 &
+  MONITORS+=($!)
+  FIELDS=timestamp,utilization.gpu
+  for f in utilization.decoder utilization.jpeg; do
+    nvidia-smi --query-gpu=$f --format=csv,noheader >/dev/null 2>&1 && FIELDS+=",$f"
   done
+  echo "dmon (SM/NVDEC/NVJPG) -> dmon.log; --query-gpu=$FIELDS -> smi_query.csv"
+  nvidia-smi --query-gpu="$FIELDS" --format=csv,nounits -lms 500 > "$OUTDIR/smi_query.csv" 2>&1 &
+  MONITORS+=($!)
+else
+  echo "no nvidia-smi: no utilisation figures"
+fi
+
+# Most important first: batch 32 of both sources, the decode choice, then batch 64, then the
+# model variants; past the time budget the rest is skipped and the summary still comes.
+for b in $BATCHES; do
+  step "batch $b, bf16: LMDB --all (DALI loader, PIL reference loader, model, e2e); video files (NVDEC): loader, e2e"
+  bench "all_lmdb_b$b" --all --batch "$b" "${WORKER_ARGS[@]}" "${LMDB_ARGS[@]}" --report "$OUTDIR/all_lmdb_b$b.md"
+  bench "video_loader_b$b" loader --batch "$b" "${WORKER_ARGS[@]}" "${VIDEO_ARGS[@]}"
+  bench "video_e2e_b$b" e2e --batch "$b" "${WORKER_ARGS[@]}" "${VIDEO_ARGS[@]}"
+  if [ "$b" = "$FIRST_BATCH" ]; then
+    step "LMDB JPEG decode: roi vs full, loader mode, batch $b, $DECODE_STEPS steps"
+    for mode in roi full; do
+      STEPS=$DECODE_STEPS bench "decode_${mode}_b$b" loader --decode "$mode" --batch "$b" \
+          "${WORKER_ARGS[@]}" "${LMDB_ARGS[@]}"
+    done
+  fi
 done
 
-echo; echo "results in $OUTDIR: gpu_check.log gpu.csv results.json summary.txt all_b*.md (+ .png with matplotlib)"
+step "model: fp32 / bf16 × channels-last, batch $FIRST_BATCH (bf16 without it: the --all run)"
+bench model_fp32 model --batch "$FIRST_BATCH" --precision fp32
+bench model_fp32_cl model --batch "$FIRST_BATCH" --precision fp32 --channels-last
+bench model_bf16_cl model --batch "$FIRST_BATCH" --precision bf16 --channels-last
+
+for pid in "${MONITORS[@]}"; do kill "$pid" 2>/dev/null; done
+MONITORS=()
+rm -f "$OUTDIR"/all_lmdb_b*.png   # the device tool brings back 8 files; the numbers are in the .md
 [ ${#FAILED[@]} -eq 0 ] || echo "FAILED steps: ${FAILED[*]}"
+echo "results in $OUTDIR: $(cd "$OUTDIR" && ls | tr '\n' ' ')"
 step "summary"
-"$PYTHON" - "$WORK" "$OUTDIR" <<'EOF'
-import glob, json, os, sys
-work, out = sys.argv[1:]
-load = lambda p: json.load(open(p))
-paths = sorted(glob.glob(f"{work}/all_b*.json"), key=lambda p: int(p.rsplit("_b", 1)[1][:-5]))
-paths += sorted(glob.glob(f"{work}/model_*.json"))
-runs = {os.path.basename(p)[:-5]: load(p) for p in paths}
-gpu = open(f"{out}/gpu.csv").read().splitlines()[1:] or ["?"]
-json.dump({"gpu": gpu, "runs": runs}, open(f"{out}/results.json", "w"), indent=2)
-rows = [("run", "batch", "prec", "samples/s", "frames/s", "ms/step", "wait", "e2e/model", "DALI/ref")]
-for name, r in runs.items():
-    if r["mode"] == "all":
-        for sub in r["results"].values():
-            rows.append((f"{sub['mode']} {sub['loader'] or ''}".strip(), sub["batch"], sub["precision"],
-                         f"{sub['samples_per_s']:.1f}", f"{sub['frames_per_s']:.0f}", f"{sub['step_ms']:.1f}",
-                         f"{sub['data_wait_fraction']:.1%}" if sub["data_wait_fraction"] is not None else "-",
-                         "", ""))
-        rows.append((f"= batch {r['batch']} ratios", "", "", "", "", "", "",
-                     f"{r['compute_bound_ratio']:.2f}", f"{r['loader_speedup']:.2f}x"))
-    else:
-        rows.append((f"model{' channels-last' if r['channels_last'] else ''}", r["batch"], r["precision"],
-                     f"{r['samples_per_s']:.1f}", f"{r['frames_per_s']:.0f}", f"{r['step_ms']:.1f}", "-", "", ""))
-widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-first = next(iter(runs.values()), {})
-lines = [f"GPU: {', '.join(gpu)}; device {first.get('device')}; data: {first.get('data') or 'synthetic'}"]
-lines += ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-          for row in rows]
-open(f"{out}/summary.txt", "w").write("\n".join(lines) + "\n")
-print("\n".join(lines))
-EOF
-[ $? -eq 0 ] || FAILED+=("summary")
+"$PYTHON" benchmark.py gpu-check-summary "$WORK" "$OUTDIR" || FAILED+=("summary")
 [ ${#FAILED[@]} -eq 0 ] || exit 1

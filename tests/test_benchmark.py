@@ -3,6 +3,8 @@ consistent with each other, --all's ratios come from the mode numbers, and bad
 requests (no GPU, bad flags) end with a message."""
 
 import json
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -165,3 +167,159 @@ def test_the_report_says_when_matplotlib_is_missing(tmp_path, monkeypatch):
     text = (tmp_path / "r.md").read_text()
     assert "matplotlib is not installed" in text and "0.50" in text and "2.00×" in text
     assert not (tmp_path / "r.png").exists()
+
+
+# ---------------------------------------------------------------- the video source and --decode
+
+
+def test_video_source_and_decode_modes_are_recorded(tmp_path, tiny_db, capsys):
+    out = tmp_path / "video.json"
+    # synthetic: one ffmpeg-made MJPEG file (DALI decodes MJPEG on the CPU), listed many times
+    assert benchmark.main(["loader", "--source", "video", "--workers", "0", *TINY, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["source"], r["decode"], r["loader"]) == ("video", None, "dali")
+    assert r["data"].startswith("synthetic colour-coded mjpeg video") and r["samples_per_s"] > 0
+    assert benchmark.main(["loader", "--decode", "full", "--workers", "0", *TINY, "--data", tiny_db,
+                           "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["source"], r["decode"]) == ("lmdb", "full")
+    assert "lmdb (full)" in capsys.readouterr().out
+
+
+def test_a_video_index_needs_reference_data_for_the_reference_loader(tmp_path, capsys):
+    index = tmp_path / "videos.json"
+    index.write_text(json.dumps({"format": "cstp-dali-video-index", "version": 1, "root": ".", "classes": ["a"],
+                                 "videos": [dict(name="a/x", file="x.avi", label=0, frames=40, height=48,
+                                                 width=64, fps=25.0, codec="mjpeg")]}))
+    assert benchmark.main(["loader", "--loader", "reference", *TINY, "--data", str(index),
+                           "--json", str(tmp_path / "x.json")]) == 2
+    assert "pass --reference-data DB" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["loader", "--source", "lmdb", "--data", str(index)])
+    assert "does not fit --data" in capsys.readouterr().err
+    # H.264 on the CPU: the loader's refusal, as one line
+    (tmp_path / "x.mp4").write_bytes(b"\0" * 100)
+    index.write_text(index.read_text().replace("x.avi", "x.mp4").replace('"mjpeg"', '"h264"'))
+    assert benchmark.main(["loader", *TINY, "--data", str(index), "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot use the data" in err and "x.mp4: codec h264" in err and "Traceback" not in err
+
+
+def test_a_short_video_index_is_listed_several_times(tmp_path):
+    root = tmp_path / "v"
+    root.mkdir()
+    index = root / "videos.json"
+    index.write_text(json.dumps({"format": "cstp-dali-video-index", "version": 1, "root": ".", "classes": ["a"],
+                                 "videos": [dict(name=f"a/x{i}", file=f"x{i}.avi", label=0, frames=40, height=48,
+                                                 width=64, fps=25.0, codec="mjpeg") for i in range(3)]}))
+    args = benchmark.parse_args(["loader", "--data", str(index), "--steps", "3", "--warmup", "1"])
+    cfg = {"data": {"batch_size": 2}}
+    path, origin, videos, copies = benchmark.prepare_data(args, cfg, tmp_path)
+    assert copies == -(-(1 + 3 + 2) * 2 // 3) and videos == 3 * copies and "listed" in origin
+    from pipelines.video_source import read_video_index
+    metas, _, files = read_video_index(path)
+    assert [m.name for m in metas[:4]] == ["a/x0#0", "a/x1#0", "a/x2#0", "a/x0#1"]
+    assert files[3] == str(root / "x0.avi")
+
+
+# ---------------------------------------------------------------- gpu_check.sh's summary
+
+
+DMON = """#Date       Time        gpu    sm   mem   enc   dec   jpg   ofa
+#YYYYMMDD   HH:MM:SS    Idx     %     %     %     %     %     %
+ 20261126   10:00:00      0    10     1     0     0     0     0
+ 20261126   10:00:01      0    90     5     0    40     -     0
+ 20261126   10:00:02      0    80     5     0    60     -     0
+ 20261126   10:00:03      0    50     5     0     0    70     0
+"""
+SMI_CSV = """timestamp, utilization.gpu [%], utilization.decoder [%]
+2026/11/26 10:00:01.250, 90, 40
+2026/11/26 10:00:01.750, 80, 60
+"""
+
+
+def _epoch(hms: str) -> float:
+    from datetime import datetime
+    return datetime.strptime(f"20261126 {hms}", "%Y%m%d %H:%M:%S").timestamp()
+
+
+def test_gpu_utilisation_logs_are_parsed():
+    samples = benchmark.parse_gpu_utilisation(DMON)
+    assert len(samples) == 4 and samples[1] == {"t": _epoch("10:00:01"), "sm": 90.0, "dec": 40.0, "jpg": None}
+    # a run from 10:00:01.3 to 10:00:02.2 covers the samples stamped 10:00:01 and 10:00:02
+    window = benchmark.utilisation_between(samples, _epoch("10:00:01") + 0.3, _epoch("10:00:02") + 0.2)
+    assert window["samples"] == 2 and window["dec"] == (50.0, 60.0) and window["jpg"] is None
+    csv = benchmark.parse_gpu_utilisation(SMI_CSV)
+    assert [s["dec"] for s in csv] == [40.0, 60.0] and csv[0]["t"] == pytest.approx(_epoch("10:00:01") + 0.25)
+    assert benchmark.parse_gpu_utilisation("garbage\nno header here\n") == []
+
+
+def _run(samples_per_s, **kw):
+    return dict(samples_per_s=samples_per_s, frames_per_s=32 * samples_per_s, data_wait_fraction=None,
+                host_rss_mb=100.0, batch=kw.pop("batch", 32), precision="bf16", channels_last=False,
+                device="gpu", data="test data", **kw)
+
+
+def test_gpu_check_summary_holds_every_headline_figure(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir(), out.mkdir()
+    for b, scale in ((32, 1.0), (64, 2.0)):
+        results = {"loader_dali": _run(1000 * scale, batch=b), "loader_reference": _run(100 * scale, batch=b),
+                   "model": _run(200 * scale, batch=b), "e2e": {**_run(190 * scale, batch=b),
+                                                                 "data_wait_fraction": 0.02}}
+        (work / f"all_lmdb_b{b}.json").write_text(json.dumps({"mode": "all", "results": results, "data": "LMDB x"}))
+        (work / f"video_loader_b{b}.json").write_text(json.dumps(_run(800 * scale, batch=b)))
+        (work / f"video_e2e_b{b}.json").write_text(json.dumps({**_run(150 * scale, batch=b),
+                                                                "data_wait_fraction": 0.2}))
+    (work / "decode_roi_b32.json").write_text(json.dumps(_run(900.0)))
+    (work / "decode_full_b32.json").write_text(json.dumps(_run(1200.0)))
+    (work / "model_fp32.json").write_text(json.dumps({**_run(50.0), "precision": "fp32"}))
+    (work / "model_bf16_cl.json").write_text(json.dumps({**_run(260.0), "channels_last": True}))
+    (work / "marks.txt").write_text(f"video_e2e_b32 {_epoch('10:00:01')} {_epoch('10:00:02')}\n"
+                                    f"all_lmdb_b32 {_epoch('10:00:03')} {_epoch('10:00:03')}\n")
+    (work / "pytest_gpu.txt").write_text("15 passed in 40.0s")
+    (out / "dmon.log").write_text(DMON)
+    (out / "gpu.csv").write_text("name\nNVIDIA H100 80GB HBM3\n")
+    lines = benchmark.gpu_check_summary(work, out)
+    text = "\n".join(lines)
+    assert "NVIDIA H100 80GB HBM3" in lines[0] and "15 passed" in text
+    table = {line.split("  ")[0]: line.split() for line in lines[lines.index(next(l for l in lines
+                                                                               if l.startswith("figure"))):]}
+    assert table["lmdb: compute-bound ratio e2e ÷ model"][-3:-1] == ["0.950", "0.950"]
+    assert table["video: compute-bound ratio e2e ÷ model"][-3:-1] == ["0.750", "0.750"]
+    assert table["lmdb: loader speed-up DALI ÷ reference (PIL, same cores)"][-3:-1] == ["10.00", "10.00"]
+    assert table["video: loader speed-up DALI ÷ reference (PIL, same cores)"][-3:-1] == ["8.00", "8.00"]
+    assert table["video: data wait in e2e"][-2:] == ["20.0%", "20.0%"]
+    assert "faster: full (1.33x)" in text and "900.0 / 1200.0" in text
+    assert "model fp32, batch 32: samples/s" in text and "model bf16 channels-last, batch 32: samples/s" in text
+    assert "model bf16, batch 32: samples/s" in text   # from the --all run
+    assert "NVDEC utilisation % (mean / max, busiest run: video_e2e_b32)" in text and "50 / 60" in text
+    assert "NVJPG utilisation % (mean / max, busiest run: all_lmdb_b32)" in text and "70 / 70" in text
+    assert lines[-1].startswith("host memory MB")
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["utilisation"]["video_e2e_b32"]["dec"] == [50.0, 60.0] and len(saved["runs"]) == 10
+    assert (out / "summary.txt").read_text() == text + "\n"
+
+
+def test_gpu_check_summary_survives_missing_runs(tmp_path):
+    lines = benchmark.gpu_check_summary(tmp_path, tmp_path)   # every run failed: still a table
+    assert any(line.startswith("figure") for line in lines) and "pytest -m gpu: not run" in "\n".join(lines)
+    assert benchmark.main(["gpu-check-summary", str(tmp_path)]) == 2
+
+
+def test_gpu_check_dry_run_past_its_budget_still_ends_with_the_summary(tmp_path, tiny_db):
+    """A trimmed --cpu-dry-run of scripts/gpu_check.sh (prepared data, a 1 s budget): the
+    machine, data and pytest steps run, every benchmark run is skipped for the budget, and
+    the summary table still comes, in the files the device tool brings back."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu-dry-run", "--data", tiny_db,
+                           "--out", str(out)], env={**os.environ, "GPU_CHECK_BUDGET_S": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    log = (out / "gpu_check.log").read_text()
+    # the repeated LMDB is written once: 12 videos, (1 + 2 + 2) × 4 samples needed -> 2 copies
+    assert "12 videos, stored 2x in" in log
+    assert "!! skipped all_lmdb_b2: past the time budget" in log and "skipped model_bf16_cl" in log
+    summary = (out / "summary.txt").read_text()
+    assert "figure" in summary and re.search(r"pytest -m gpu: \d+ (skipped|passed)", summary)
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.csv", "gpu_check.log", "results.json", "summary.txt"]

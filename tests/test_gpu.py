@@ -1,0 +1,417 @@
+"""The GPU data paths execute the same plans as the CPU paths (marker `gpu`: run them on a
+lent GPU with `pytest -m gpu`, as scripts/gpu_check.sh does; elsewhere they are collected
+and skipped).
+
+What each test pins, for the same (seed, epoch, sample):
+- LMDB pretraining pipeline, device="gpu" (nvJPEG, `mixed`; ROI and full decode) against
+  device="cpu" (libjpeg-turbo): identical labels, views within the tolerances below; on
+  colour-coded frames (R = frame, G = x, B = y) also against the analytic frames, so a
+  wrong frame, box, rotation or flip on the GPU fails even if the CPU were wrong the same way;
+- video files on GPU (H.264 written here by ffmpeg, decoded by NVDEC through
+  fn.decoders.video `mixed`) against the LMDB path on CPU built from the same files;
+- the supervised ClipLoader (train and test modes) on GPU against CPU;
+- every loader hands out CUDA tensors on cuda:local_rank.
+
+Tolerances (grey levels, 0..255), stated before any GPU run: nvJPEG and libjpeg-turbo use
+different IDCTs and chroma upsampling, GPU and CPU resampling differ in float rounding, so
+- coded frames, crop-sized boxes, no appearance: max |GPU - CPU| <= 4 (JPEG q100 4:4:4:
+  each decoder is within 3 of the true code on the CPU);
+- resampled boxes and the strong augmentation: mean |GPU - CPU| <= 2 per view;
+- H.264 (4:2:0, near-lossless) against the LMDB of the same decoded frames: mean <= 2 per
+  view (plus the frame index read back exactly from R).
+Measured on the CPU: a view of another plan (other frames and boxes) differs by 66-69 levels
+on average (test_the_tolerance_sees_a_different_plan), the same sample with and without the
+strong augmentation by 21-44; tests/test_video_path.py saw 32-72 for a missing augmentation.
+
+CSTP_GPU_TESTS_DEVICE=cpu runs the same comparisons with the CPU backend on both sides
+(MJPEG instead of H.264): it checks these tests' own code on a machine without a GPU; it
+proves nothing about the GPU.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
+from pipelines.clip_plan import ClipPlanConfig
+from pipelines.loader import LoaderSettings, PretrainLoader
+from pipelines.plan import PlanConfig, make_pretrain_plan
+from pipelines.video_source import VIDEO_INDEX_FORMAT
+from tests.lmdb_fixtures import coded_frame, coded_video, write_lmdb
+from tests.test_pretrain_pipeline import EXACT, HEIGHT, WIDTH, expected_view
+
+DEVICE = os.environ.get("CSTP_GPU_TESTS_DEVICE", "gpu")
+REPO = Path(__file__).resolve().parents[1]
+REAL_CLIP_DIRS = [REPO / "shared" / "data" / "real-clips", REPO.parent / "shared" / "data" / "real-clips"]
+REAL_CLIPS = ("v_ApplyEyeMakeup_g01_c01.avi", "demo.mp4")
+
+CODED_MAX = 4.0         # coded frames, no resampling, no appearance: max |GPU - CPU|
+ANALYTIC_MAX = 4.0      # ... and max |GPU - true code|
+VIEW_MEAN = 2.0         # resampled boxes / strong augmentation / H.264 vs LMDB: mean per view
+# H.264 4:2:0 coded frames against the true code, per channel. Measured on the CPU with
+# ffmpeg's own decode of these very files (the LMDB side of the video test): at most 1.51
+# levels (swscale sits 1.1-1.4 below the source on every channel); NVDEC's conversion may
+# sit on the other side. The same views with the flip wrong: 16 levels off in G or B.
+VIDEO_CHANNEL_MEAN = 3.0
+# The box read back from the view: mean G (x) and mean B (y) over the view are the box's
+# centre whatever the rotation and flip; in pixels (= levels). Measured: within 1.47 for the
+# ffmpeg-decoded H.264 (its colour bias), within 1 for JPEG q100. A box 3 px off fails.
+CENTRE_TOLERANCE = {"jpeg": 1.5, "h264": 2.5}
+
+
+def _skip_reason() -> str | None:
+    if DEVICE == "cpu":
+        return None
+    if DEVICE != "gpu":
+        return f"CSTP_GPU_TESTS_DEVICE must be gpu or cpu, got {DEVICE!r}"
+    # NVML, not the CUDA driver: forked DALI workers must start before CUDA is initialised
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    return None
+
+
+SKIP = _skip_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def collect(loader) -> list[dict]:
+    """One epoch, every tensor copied to the host (DALI reuses its GPU buffers)."""
+    out = [{k: v.detach().cpu().clone() for k, v in batch.items()} for batch in loader]
+    loader.close()
+    return out
+
+
+def pretrain(path, cfg, *, device, seed=3, batch_size=4, decode="roi", **kw) -> list[dict]:
+    settings = LoaderSettings(batch_size=batch_size, num_threads=2, seed=seed, decode=decode)
+    return collect(PretrainLoader(str(path), cfg, settings, device=device, **kw))
+
+
+def levels(view) -> np.ndarray:
+    """(3, T, S, S) in [-1, 1] -> (T, S, S, 3) grey levels."""
+    return view.permute(1, 2, 3, 0).numpy() * 127.5 + 127.5
+
+
+LABELS = ("spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index", "substituted")
+
+
+def assert_same_labels(a: list[dict], b: list[dict]):
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        for key in LABELS:
+            assert x[key].tolist() == y[key].tolist(), key
+
+
+def view_diffs(a: list[dict], b: list[dict]) -> list[tuple[float, float]]:
+    """(mean, max) |a - b| in grey levels for every view of every sample."""
+    out = []
+    for x, y in zip(a, b):
+        for name in ("view1", "view2"):
+            d = np.abs(x[name].numpy() - y[name].numpy()) * 127.5
+            out += [(float(s.mean()), float(s.max())) for s in d]
+    return out
+
+
+def assert_coded_geometry(got: np.ndarray, vp, *, channel_mean: float, centre: float, what=""):
+    """A view of colour-coded frames, (T, S, S, 3) levels, has the plan's frames (R, exact),
+    its box (centre from G and B) and its rotation and flip (every channel's mean distance
+    to the analytic view)."""
+    frame_codes = np.rint((got[..., 0].mean(axis=(1, 2)) - 4) / 8).astype(int)
+    assert np.array_equal(frame_codes, vp.frames % 32), (what, "frames", frame_codes, vp.frames)
+    b = vp.box
+    cx, cy = got[..., 1].mean(), got[..., 2].mean()
+    assert abs(cx - (b.x + (b.w - 1) / 2)) <= centre and abs(cy - (b.y + (b.h - 1) / 2)) <= centre, \
+        (what, "box centre", (cx, cy), b)
+    per_channel = np.abs(got - expected_view(vp)).mean(axis=(0, 1, 2))
+    assert per_channel.max() <= channel_mean, (what, "orientation", per_channel, vp.rotation, vp.flip)
+
+
+def find_ffmpeg() -> str | None:
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        return None
+
+
+def smooth_video(num_frames: int, seed: int) -> list[np.ndarray]:
+    """Colourful low-frequency frames, each different (a wrong frame shows)."""
+    rng = np.random.default_rng(seed)
+    return [np.asarray(Image.fromarray(f).resize((WIDTH, HEIGHT), Image.BICUBIC))
+            for f in rng.integers(0, 255, size=(num_frames, 6, 8, 3)).astype(np.uint8)]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+LENGTHS = [30, 64, 7, 130, 45, 90, 16, 200]
+
+
+@pytest.fixture(scope="module")
+def coded_lmdb(tmp_path_factory):
+    return write_lmdb(tmp_path_factory.mktemp("coded") / "coded.lmdb",
+                      [coded_video(n, HEIGHT, WIDTH) for n in LENGTHS])
+
+
+@pytest.fixture(scope="module")
+def smooth_lmdb(tmp_path_factory):
+    return write_lmdb(tmp_path_factory.mktemp("smooth") / "smooth.lmdb",
+                      [smooth_video(24 + 4 * i, seed=i) for i in range(8)])
+
+
+# `bash scripts/gpu_check.sh --prepare data/gpu_check` writes the real clips' LMDB here (for a
+# GPU machine without ffmpeg)
+PREPARED_REAL_LMDB = REPO / "data" / "gpu_check" / "h264.lmdb"
+
+
+@pytest.fixture(scope="module")
+def real_lmdb(tmp_path_factory):
+    """Real clips: the prepared LMDB if it is there, else two clips through `preprocessing
+    build-lmdb` (needs ffmpeg and the clips)."""
+    from preprocessing.__main__ import main as preprocessing_main
+
+    if PREPARED_REAL_LMDB.is_dir():
+        return PREPARED_REAL_LMDB
+    folder = next((d for d in REAL_CLIP_DIRS if all((d / c).exists() for c in REAL_CLIPS)), None)
+    if folder is None or shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+        pytest.skip(f"needs ffmpeg, ffprobe and {REAL_CLIPS} in one of {[str(d) for d in REAL_CLIP_DIRS]}")
+    tmp = tmp_path_factory.mktemp("real")
+    listing = tmp / "list.txt"
+    listing.write_text("".join(f"{c}\n" for c in REAL_CLIPS))
+    db = tmp / "real.lmdb"
+    assert preprocessing_main(["build-lmdb", "--videos", str(folder), "--list", str(listing), "--out", str(db),
+                               "--short-side", "96", "--quiet"]) == 0
+    return db
+
+
+# H.264 as NVDEC meets it in practice (High profile, 4:2:0, B-frames, GOP 16 as
+# `preprocessing transcode`),
+# near-lossless so that the colour code survives; BT.601 limited range, tagged, so that
+# every decoder converts it back to RGB with the matrix it was made with.
+H264 = ("h264", "mp4", ["-c:v", "libx264", "-preset", "veryfast", "-crf", "2", "-g", "16", "-pix_fmt", "yuv420p",
+                        "-vf", "scale=out_color_matrix=bt601:out_range=tv", "-colorspace", "smpte170m",
+                        "-color_primaries", "smpte170m", "-color_trc", "smpte170m", "-color_range", "tv"])
+MJPEG = ("mjpeg", "avi", ["-c:v", "mjpeg", "-q:v", "1", "-pix_fmt", "yuvj444p"])   # CPU self-check only
+
+
+@pytest.fixture(scope="module")
+def video_pair(tmp_path_factory):
+    """(video index, LMDB of the same files' frames as ffmpeg decodes them, lengths):
+    coded videos (geometry) and smooth ones (pixels), H.264 on GPU."""
+    ffmpeg = find_ffmpeg()
+    if ffmpeg is None:
+        pytest.skip("needs ffmpeg (or the imageio-ffmpeg wheel) to write H.264 files")
+    codec, ext, args = H264 if DEVICE == "gpu" else MJPEG
+    root = tmp_path_factory.mktemp("videos")
+    lengths = [30, 64, 17, 90, 45, 33]
+    entries, decoded = [], []
+    for i, n in enumerate(lengths):
+        frames = coded_video(n, HEIGHT, WIDTH) if i % 2 == 0 else smooth_video(n, seed=10 + i)
+        path = root / f"clip{i}.{ext}"
+        subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
+                        f"{WIDTH}x{HEIGHT}", "-r", "25", "-i", "-", *args, str(path)],
+                       input=b"".join(f.tobytes() for f in frames), check=True)
+        raw = subprocess.run([ffmpeg, "-loglevel", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24",
+                              "-"], capture_output=True, check=True).stdout
+        got = np.frombuffer(raw, np.uint8).reshape(-1, HEIGHT, WIDTH, 3)
+        assert len(got) == n, (path, len(got))
+        decoded.append(list(got))
+        entries.append(dict(name=f"c/clip{i}", file=path.name, label=i % 2, frames=n, height=HEIGHT, width=WIDTH,
+                            fps=25.0, codec=codec))
+    index = root / "index.json"
+    index.write_text(json.dumps({"format": VIDEO_INDEX_FORMAT, "version": 1, "root": ".", "classes": ["c0", "c1"],
+                                 "videos": entries}))
+    db = write_lmdb(root / "same.lmdb", decoded, names=[e["name"] for e in entries],
+                    labels=[e["label"] for e in entries], classes=["c0", "c1"])
+    return index, db, lengths
+
+
+# ---------------------------------------------------------------- (a) LMDB pretraining pipeline
+
+
+@pytest.mark.parametrize("decode", ["roi", "full"])
+def test_lmdb_gpu_executes_coded_plans_exactly(coded_lmdb, decode):
+    gpu = pretrain(coded_lmdb, EXACT, device=DEVICE, decode=decode)
+    cpu = pretrain(coded_lmdb, EXACT, device="cpu")
+    assert_same_labels(gpu, cpu)
+    worst = max(m for _, m in view_diffs(gpu, cpu))
+    assert worst <= CODED_MAX, worst
+    seen = set()
+    for batch in gpu:
+        for i, video in enumerate(batch["video_index"].tolist()):
+            plan = make_pretrain_plan(3, 0, video, LENGTHS[video], HEIGHT, WIDTH, EXACT)
+            assert batch["spatial_label"][i] == plan.spatial_label and batch["rot2"][i] == plan.view2.rotation
+            for name, vp in (("view1", plan.view1), ("view2", plan.view2)):
+                got = levels(batch[name][i])
+                assert np.abs(got - expected_view(vp)).max() <= ANALYTIC_MAX, (name, video, vp)
+                assert_coded_geometry(got, vp, channel_mean=ANALYTIC_MAX, centre=CENTRE_TOLERANCE["jpeg"],
+                                      what=(name, video))
+                seen.add((vp.rotation, vp.flip))
+    assert {r for r, _ in seen} == {0, 1, 2, 3} and {f for _, f in seen} == {False, True}
+
+
+@pytest.mark.parametrize("decode", ["roi", "full"])
+@pytest.mark.parametrize("strong", [0.0, 1.0])
+def test_lmdb_gpu_matches_cpu_on_smooth_frames(smooth_lmdb, decode, strong):
+    cfg = PlanConfig(frames=4, crop_size=32, strong_prob=strong, jitter_prob=1.0, grey_prob=0.5, blur_prob=0.5)
+    gpu = pretrain(smooth_lmdb, cfg, device=DEVICE, decode=decode, seed=5)
+    cpu = pretrain(smooth_lmdb, cfg, device="cpu", seed=5)
+    assert_same_labels(gpu, cpu)
+    means = [m for m, _ in view_diffs(gpu, cpu)]
+    print(f"smooth, strong={strong}, decode={decode}: mean |GPU-CPU| per view max {max(means):.3f}, "
+          f"average {np.mean(means):.3f}")
+    assert max(means) <= VIEW_MEAN
+
+
+@pytest.mark.parametrize("strong", [0.0, 1.0])
+def test_lmdb_gpu_matches_cpu_on_real_clips(real_lmdb, strong):
+    cfg = PlanConfig(frames=8, crop_size=64, strong_prob=strong)
+    gpu = pretrain(real_lmdb, cfg, device=DEVICE, batch_size=2, seed=7)
+    cpu = pretrain(real_lmdb, cfg, device="cpu", batch_size=2, seed=7)
+    assert_same_labels(gpu, cpu)
+    means = [m for m, _ in view_diffs(gpu, cpu)]
+    print(f"real clips, strong={strong}: mean |GPU-CPU| per view max {max(means):.3f}")
+    assert max(means) <= VIEW_MEAN
+
+
+def test_the_tolerance_sees_a_different_plan(smooth_lmdb):
+    """The comparison above is not blind: another seed's views are far outside it."""
+    cfg = PlanConfig(frames=4, crop_size=32, strong_prob=0.0)
+    gpu = pretrain(smooth_lmdb, cfg, device=DEVICE, seed=5, batch_size=8)
+    other = pretrain(smooth_lmdb, cfg, device="cpu", seed=6, batch_size=8)
+    assert np.mean([m for m, _ in view_diffs(gpu, other)]) > 5 * VIEW_MEAN
+
+
+# ---------------------------------------------------------------- (b) video files (NVDEC)
+
+
+@pytest.mark.parametrize("strong", [0.0, 1.0])
+def test_video_files_on_gpu_give_the_lmdb_views_of_the_same_files(video_pair, strong):
+    index, db, lengths = video_pair
+    cfg = PlanConfig(**{**EXACT.__dict__, "strong_prob": strong})
+    from_video = pretrain(index, cfg, device=DEVICE, batch_size=2, seed=11)
+    from_lmdb = pretrain(db, cfg, device="cpu", batch_size=2, seed=11)
+    assert_same_labels(from_video, from_lmdb)
+    diffs = view_diffs(from_video, from_lmdb)
+    per_channel = np.mean([np.abs(v[n].numpy() - l[n].numpy()).mean(axis=(0, 2, 3, 4)) * 127.5
+                           for v, l in zip(from_video, from_lmdb) for n in ("view1", "view2")], axis=0)
+    print(f"video vs LMDB, strong={strong}: mean per view max {max(m for m, _ in diffs):.3f}, "
+          f"per channel R/G/B {[round(float(c), 2) for c in per_channel]} (a colour-matrix mismatch shows "
+          "as a bias)")
+    assert max(m for m, _ in diffs) <= VIEW_MEAN
+    if strong:
+        return
+    checked = 0
+    for batch in from_video:   # geometry against the analytic coded frames
+        for i, video in enumerate(batch["video_index"].tolist()):
+            if video % 2:
+                continue       # smooth clips: pixels only
+            plan = make_pretrain_plan(11, 0, video, lengths[video], HEIGHT, WIDTH, cfg)
+            for name, vp in (("view1", plan.view1), ("view2", plan.view2)):
+                assert_coded_geometry(levels(batch[name][i]), vp, channel_mean=VIDEO_CHANNEL_MEAN,
+                                      centre=CENTRE_TOLERANCE["h264"], what=(name, video))
+            checked += 1
+    assert checked >= 2
+
+
+# ---------------------------------------------------------------- (c) supervised clips
+
+
+CLIP_H, CLIP_W, CLIP_CROP = 48, 64, 32
+CLIP_EXACT = ClipPlanConfig(frames=4, stride=4, crop_size=CLIP_CROP, test_short_side=CLIP_H,
+                            min_area=CLIP_CROP ** 2 / (CLIP_H * CLIP_W), max_area=CLIP_CROP ** 2 / (CLIP_H * CLIP_W),
+                            min_ratio=1.0, max_ratio=1.0, jitter_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def clip_lmdbs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("clips")
+    coded = write_lmdb(tmp / "coded.lmdb", [coded_video(n, CLIP_H, CLIP_W) for n in (5, 12, 30, 40, 25, 61)])
+    rng = np.random.default_rng(3)
+    smooth = write_lmdb(tmp / "smooth.lmdb", [
+        [np.asarray(Image.fromarray(f).resize((CLIP_W, CLIP_H), Image.BICUBIC))
+         for f in rng.integers(0, 255, size=(n, 6, 8, 3)).astype(np.uint8)] for n in (30, 20, 41, 16, 26, 33)])
+    return coded, smooth
+
+
+def clips(path, mode, cfg, device, **kw):
+    settings = ClipLoaderSettings(batch_size=3, num_threads=2, seed=2)
+    return collect(ClipLoader(str(path), mode, cfg, settings, device=device, **kw))
+
+
+@pytest.mark.parametrize("mode", ["train", "test"])
+def test_clip_loader_on_gpu_matches_cpu(clip_lmdbs, mode):
+    coded, smooth = clip_lmdbs
+    jittered = ClipPlanConfig(frames=4, stride=3, crop_size=24, test_short_side=30, jitter_prob=0.5,
+                              spatial_crops=3 if mode == "test" else 1)
+    for path, cfg, bound in ((coded, CLIP_EXACT, "max"), (smooth, jittered, "mean")):
+        gpu, cpu = clips(path, mode, cfg, DEVICE), clips(path, mode, cfg, "cpu")
+        assert len(gpu) == len(cpu) > 0
+        for g, c in zip(gpu, cpu):
+            for key in ("label", "video_index", "clip_index", "crop_index", "valid", "substituted"):
+                assert g[key].tolist() == c[key].tolist(), key
+            d = np.abs(g["clip"].numpy() - c["clip"].numpy()) * 127.5
+            if bound == "max":
+                assert d.max() <= CODED_MAX, (mode, float(d.max()))
+            else:
+                assert d.reshape(len(d), -1).mean(1).max() <= VIEW_MEAN, (mode, float(d.mean()))
+
+
+# ---------------------------------------------------------------- (d) where the batches live
+
+
+def _local_rank_and_device():
+    import torch
+
+    rank = torch.cuda.device_count() - 1 if DEVICE == "gpu" else 0   # the last GPU: not cuda:0 by accident
+    return rank, torch.device(f"cuda:{rank}") if DEVICE == "gpu" else torch.device("cpu")
+
+
+def _check_pretrain_batch(path, rank, want):
+    import torch
+
+    loader = PretrainLoader(str(path), EXACT, LoaderSettings(batch_size=2, num_threads=2, seed=1), device=DEVICE,
+                            local_rank=rank)
+    batch = next(iter(loader))
+    assert batch["view1"].device == want and batch["view2"].device == want, path
+    assert batch["view1"].dtype == torch.float32 and batch["view1"].shape == (2, 3, 8, 32, 32)
+    for key in LABELS:
+        assert batch[key].device == want and batch[key].dtype == torch.int64, key
+    loader.close()
+
+
+def test_lmdb_and_clip_loaders_hand_out_tensors_on_the_local_rank(coded_lmdb, clip_lmdbs):
+    import torch
+
+    rank, want = _local_rank_and_device()
+    _check_pretrain_batch(coded_lmdb, rank, want)
+    loader = ClipLoader(str(clip_lmdbs[0]), "train", CLIP_EXACT, ClipLoaderSettings(batch_size=2, num_threads=2),
+                        device=DEVICE, local_rank=rank)
+    batch = next(iter(loader))
+    assert all(t.device == want for t in batch.values()), {k: t.device for k, t in batch.items()}
+    assert batch["clip"].dtype == torch.float32 and batch["valid"].dtype == torch.bool
+    loader.close()
+
+
+def test_the_video_loader_hands_out_tensors_on_the_local_rank(video_pair):
+    rank, want = _local_rank_and_device()
+    _check_pretrain_batch(video_pair[0], rank, want)
+
+
+def test_the_coded_fixture_really_is_coded():
+    """The analytic oracle the GPU is compared with: R encodes the frame, G x, B y."""
+    frame = coded_frame(13, HEIGHT, WIDTH)
+    assert frame[5, 7].tolist() == [8 * 13 + 4, 7, 5]
