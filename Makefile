@@ -34,7 +34,7 @@ check-ffmpeg:
 	  exit 1; }
 
 $(DEMO_DATA)/train.txt: | $(STAMP) check-ffmpeg
-	$(PY) -m preprocessing demo-data --out $(DEMO_DATA)
+	$(PY) -m preprocessing demo-data --out $(DEMO_DATA) --videos-per-class 24
 
 $(DEMO_DB): $(DEMO_DATA)/train.txt
 	$(PY) -m preprocessing build-lmdb --videos $(DEMO_DATA)/videos --list $(DEMO_DATA)/train.txt \
