@@ -27,8 +27,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .checkpoint import CheckpointError, load_checkpoint
 from .models.r2plus1d import STAGE_CHANNELS, R2Plus1D10
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from .checkpoint import save_checkpoint
 from .losses import CSTPLossWeights, cstp_loss
 from .models.cstp_model import CSTPModel
+from .run_logs import open_metrics, open_tensorboard
 from .schedule import warmup_cosine_lr
 
 log = logging.getLogger(__name__)
@@ -365,32 +366,10 @@ class Trainer:
     # ------------------------------------------------------------------ logging
 
     def _open_metrics(self):
-        """metrics.jsonl, without records past the step we resume from (a run that
-        died after logging but before its next checkpoint would repeat them)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / "metrics.jsonl"
-        kept = []
-        if self.position.step > 0 and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= self.position.step:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by a crash
-        path.write_text("".join(line + "\n" for line in kept))
-        return open(path, "a")
+        return open_metrics(self.out_dir, self.position.step)
 
     def _open_tensorboard(self):
-        """OUT/tensorboard, or None (with one warning) when the tensorboard package is missing."""
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            log.warning("run.tensorboard: the tensorboard package is not installed (%s); "
-                        "logging to metrics.jsonl only (pip install tensorboard)", err)
-            return None
-        # purge_step: on resume, TensorBoard hides what a crashed run logged past the checkpoint
-        return SummaryWriter(str(self.out_dir / "tensorboard"),
-                             purge_step=self.position.step + 1 if self.position.step else None)
+        return open_tensorboard(self.out_dir, self.position.step)
 
     def _write_record(self, record: dict, metrics_file, tensorboard, progress):
         public = {k: v for k, v in record.items() if not k.startswith("_")}

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .checkpoint import save_checkpoint
 from .classifier import VideoClassifier
 from .metrics import VideoAverager
+from .run_logs import open_metrics, open_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -383,35 +384,15 @@ class FinetuneTrainer:
                     self.tensorboard.add_scalar(f"{group}/{key.removeprefix('val_')}", value, record["step"])
 
     def _open_tensorboard(self):
-        """OUT/tensorboard, or None (with one warning) when the tensorboard package is missing."""
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            log.warning("run.tensorboard: the tensorboard package is not installed (%s); "
-                        "logging to metrics.jsonl only (pip install tensorboard)", err)
-            return None
-        # purge_step: on resume, TensorBoard hides what a crashed run logged past the checkpoint
-        return SummaryWriter(str(self.out_dir / "tensorboard"),
-                             purge_step=self.position.step + 1 if self.position.step else None)
+        return open_tensorboard(self.out_dir, self.position.step)
 
     def _open_metrics(self):
-        """metrics.jsonl without records past the step we resume from."""
-        path = self.out_dir / "metrics.jsonl"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.position.step > 0 and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                    # a validation record at the resume step belongs to the checkpoint only if it validated
-                    if record["step"] < self.position.step or (
-                            record["step"] == self.position.step and
-                            ("val_loss" not in record or record["epoch"] <= self.validated_epoch)):
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):
-                    continue
-        path.write_text("".join(line + "\n" for line in kept))
-        return open(path, "a")
+        def keep(record):
+            # a validation record at the resume step belongs to the checkpoint only if it validated
+            return record["step"] < self.position.step or (
+                record["step"] == self.position.step and
+                ("val_loss" not in record or record["epoch"] <= self.validated_epoch))
+        return open_metrics(self.out_dir, self.position.step, keep)
 
     def save(self):
         if is_rank0():

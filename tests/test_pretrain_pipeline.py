@@ -3,7 +3,6 @@
 Frames are colour-coded (R = frame index, G = x, B = y), so the output tells which
 frames, which box, which rotation and which flip DALI applied."""
 
-import io
 
 import numpy as np
 import pytest
