@@ -30,22 +30,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_rank_torchrun_pretraining(tmp_path):
-    db = write_lmdb(tmp_path / "db.lmdb", [coded_video(20 + 5 * i, 48, 64) for i in range(16)])
-    out = tmp_path / "run"
+def torchrun_train(out, db, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), str(ROOT / "train.py"), "--out", str(out),
-           f"data.path={db}", *TINY, "max_steps=3"]
+           f"data.path={db}", *TINY, *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _, state = latest_checkpoint(out)
+    return proc
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_pretraining_resumes_mid_epoch_exactly(tmp_path):
+    """Stopped in the middle of an epoch and resumed with --resume auto, a 2-rank gloo run
+    ends with the same weights, bit for bit, as one that was never stopped."""
+    db = write_lmdb(tmp_path / "db.lmdb", [coded_video(20 + 5 * i, 48, 64) for i in range(16)])
+    stopped = tmp_path / "stopped"
+    torchrun_train(stopped, db, "max_steps=3")
+    _, state = latest_checkpoint(stopped)
     assert state["world_size"] == 2
     # 16 videos / 2 ranks / batch 4 = 2 steps per epoch: step 3 is the middle of epoch 1
     assert state["position"] == {"epoch": 1, "sample": 4, "step": 3}
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
+
+    resumed = torchrun_train(stopped, db, "max_steps=5", "--resume", "auto")
+    assert "resuming from" in resumed.stderr
+    straight = tmp_path / "straight"
+    torchrun_train(straight, db, "max_steps=5")
+    (_, after_resume), (_, uninterrupted) = latest_checkpoint(stopped), latest_checkpoint(straight)
+    assert after_resume["position"] == uninterrupted["position"] == {"epoch": 2, "sample": 4, "step": 5}
+    for name, tensor in uninterrupted["model"].items():
+        assert torch.equal(after_resume["model"][name], tensor), name
 
 
 # ---------------------------------------------------------------- gradients and shards
