@@ -24,14 +24,13 @@ from __future__ import annotations
 import logging
 import os
 
-import msgpack
 import numpy as np
 
 from .clip_plan import JITTER_KEYS, MODES, ClipPlan, ClipPlanConfig, jitter_arrays, num_test_clips, test_clip_plan, \
     train_clip_plan, val_clip_plan
-from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem, lmdb_keys
+from .lmdb_store import LmdbFrameReader, VideoMeta, lmdb_keys
 from .sharding import samples_per_rank, shard_indices
-from .sources import MAX_SUBSTITUTIONS, BadSampleError, _guard_worker_process
+from .sources import MAX_SUBSTITUTIONS, BadSampleError, _guard_worker_process, read_checked_jpegs
 from .video_source import MAX_VIDEO_BYTES
 
 log = logging.getLogger(__name__)
@@ -191,17 +190,7 @@ class ClipLmdbSource:
 
     def read_payload(self, plan: ClipPlan) -> list[bytes]:
         """The JPEG bytes of the plan's frames, or BadSampleError."""
-        meta = self.metas[plan.video]
-        try:
-            jpegs = self.reader.frames(plan.video, plan.frames)
-        except (KeyError, IndexError, ValueError, TypeError, LmdbFormatError,
-                msgpack.exceptions.UnpackException) as err:
-            raise BadSampleError(f"{type(err).__name__}: {err}") from None
-        for jpeg in set(jpegs):
-            problem = jpeg_problem(jpeg, meta.height, meta.width)
-            if problem:
-                raise BadSampleError(problem)
-        return jpegs
+        return read_checked_jpegs(self.reader, plan.video, plan.frames, self.metas[plan.video])
 
     def outputs(self, plan: ClipPlan, jpegs: list[bytes], substituted: int, valid: bool) -> tuple:
         b = plan.box

@@ -136,19 +136,12 @@ class PretrainLmdbSource:
 
     def read_sample(self, epoch: int, video: int):
         """(plan, JPEG bytes of both views' frames), or BadSampleError."""
-        meta = self.metas[video]
         try:
             plan = self.plan(epoch, video)
-            wanted = np.concatenate([plan.view1.frames, plan.view2.frames])
-            jpegs = self.reader.frames(video, wanted)
-        except (KeyError, IndexError, ValueError, TypeError, LmdbFormatError,
-                msgpack.exceptions.UnpackException) as err:
+        except (KeyError, IndexError, ValueError, TypeError) as err:
             raise BadSampleError(f"{type(err).__name__}: {err}") from None
-        for jpeg in set(jpegs):
-            problem = jpeg_problem(jpeg, meta.height, meta.width)
-            if problem:
-                raise BadSampleError(problem)
-        return plan, jpegs
+        wanted = np.concatenate([plan.view1.frames, plan.view2.frames])
+        return plan, read_checked_jpegs(self.reader, video, wanted, self.metas[video])
 
     def replacement_video(self, epoch: int, position: int, attempt: int) -> int:
         rng = np.random.default_rng([self.seed, epoch, position, attempt, 0xBAD])
@@ -159,6 +152,21 @@ class PretrainLmdbSource:
             self._reported.add(video)
             log.warning("skipping video %d (%s) of %s: %s; another sample takes its place", video,
                         self.metas[video].name, self.reader.path, err)
+
+
+def read_checked_jpegs(reader: LmdbFrameReader, video: int, frames, meta: VideoMeta) -> list[bytes]:
+    """The JPEG bytes of `frames` of `video`, each checked cheaply before DALI's decoder
+    sees it (a decoder error ends the pipeline), or BadSampleError saying what is wrong."""
+    try:
+        jpegs = reader.frames(video, frames)
+    except (KeyError, IndexError, ValueError, TypeError, LmdbFormatError,
+            msgpack.exceptions.UnpackException) as err:
+        raise BadSampleError(f"{type(err).__name__}: {err}") from None
+    for jpeg in set(jpegs):
+        problem = jpeg_problem(jpeg, meta.height, meta.width)
+        if problem:
+            raise BadSampleError(problem)
+    return jpegs
 
 
 def plan_to_arrays(plan: PretrainPlan) -> tuple[np.ndarray, ...]:

@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmark import find_ffmpeg
 from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
 from pipelines.clip_plan import ClipPlanConfig
 from pipelines.loader import LoaderSettings, PretrainLoader
@@ -134,17 +135,6 @@ def assert_coded_geometry(got: np.ndarray, vp, *, channel_mean: float, centre: f
         (what, "box centre", (cx, cy), b)
     per_channel = np.abs(got - expected_view(vp)).mean(axis=(0, 1, 2))
     assert per_channel.max() <= channel_mean, (what, "orientation", per_channel, vp.rotation, vp.flip)
-
-
-def find_ffmpeg() -> str | None:
-    found = shutil.which("ffmpeg")
-    if found:
-        return found
-    try:
-        import imageio_ffmpeg
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except (ImportError, RuntimeError):
-        return None
 
 
 def smooth_video(num_frames: int, seed: int) -> list[np.ndarray]:
