@@ -10,7 +10,7 @@ metadata so that readers never have to decode a frame to learn a video's size):
     b"__vlen__"             msgpack list of frame counts, in id order
     b"__meta__"             ours: msgpack list of dicts {name, label, frames, height, width, fps, source}
     b"__classes__"          ours: msgpack list of class names; a label indexes it
-    b"__info__"             ours: msgpack dict of build settings {format, version, short_side, fps, quality}
+    b"__info__"             ours: msgpack dict of build settings {format, version, short_side, fps, quality, encoder}
 
 LMDBs built by the reference project lack the last three; the reader then derives
 the metadata from `__order__`, each entry's msgpack header and its first frame's

@@ -105,8 +105,9 @@ def _fps(text: str) -> float:
 
 def _quality(text: str) -> int:
     value = _parse(int, text)
-    if not 2 <= value <= 31:
-        raise argparse.ArgumentTypeError(f"must be 2 (best) to 31 (worst), got {text}")
+    if not 1 <= value <= 100:  # the range per encoder is checked once the encoder is known
+        raise argparse.ArgumentTypeError(f"must be 1 to 100 (--encoder turbo) or 2 to 31 (--encoder ffmpeg), "
+                                         f"got {text}")
     return value
 
 
@@ -142,8 +143,14 @@ def _add_build_lmdb(commands) -> None:
     cmd.add_argument("--short-side", type=_short_side, metavar="N",
                      help="resize so the shorter side is N pixels, keeping the aspect (default: original size)")
     cmd.add_argument("--fps", type=_fps, metavar="F", help="resample to F frames per second (default: keep every frame)")
-    cmd.add_argument("--quality", type=_quality, default=2, metavar="Q",
-                     help="JPEG quality as ffmpeg -q:v, 2 (best, the reference's choice) to 31 (default: 2)")
+    cmd.add_argument("--encoder", choices=("turbo", "ffmpeg"), default="turbo",
+                     help="JPEG encoder: turbo = libjpeg-turbo in this process on ffmpeg's raw frames (about "
+                          "1.6x faster builds, frames ~1.3-1.8x larger at equal fidelity), ffmpeg = ffmpeg's "
+                          "MJPEG encoder, the reference's frames byte for byte (default: %(default)s)")
+    cmd.add_argument("--quality", type=_quality, metavar="Q",
+                     help="JPEG quality: with --encoder turbo libjpeg quality 1-100 (default 94, at least as "
+                          "faithful as the reference's -q:v 2); with --encoder ffmpeg its -q:v, 2 (best, the "
+                          "reference's choice) to 31 (default 2)")
     cmd.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                      help="videos decoded in parallel (default: number of CPUs, %(default)s here)")
     cmd.add_argument("--blocklist", metavar="FILE",
@@ -291,6 +298,8 @@ def run_index_videos(args, parser) -> int:
 def run_build_lmdb(args, parser) -> int:
     from .build_lmdb import BuildError, BuildInterrupted, build_lmdb  # imported here so `--help` stays fast
 
+    if args.encoder == "ffmpeg" and args.quality is not None and not 2 <= args.quality <= 31:
+        parser.error(f"argument --quality: with --encoder ffmpeg it is -q:v, 2 (best) to 31 (worst), got {args.quality}")
     require_videos_and_list(args, parser)
     if args.blocklist is not None and not Path(args.blocklist).is_file():
         parser.error(f"--blocklist {args.blocklist}: no such file")
@@ -298,7 +307,8 @@ def run_build_lmdb(args, parser) -> int:
     try:
         with _sigterm_as_interrupt():
             report = build_lmdb(args.videos, args.out, list_file=args.list, short_side=args.short_side,
-                                fps=args.fps, quality=args.quality, workers=args.workers, progress=not args.quiet,
+                                fps=args.fps, quality=args.quality, encoder=args.encoder, workers=args.workers,
+                                progress=not args.quiet,
                                 overwrite=args.overwrite, map_size=map_size, blocklist=args.blocklist)
     except BuildError as err:
         print(f"build-lmdb: error: {err}", file=sys.stderr)

@@ -43,7 +43,7 @@ from pipelines.lmdb_store import (
     VLEN_KEY, VideoMeta, jpeg_size, pack, unpack, video_key,
 )
 
-from .ffmpeg_io import VideoError, iter_jpeg_frames, probe_video
+from .ffmpeg_io import DEFAULT_QUALITY, VideoError, iter_jpeg_frames, probe_video, resolve_quality
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ class VideoJob:
 class ConvertSettings:
     short_side: int | None = None
     fps: float | None = None
-    quality: int = 2
+    quality: int = DEFAULT_QUALITY["turbo"]
+    encoder: str = "turbo"
 
 
 @dataclass
@@ -258,7 +259,7 @@ def convert_video(job: VideoJob, settings: ConvertSettings) -> ConvertedVideo | 
         info = probe_video(job.file)
         frames, total_bytes = [], 0
         for frame in iter_jpeg_frames(job.file, short_side=settings.short_side, fps=settings.fps,
-                                      quality=settings.quality, info=info):
+                                      quality=settings.quality, encoder=settings.encoder, info=info):
             total_bytes += len(frame)
             if total_bytes > MAX_VIDEO_BYTES:
                 raise VideoError(job.file, f"frames exceed {MAX_VIDEO_BYTES >> 30} GiB; "
@@ -477,7 +478,7 @@ def metadata_entries(metas: list[VideoMeta], classes: list[str], settings: Conve
     """The index entries documented in pipelines/lmdb_store.py."""
     keys = [video_key(i) for i in range(len(metas))]
     info = dict(format=FORMAT_NAME, version=FORMAT_VERSION, short_side=settings.short_side,
-                fps=settings.fps, quality=settings.quality)
+                fps=settings.fps, quality=settings.quality, encoder=settings.encoder)
     return {
         KEYS_KEY: pack(keys),
         LEN_KEY: pack(len(metas)),
@@ -499,11 +500,12 @@ def build_fingerprint(plan: BuildPlan, settings: ConvertSettings) -> dict:
                           "classes": list(plan.classes)}, sort_keys=True)
     return dict(format=FORMAT_NAME, state_version=1, videos=len(plan.jobs),
                 list_sha256=hashlib.sha256(listing.encode("utf-8")).hexdigest(),
-                short_side=settings.short_side, fps=settings.fps, quality=settings.quality)
+                short_side=settings.short_side, fps=settings.fps, quality=settings.quality,
+                encoder=settings.encoder)
 
 
 def _mismatch(previous: dict, current: dict) -> str:
-    names = {"short_side": "--short-side", "fps": "--fps", "quality": "--quality"}
+    names = {"short_side": "--short-side", "fps": "--fps", "quality": "--quality", "encoder": "--encoder"}
     parts = [f"{flag} {previous.get(key)} then, {current[key]} now" for key, flag in names.items()
              if previous.get(key) != current[key]]
     if previous.get("list_sha256") != current["list_sha256"]:
@@ -612,15 +614,18 @@ def partial_path(out_path) -> Path:
 
 # --------------------------------------------------------------------------- the build
 
-def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, quality=2, workers=None,
-               progress=True, overwrite=False, map_size=None, blocklist=None) -> dict:
+def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, quality=None, workers=None,
+               progress=True, overwrite=False, map_size=None, blocklist=None, encoder="turbo") -> dict:
     """Convert the videos under `videos_dir` into an LMDB of JPEG frames at `out_path`.
 
     list_file: optional `path [label ...]` lines (relative to videos_dir) that pick the
         videos and their order; without it every video file under videos_dir is used,
         sorted, labelled by its folder.
-    short_side / fps / quality: frame size (shorter side in pixels), frame rate, and
-        JPEG quality (ffmpeg -q:v, 2 best..31); None keeps the source size / rate.
+    short_side / fps: frame size (shorter side in pixels) and frame rate; None keeps
+        the source size / rate.
+    encoder / quality: the JPEG encoder, "turbo" (libjpeg-turbo, quality 1..100, default
+        94) or "ffmpeg" (ffmpeg's MJPEG encoder, -q:v 2 best..31, default 2); see
+        preprocessing/ffmpeg_io.py.
     workers: decoding processes (default: all CPUs). map_size: initial LMDB map size
         in bytes (default: estimated from the sources; it doubles whenever full).
     blocklist: a file of videos not to convert (`path<TAB>reason` lines, as `validate`
@@ -644,8 +649,12 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
         raise BuildError(f"list file not found: {list_file}")
     if blocklist is not None and not Path(blocklist).is_file():
         raise BuildError(f"blocklist not found: {blocklist}")
+    try:
+        quality = resolve_quality(encoder, quality)
+    except ValueError as err:
+        raise BuildError(str(err)) from None
     settings = ConvertSettings(short_side=None if short_side is None else int(short_side),
-                               fps=None if fps is None else float(fps), quality=int(quality))
+                               fps=None if fps is None else float(fps), quality=quality, encoder=encoder)
     _validate_settings(settings)
     check_output(out, overwrite)
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
@@ -724,8 +733,6 @@ def _validate_settings(settings: ConvertSettings) -> None:
         raise BuildError(f"short side must be at least 2 pixels, got {settings.short_side}")
     if settings.fps is not None and not settings.fps > 0:
         raise BuildError(f"fps must be positive, got {settings.fps}")
-    if not 2 <= settings.quality <= 31:
-        raise BuildError(f"quality (ffmpeg -q:v) must be 2 (best) to 31 (worst), got {settings.quality}")
 
 
 def _convert_all(plan: BuildPlan, done: Progress, blocked: _Blocked, settings, workers, writer: LmdbWriter,
@@ -778,7 +785,7 @@ def _report(videos_dir, list_file, out, settings, workers, plan, metas, failures
         "blocklist": None if blocklist is None else str(blocklist),
         "out": str(out),
         "settings": dict(short_side=settings.short_side, fps=settings.fps, quality=settings.quality,
-                         workers=workers),
+                         encoder=settings.encoder, workers=workers),
         "counts": dict(found=n_found, ok=len(metas), failed=len(failures),
                        frames=sum(m.frames for m in metas)),
         "blocklisted": sum(1 for f in failures if f.reason.startswith("blocklisted")),

@@ -1,14 +1,16 @@
 """Benchmark: our `build-lmdb` against the reference project's route to an LMDB.
 
-    python scripts/bench_preprocessing.py --videos 8 --workers 2
+    python scripts/bench_preprocessing.py --videos 24 --workers 2 --footage ../shared/data/real-clips
 
-Generates N clips like Kinetics-400's (10 s, 30 fps, short side 320, H.264; test
-pattern plus per-frame noise so the frames compress like camera footage), then
-times on the same clips and the same number of worker processes:
+Makes N clips like Kinetics-400's (10 s, 30 fps, short side 320, H.264): cut from
+the real videos in --footage (looped to length), or without it a test pattern
+plus per-frame noise. Then times, on the same clips and the same number of
+worker processes:
 
-  ours       python -m preprocessing build-lmdb --short-side 320 --fps 30 --quality 2
-             (one ffmpeg per video streams JPEGs through a pipe; the main process
-             writes them into the LMDB as they come)
+  ours       python -m preprocessing build-lmdb --short-side 320 --fps 30 [--encoder E]
+             (one ffmpeg per video decodes; with the default turbo encoder it hands
+             raw YUV frames to the worker, which encodes them with libjpeg-turbo at
+             quality 94; the main process writes each video into the LMDB)
   reference  the reference's two steps (spec 4.3 / 4.4): `extract_frames_kin.py`,
              i.e. per video ffprobe for the size, then
              `ffmpeg -i V -r 30 -q:v 2 -vf scale=-1:320 DIR/%05d.jpg` (a pool of W
@@ -17,7 +19,9 @@ times on the same clips and the same number of worker processes:
              class. (Its missing map_size is given here, or it could not run.)
 
 Reports wall time, videos/s per core (videos / seconds / workers) and the ratio,
-and checks that both databases hold the same number of frames per video. With
+each database's size and how faithful its frames are (RGB PSNR against the
+source decoded at the same size, on a sample of frames), and checks that both
+databases hold the same number of frames per video. With
 --cold the reference's packer reads the JPEG files from disk (they are evicted
 from the page cache first, untimed), as it must at Kinetics scale. Both
 routes run back to back in one run (--repeats alternates their order); on a
@@ -58,23 +62,47 @@ def make_clip(path: Path, seconds: float, short_side: int, fps: int, seed: int) 
                     "-movflags", "+faststart", str(path)], check=True)
 
 
-def make_clips(root: Path, n: int, seconds: float, short_side: int, fps: int, workers: int) -> list[Path]:
+def make_clip_from_footage(path: Path, seconds: float, short_side: int, fps: int, source: str) -> None:
+    """A clip like Kinetics-400's cut from real footage: looped to `seconds`, short side
+    `short_side` (even long side), `fps`, H.264 yuv420p, no audio."""
+    # Looped with the loop filter after resampling (not -stream_loop, which never ends on
+    # AVIs with packed B-frames), then stamped afresh at `fps`.
+    scale = f"scale='if(gte(iw,ih),-2,{short_side})':'if(gte(iw,ih),{short_side},-2)'"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", source, "-an",
+                    "-vf", f"fps={fps},{scale},loop=loop=-1:size=32767:start=0,setpts=N/{fps}/TB",
+                    "-frames:v", str(int(round(seconds * fps))),
+                    "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
+                    "-movflags", "+faststart", str(path)], check=True)
+
+
+def make_clips(root: Path, n: int, seconds: float, short_side: int, fps: int, workers: int,
+               footage: list[str] | None = None) -> list[Path]:
     jobs = []
     for i in range(n):
         path = root / f"class_{i % 4}" / f"clip_{i:04d}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
-        jobs.append((path, seconds, short_side, fps, i + 1))
+        last = footage[i % len(footage)] if footage else i + 1
+        jobs.append((path, seconds, short_side, fps, last))
     with Pool(workers) as pool:
-        pool.starmap(make_clip, jobs)
+        pool.starmap(make_clip_from_footage if footage else make_clip, jobs)
     return [job[0] for job in jobs]
+
+
+def find_footage(folder: str) -> list[str]:
+    found = sorted(str(p) for p in Path(folder).iterdir()
+                   if p.suffix.lower() in {".mp4", ".mkv", ".avi", ".webm", ".mov"})
+    if not found:
+        raise SystemExit(f"--footage {folder}: no video files there")
+    return found
 
 
 # --------------------------------------------------------------------------- ours
 
-def run_ours(videos: Path, out: Path, short_side: int, fps: int, workers: int) -> dict:
+def run_ours(videos: Path, out: Path, short_side: int, fps: int, workers: int, encoder: str) -> dict:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "preprocessing", "build-lmdb", "--videos", str(videos), "--out", str(out),
-                    "--short-side", str(short_side), "--fps", str(fps), "--quality", "2", "--workers", str(workers),
+                    "--short-side", str(short_side), "--fps", str(fps), "--workers", str(workers),
+                    "--encoder", encoder,
                     "--quiet"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return dict(seconds=time.perf_counter() - started)
 
@@ -163,6 +191,35 @@ def run_reference(videos: Path, clips: list[Path], work: Path, out: Path, short_
 
 # --------------------------------------------------------------------------- checks and report
 
+def fidelity_psnr(db: Path, clips: list[Path], short_side: int, fps: int, every: int = 15, videos: int = 4) -> float:
+    """RGB PSNR (dB) of the database's frames against the source decoded by ffmpeg at
+    the same size and rate, over every `every`-th frame of the first `videos` clips:
+    how faithful the stored JPEGs are, whichever encoder made them."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    env = lmdb.open(str(db), readonly=True, lock=False)
+    with env.begin() as txn:
+        order = [str(n) for n in msgpack.loads(txn.get(b"__order__"), raw=False)]
+        errors = []
+        for clip in clips[:videos]:
+            index = next(i for i, name in enumerate(order) if name.split("/")[-1] == clip.stem)
+            jpegs = msgpack.loads(txn.get(b"%09d" % index), raw=False)
+            first = Image.open(io.BytesIO(jpegs[0]))
+            width, height = first.size
+            raw = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(clip),
+                                  "-vf", f"fps={fps},scale={width}:{height}", "-pix_fmt", "rgb24", "-f", "rawvideo",
+                                  "-"], capture_output=True, check=True).stdout
+            truth = np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
+            for i in range(0, min(len(jpegs), len(truth)), every):
+                stored = np.asarray(Image.open(io.BytesIO(jpegs[i])).convert("RGB"), dtype=np.float64)
+                errors.append(np.mean((stored - truth[i]) ** 2))
+    env.close()
+    return float(10 * np.log10(255 ** 2 / np.mean(errors)))
+
+
 def frames_per_video(db: Path) -> dict[str, int]:
     env = lmdb.open(str(db), readonly=True, lock=False)
     with env.begin() as txn:
@@ -202,6 +259,11 @@ def main() -> int:
     parser.add_argument("--cold", action="store_true",
                         help="the reference's packer reads its JPEG files from disk, not from the page cache, as "
                              "on a dataset whose frames exceed RAM (eviction time is not counted)")
+    parser.add_argument("--encoder", choices=("turbo", "ffmpeg"), default="turbo",
+                        help="our build-lmdb's JPEG encoder, at its default quality (default: %(default)s)")
+    parser.add_argument("--footage", metavar="DIR",
+                        help="cut the clips from the real videos in DIR (looped to --seconds, scaled, re-encoded; "
+                             "e.g. ../shared/data/real-clips) instead of a noisy test pattern")
     parser.add_argument("--work", help="scratch folder (default: a new temporary folder, deleted at the end)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
@@ -212,9 +274,11 @@ def main() -> int:
         print(f"machine: {machine()}")
         videos = work / "videos"
         started = time.perf_counter()
-        clips = make_clips(videos, args.videos, args.seconds, args.short_side, args.fps, args.workers)
+        footage = find_footage(args.footage) if args.footage else None
+        clips = make_clips(videos, args.videos, args.seconds, args.short_side, args.fps, args.workers, footage)
         size = sum(c.stat().st_size for c in clips)
-        print(f"clips: {len(clips)} x {args.seconds:g} s, {args.fps} fps, short side {args.short_side}, "
+        origin = f"cut from {len(footage)} real videos in {args.footage}" if footage else "noisy test pattern"
+        print(f"clips ({origin}): {len(clips)} x {args.seconds:g} s, {args.fps} fps, short side {args.short_side}, "
               f"{size / len(clips) / 1e6:.2f} MB each (made in {time.perf_counter() - started:.1f} s)")
 
         runs = {"ours": [], "reference": []}
@@ -223,11 +287,13 @@ def main() -> int:
             for route in order:
                 out = work / f"{route}_{repeat}.lmdb"
                 if route == "ours":
-                    result = run_ours(videos, out, args.short_side, args.fps, args.workers)
+                    result = run_ours(videos, out, args.short_side, args.fps, args.workers, args.encoder)
                 else:
                     result = run_reference(videos, clips, work, out, args.short_side, args.fps, args.workers,
                                            args.cold)
                 result["frames"] = frames_per_video(out)
+                if repeat == 0:
+                    result["psnr_db"] = fidelity_psnr(out, clips, args.short_side, args.fps)
                 result["db_bytes"] = sum(p.stat().st_size for p in out.rglob("data.mdb"))
                 runs[route].append(result)
                 extra = (f" (extract {result['extract_seconds']:.2f} s + pack {result['pack_seconds']:.2f} s"
@@ -244,14 +310,16 @@ def main() -> int:
         for route, results in runs.items():
             seconds = statistics.median(r["seconds"] for r in results)
             summary[route] = dict(seconds=seconds, videos_per_s_per_core=args.videos / seconds / args.workers,
-                                  runs=[round(r["seconds"], 3) for r in results])
+                                  runs=[round(r["seconds"], 3) for r in results], db_bytes=results[0]["db_bytes"],
+                                  psnr_db=results[0]["psnr_db"])
         ratio = summary["ours"]["videos_per_s_per_core"] / summary["reference"]["videos_per_s_per_core"]
         print(f"frames per video identical in both databases: {same} "
               f"({sum(ours_frames.values())} frames in all)")
         for route in ("ours", "reference"):
             s = summary[route]
             print(f"{route:9s}: {s['videos_per_s_per_core']:.3f} videos/s per core "
-                  f"(median {s['seconds']:.2f} s over {len(s['runs'])} run(s), {args.workers} workers)")
+                  f"(median {s['seconds']:.2f} s over {len(s['runs'])} run(s), {args.workers} workers); "
+                  f"DB {s['db_bytes'] / 1e6:.1f} MB, frames vs source {s['psnr_db']:.2f} dB PSNR")
         print(f"ratio ours / reference: {ratio:.2f}x")
         if args.json:
             Path(args.json).write_text(json.dumps(dict(machine=machine(), args=vars(args), summary=summary,

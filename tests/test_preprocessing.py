@@ -219,17 +219,18 @@ def test_fps_resampling_changes_the_frame_count(clip_2s, fps, expected):
     assert len(read_all_frames(clip_2s, fps=fps, short_side=24)) == expected
 
 
-def test_quality_changes_the_jpeg_size(clip_2s):
-    best = read_all_frames(clip_2s, quality=2)
-    worst = read_all_frames(clip_2s, quality=31)
-    assert sum(map(len, worst)) < sum(map(len, best))
+@pytest.mark.parametrize("encoder, best, worst", [("ffmpeg", 2, 31), ("turbo", 95, 20)])
+def test_quality_changes_the_jpeg_size(clip_2s, encoder, best, worst):
+    best_frames = read_all_frames(clip_2s, quality=best, encoder=encoder)
+    worst_frames = read_all_frames(clip_2s, quality=worst, encoder=encoder)
+    assert sum(map(len, worst_frames)) < sum(map(len, best_frames))
 
 
 def test_frame_limits_are_enforced(clip_2s):
     with pytest.raises(VideoError, match="limit of 10"):  # known from the container before decoding
         list(iter_jpeg_frames(clip_2s, max_frames=10))
     with pytest.raises(VideoError, match="exceeds 100 bytes"):
-        list(iter_jpeg_frames(clip_2s, max_jpeg_bytes=100))
+        list(iter_jpeg_frames(clip_2s, max_jpeg_bytes=100, encoder="ffmpeg"))
 
 
 def test_stopping_early_stops_ffmpeg(clip_2s):
@@ -330,7 +331,7 @@ def test_build_writes_every_index_entry_consistently(built_db):
     assert unpack(entries[b"__vlen__"]) == [EXPECTED_FRAMES[name] for name in names]
     assert unpack(entries[b"__classes__"]) == ["alpha", "beta"]
     assert unpack(entries[b"__info__"]) == dict(format=lmdb_store.FORMAT_NAME, version=lmdb_store.FORMAT_VERSION,
-                                                short_side=32, fps=None, quality=2)
+                                                short_side=32, fps=None, quality=94, encoder="turbo")
     metas = unpack(entries[b"__meta__"])
     assert [m["name"] for m in metas] == names
     assert [m["label"] for m in metas] == [0, 0, 0, 1, 1]
@@ -559,7 +560,9 @@ def test_cli_refuses_to_overwrite(videos_dir, built_db):
     (["--videos", "/no/such/folder", "--out", "x.lmdb"], "no such folder"),
     (["--out", "x.lmdb"], "--videos"),
     (["--videos", ".", "--out", "x.lmdb", "--short-side", "0"], "--short-side"),
-    (["--videos", ".", "--out", "x.lmdb", "--quality", "99"], "--quality"),
+    (["--videos", ".", "--out", "x.lmdb", "--quality", "101"], "--quality"),
+    (["--videos", ".", "--out", "x.lmdb", "--encoder", "ffmpeg", "--quality", "94"], "--quality"),
+    (["--videos", ".", "--out", "x.lmdb", "--encoder", "pillow"], "--encoder"),
     (["--videos", ".", "--out", "x.lmdb", "--fps", "abc"], "--fps"),
     (["--videos", ".", "--out", "x.lmdb", "--workers", "0"], "--workers"),
     (["--videos", ".", "--out", "x.lmdb", "--list", "/no/such/list.txt"], "no such file"),
