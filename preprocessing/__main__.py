@@ -144,9 +144,9 @@ def _add_build_lmdb(commands) -> None:
                      help="resize so the shorter side is N pixels, keeping the aspect (default: original size)")
     cmd.add_argument("--fps", type=_fps, metavar="F", help="resample to F frames per second (default: keep every frame)")
     cmd.add_argument("--encoder", choices=("turbo", "ffmpeg"), default="turbo",
-                     help="JPEG encoder: turbo = libjpeg-turbo in this process on ffmpeg's raw frames (about "
-                          "1.6x faster builds, frames ~1.3-1.8x larger at equal fidelity), ffmpeg = ffmpeg's "
-                          "MJPEG encoder, the reference's frames byte for byte (default: %(default)s)")
+                     help="JPEG encoder: turbo = libjpeg-turbo in the worker on ffmpeg's raw frames (builds "
+                          "~1.6x faster than the reference's route, database ~1.5x larger at equal fidelity); "
+                          "ffmpeg = ffmpeg's MJPEG encoder, as the reference (default: %(default)s)")
     cmd.add_argument("--quality", type=_quality, metavar="Q",
                      help="JPEG quality: with --encoder turbo libjpeg quality 1-100 (default 94, at least as "
                           "faithful as the reference's -q:v 2); with --encoder ffmpeg its -q:v, 2 (best, the "
