@@ -43,7 +43,7 @@ from pipelines.lmdb_store import (
     VLEN_KEY, VideoMeta, jpeg_size, pack, unpack, video_key,
 )
 
-from .ffmpeg_io import DEFAULT_QUALITY, VideoError, iter_jpeg_frames, probe_video, resolve_quality
+from .ffmpeg_io import DEFAULT_QUALITY, VideoError, iter_jpeg_frames, probe_video, resolve_quality, turbo_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -651,7 +651,9 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
         raise BuildError(f"blocklist not found: {blocklist}")
     try:
         quality = resolve_quality(encoder, quality)
-    except ValueError as err:
+        if encoder == "turbo":
+            turbo_encoder()  # refuse now, not once per video
+    except (ValueError, RuntimeError) as err:
         raise BuildError(str(err)) from None
     settings = ConvertSettings(short_side=None if short_side is None else int(short_side),
                                fps=None if fps is None else float(fps), quality=quality, encoder=encoder)

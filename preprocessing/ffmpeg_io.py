@@ -445,7 +445,7 @@ def iter_jpeg_frames(path, short_side=None, fps=None, quality=None, *, encoder: 
     if width * height > MAX_FRAME_PIXELS:
         raise VideoError(info["path"], f"frames of {width}x{height} pixels are above the limit of "
                                        f"{MAX_FRAME_PIXELS} pixels; use --short-side")
-    encode = _turbo_encoder() if encoder == "turbo" else None
+    encode = turbo_encoder() if encoder == "turbo" else None
     args = build_extract_args(info["path"], info, short_side, fps, quality, encoder)
     process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stderr_tail = _drain_in_background(process.stderr)
@@ -538,10 +538,11 @@ class _RawYuvStream:
         return None
 
 
-def _turbo_encoder():
+def turbo_encoder():
+    """simplejpeg's YUV-planes encoder; RuntimeError with what to do when it is not installed."""
     try:
         import simplejpeg
-    except ImportError:  # pragma: no cover - a dependency of the package
+    except ImportError:  # a dependency of the package, but a bare machine may lack it
         raise RuntimeError("the turbo JPEG encoder needs the simplejpeg package (`pip install simplejpeg`); "
                            "or use --encoder ffmpeg") from None
     return simplejpeg.encode_jpeg_yuv_planes

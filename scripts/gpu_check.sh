@@ -140,8 +140,11 @@ make_data() {  # make_data DIR: NVDEC-friendly H.264 copies of $CLIPS, their ind
     # the index names its folder relative to itself, so the folder can travel
     run "$PYTHON" -c 'import json, sys; p = sys.argv[1]; i = json.load(open(p)); i["root"] = "h264"
 json.dump(i, open(p, "w"), indent=1)' "$dir/h264.json" && VIDEOS="$dir/h264.json"
+  # libjpeg-turbo through simplejpeg when that package came along, else ffmpeg's encoder
+  local encoder=turbo
+  "$PYTHON" -c 'import simplejpeg' 2>/dev/null || encoder=ffmpeg
   [ -d "$dir/h264" ] && run "$PYTHON" -m preprocessing build-lmdb --videos "$dir/h264" --out "$dir/h264.lmdb" \
-      --workers "$(nproc)" --quiet && DATA="$dir/h264.lmdb"
+      --encoder "$encoder" --workers "$(nproc)" --quiet && DATA="$dir/h264.lmdb"
 }
 
 if [ -n "$PREPARE" ]; then

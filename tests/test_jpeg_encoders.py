@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import msgpack
@@ -194,3 +195,14 @@ def test_build_records_the_encoder_and_refuses_to_resume_with_another(tmp_path):
     writer.close()
     with pytest.raises(BuildError, match="--encoder ffmpeg then, turbo now"):
         build_lmdb(videos, other, short_side=32, quality=2, workers=1, progress=False)
+
+
+def test_a_missing_simplejpeg_is_refused_before_any_video(tmp_path, monkeypatch):
+    videos = tmp_path / "videos"
+    make_clip(videos / "a" / "x.mp4")
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # `import simplejpeg` now raises ImportError
+    with pytest.raises(BuildError, match="simplejpeg.*--encoder ffmpeg"):
+        build_lmdb(videos, tmp_path / "db.lmdb", progress=False)
+    assert not (tmp_path / "db.lmdb").exists() and not (tmp_path / "db.lmdb.partial").exists()
+    report = build_lmdb(videos, tmp_path / "db.lmdb", encoder="ffmpeg", workers=1, progress=False)
+    assert report["counts"]["ok"] == 1
