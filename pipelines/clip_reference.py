@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .clip_plan import ClipPlan
 from .clip_source import CLIP_OUTPUTS, ClipLmdbSource
-from .reference_executor import apply_appearance, crop_and_resize
+from .reference_executor import SourceBackedDataset, apply_appearance, crop_and_resize
 
 
 def execute_clip_reference(jpegs: list[bytes], plan: ClipPlan) -> np.ndarray:
@@ -31,7 +31,7 @@ def execute_clip_reference(jpegs: list[bytes], plan: ClipPlan) -> np.ndarray:
     return np.ascontiguousarray(scaled.transpose(3, 0, 1, 2))
 
 
-class ReferenceClipDataset(Dataset):
+class ReferenceClipDataset(SourceBackedDataset):
     """Item `position` = the sample the DALI source produces at that position of this
     rank's `epoch`: the source picks the item, draws the plan and substitutes bad videos,
     so the two executors cannot drift apart."""
@@ -43,15 +43,8 @@ class ReferenceClipDataset(Dataset):
         self.source = source
         self.epoch = epoch
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.source.per_rank
-
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        if not 0 <= position < len(self):
-            raise IndexError(f"position {position} outside this rank's {len(self)} samples")
+        self.check_position(position)
         plan, jpegs, substituted, valid = self.source.sample(self.epoch, position)
         item = {"clip": torch.from_numpy(execute_clip_reference(jpegs, plan))}
         values = (plan.label, plan.video, plan.clip_index, valid, substituted, plan.crop_index)

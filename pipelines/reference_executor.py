@@ -116,7 +116,25 @@ def execute_view_reference(jpegs: list[bytes], view: ViewPlan, crop_size: int) -
 # ---------------------------------------------------------------- dataset
 
 
-class ReferencePretrainDataset(Dataset):
+class SourceBackedDataset(Dataset):
+    """A map-style dataset over one rank's epoch of a DALI source (`self.source`): item
+    `position` is the sample the source produces at that position of `self.epoch`."""
+
+    source = None
+    epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.source.per_rank
+
+    def check_position(self, position: int) -> None:
+        if not 0 <= position < len(self):
+            raise IndexError(f"position {position} outside this rank's {len(self)} samples")
+
+
+class ReferencePretrainDataset(SourceBackedDataset):
     """Item `position` = the sample the DALI source produces at that position of this
     rank's epoch. The plan logic is not copied: a `PretrainLmdbSource` inside picks the
     video and draws the plan, so the two executors cannot drift apart."""
@@ -130,15 +148,8 @@ class ReferencePretrainDataset(Dataset):
         self.plan_cfg = plan_cfg
         self.epoch = epoch
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.source.per_rank
-
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        if not 0 <= position < len(self):
-            raise IndexError(f"position {position} outside this rank's {len(self)} samples")
+        self.check_position(position)
         video = self.source.video_for(self.epoch, position)
         plan = self.source.plan(self.epoch, video)
         # One read for both views, as the DALI source does (a read unpacks the whole video).
