@@ -298,8 +298,11 @@ def run_index_videos(args, parser) -> int:
 def run_build_lmdb(args, parser) -> int:
     from .build_lmdb import BuildError, BuildInterrupted, build_lmdb  # imported here so `--help` stays fast
 
-    if args.encoder == "ffmpeg" and args.quality is not None and not 2 <= args.quality <= 31:
-        parser.error(f"argument --quality: with --encoder ffmpeg it is -q:v, 2 (best) to 31 (worst), got {args.quality}")
+    from .ffmpeg_io import resolve_quality
+    try:
+        resolve_quality(args.encoder, args.quality)  # its range depends on the encoder
+    except ValueError as err:
+        parser.error(f"argument --quality: {err}")
     require_videos_and_list(args, parser)
     if args.blocklist is not None and not Path(args.blocklist).is_file():
         parser.error(f"--blocklist {args.blocklist}: no such file")

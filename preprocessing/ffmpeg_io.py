@@ -6,9 +6,9 @@ Frames come out of ONE ffmpeg process per video, in one of two ways (`encoder`):
   4:2:0 frames to a pipe (brought to JPEG's full range: see raw_frame_format);
   this process encodes each frame with libjpeg-turbo (`simplejpeg`) straight
   from the Y/U/V planes, with no RGB round trip. About 3x cheaper per frame than
-  ffmpeg's own MJPEG encoder; at
-  quality 94 the frames are at least as close to the source as the reference's
-  `-q:v 2` ones, and about 1.5x larger (README, "Performance").
+  ffmpeg's own MJPEG encoder; at quality 94 the frames are at least as close to
+  the source as the reference's `-q:v 2` ones, and about 1.5x larger (README,
+  "Performance").
 - "ffmpeg": ffmpeg's MJPEG encoder writes an `image2pipe` stream, which
   `JpegStreamSplitter` cuts into the individual JPEG files: the reference's
   encoder and quality scale (`-q:v`), so the reference's frame sizes in bytes.
