@@ -1,9 +1,14 @@
 """The LMDB of JPEG frames: its on-disk format and a reader.
 
-Format (compatible with the reference project's `make_lmdb_kin.py`, plus our own
-metadata so that readers never have to decode a frame to learn a video's size):
+Format (the reference project's `make_lmdb_kin.py` keys, plus our own metadata so
+that readers never have to decode a frame to learn a video's size):
 
-    b"%09d" % video_id      msgpack list of the video's JPEG frames (raw bytes), in order
+    b"%09d" % video_id      the video's JPEG frames, in order, in one of two layouts:
+                            version 2 (ours, written by build-lmdb): a frame table and
+                              the frames back to back (see pack_frames), so a reader
+                              slices out the planned frames without touching the rest;
+                            version 1 (ours before, and the reference's): a msgpack list
+                              of the frames (raw bytes), read and unpacked whole
     b"__keys__"             msgpack list of those keys, in id order
     b"__len__"              msgpack int, the number of videos
     b"__order__"            msgpack list of names ("class/video", no extension), in id order
@@ -13,18 +18,36 @@ metadata so that readers never have to decode a frame to learn a video's size):
     b"__info__"             ours: msgpack dict of build settings {format, version, short_side, fps, quality, encoder}
 
 LMDBs built by the reference project lack the last three; the reader then derives
-the metadata from `__order__`, each entry's msgpack header and its first frame's
-JPEG header, or takes it from a reference list file (pipelines/reference_lmdb.py).
+the metadata from `__order__`, each entry's header and its first frame's JPEG
+header, or takes it from a reference list file (pipelines/reference_lmdb.py).
+`__info__`'s version says the layout of the video entries; without it, version 1.
+`python -m preprocessing convert` rewrites a version 1 database as version 2.
+
+Version 2 entry, all integers little-endian:
+
+    bytes 0..3      b"CSF2"
+    bytes 4..7      uint32 n, the number of frames
+    then            n + 1 uint64 offsets from the start of the entry: frame i is
+                    bytes offsets[i]..offsets[i+1]; offsets[0] = 8 + 8(n+1), offsets[n] = the entry's length
+    then            the frames' JPEG bytes, back to back
+
+LMDB stores such an entry in consecutive overflow pages of the memory map: reading
+32 frames of a 230-frame video faults in about the frames' own pages, and with
+`buffers=True` the frames reach DALI as slices of the map, copied once (by DALI).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 from dataclasses import dataclass
 
 import lmdb
 import msgpack
+import numpy as np
+
+log = logging.getLogger(__name__)
 
 KEYS_KEY = b"__keys__"
 LEN_KEY = b"__len__"
@@ -34,7 +57,10 @@ META_KEY = b"__meta__"
 CLASSES_KEY = b"__classes__"
 INFO_KEY = b"__info__"
 FORMAT_NAME = "cstp-dali-lmdb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # what build-lmdb and convert write
+WHOLE_VIDEO_VERSION = 1     # a msgpack list per video (ours before, and the reference's)
+FRAME_TABLE_MAGIC = b"CSF2"
+_FRAME_TABLE_HEAD = 8       # magic + uint32 frame count
 
 # A sane ceiling for anything we size from file contents (frames per video).
 MAX_FRAMES_PER_VIDEO = 1_000_000
@@ -50,6 +76,54 @@ def pack(obj) -> bytes:
 
 def unpack(data: bytes):
     return msgpack.unpackb(data, raw=False)
+
+
+def pack_frames(frames) -> bytes:
+    """A version 2 video entry: the frame table, then the frames back to back."""
+    n = len(frames)
+    if n > MAX_FRAMES_PER_VIDEO:
+        raise ValueError(f"{n} frames: more than {MAX_FRAMES_PER_VIDEO}")
+    lengths = np.fromiter((len(f) for f in frames), dtype=np.uint64, count=n)
+    offsets = np.empty(n + 1, dtype="<u8")
+    offsets[0] = _FRAME_TABLE_HEAD + 8 * (n + 1)
+    np.cumsum(lengths, out=offsets[1:])
+    offsets[1:] += offsets[0]
+    return b"".join([FRAME_TABLE_MAGIC, np.uint32(n).astype("<u4").tobytes(), offsets.tobytes(), *frames])
+
+
+def frame_table(entry) -> np.ndarray:
+    """The n + 1 offsets of a version 2 entry (bytes or a buffer), checked against its
+    length; LmdbFormatError for anything else."""
+    size = len(entry)
+    if size < _FRAME_TABLE_HEAD or entry[:4] != FRAME_TABLE_MAGIC:
+        raise LmdbFormatError("entry is not a version 2 frame table (no CSF2 header)")
+    n = int.from_bytes(entry[4:8], "little")
+    end_of_table = _FRAME_TABLE_HEAD + 8 * (n + 1)
+    if n > MAX_FRAMES_PER_VIDEO or end_of_table > size:
+        raise LmdbFormatError(f"entry's frame table ({n} frames) does not fit its {size} bytes")
+    offsets = np.frombuffer(entry, dtype="<u8", count=n + 1, offset=_FRAME_TABLE_HEAD)
+    if offsets[0] != end_of_table or offsets[-1] != size or not (offsets[1:] >= offsets[:-1]).all():
+        raise LmdbFormatError("entry's frame offsets are out of order or do not match its length")
+    return offsets
+
+
+def entry_frames(entry) -> list:
+    """Every frame of a video entry of either layout (bytes or slices of `entry`);
+    LmdbFormatError when it is neither. For tools that read whole videos (verify,
+    convert); training reads planned frames with LmdbFrameReader."""
+    if bytes(entry[:4]) == FRAME_TABLE_MAGIC:
+        offsets = frame_table(entry).tolist()
+        view = memoryview(entry)
+        return [view[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    try:
+        # raw=True: frames packed as msgpack str by old msgpack versions come back as bytes too.
+        frames = msgpack.unpackb(entry, raw=True)
+    except Exception as err:  # noqa: BLE001 - msgpack raises several kinds for foreign data
+        raise LmdbFormatError(f"entry is neither a frame table nor msgpack ({type(err).__name__})") from None
+    if not isinstance(frames, list) or len(frames) > MAX_FRAMES_PER_VIDEO or \
+            not all(isinstance(f, bytes) for f in frames):
+        raise LmdbFormatError("entry is not a list of JPEG frames")
+    return frames
 
 
 @dataclass(frozen=True)
@@ -119,32 +193,59 @@ def shared_env(path: str) -> lmdb.Environment:
     return env
 
 
-def jpeg_problem(jpeg: bytes, height: int, width: int) -> str | None:
-    """Why a stored frame must not reach DALI's decoder, or None. Cheap checks only
-    (markers and header, no decode): a decoder error inside a DALI pipeline ends
-    the pipeline, so truncated or foreign data is caught here."""
+def jpeg_problem(jpeg, height: int, width: int) -> str | None:
+    """Why a stored frame (bytes or a buffer) must not reach DALI's decoder, or None.
+    Cheap checks only (markers and header, no decode): a decoder error inside a DALI
+    pipeline ends the pipeline, so truncated or foreign data is caught here."""
     if len(jpeg) < 64:
         return f"frame of {len(jpeg)} bytes is too short to be a JPEG"
     if jpeg[:2] != b"\xff\xd8":
         return "frame does not start with a JPEG marker"
-    if b"\xff\xd9" not in jpeg[-32:]:
+    if b"\xff\xd9" not in bytes(jpeg[-32:]):
         return "frame is truncated (no JPEG end marker)"
     try:
         size = jpeg_size(jpeg)
-    except Exception as err:  # noqa: BLE001 - PIL raises several kinds for a bad header
+    except ValueError as err:
         return f"unreadable JPEG header ({err})"
     if size != (height, width):
         return f"frame is {size[1]}x{size[0]}, metadata says {width}x{height}"
     return None
 
 
-def jpeg_size(jpeg: bytes) -> tuple[int, int]:
-    """(height, width) from a JPEG header, without decoding the image."""
-    from PIL import Image
+# Start-of-frame markers (SOF0..SOF15 except DHT, JPG and DAC), which carry the size.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_MAX_HEADER_SEGMENTS = 256
 
-    with Image.open(io.BytesIO(jpeg)) as im:
-        width, height = im.size
-    return height, width
+
+def jpeg_size(jpeg) -> tuple[int, int]:
+    """(height, width) from a JPEG's frame header (bytes or a buffer), without decoding
+    the image: walks the marker segments up to the first SOF. ValueError when there is
+    none before the scan, or the segments run past the data."""
+    view = memoryview(jpeg)
+    size = len(view)
+    if size < 4 or view[0] != 0xFF or view[1] != 0xD8:
+        raise ValueError("no JPEG start marker")
+    pos = 2
+    for _ in range(_MAX_HEADER_SEGMENTS):
+        if pos + 4 > size:
+            break
+        if view[pos] != 0xFF:
+            raise ValueError(f"no marker at byte {pos}")
+        marker = view[pos + 1]
+        if marker == 0xFF:              # fill byte
+            pos += 1
+            continue
+        if marker in _SOF_MARKERS:
+            if pos + 9 > size:
+                break
+            height, width = view[pos + 5] << 8 | view[pos + 6], view[pos + 7] << 8 | view[pos + 8]
+            if not height or not width:
+                raise ValueError(f"frame header says {width}x{height}")
+            return height, width
+        if marker in (0xD9, 0xDA):
+            raise ValueError("no frame header before the image data")
+        pos += 2 + (view[pos + 2] << 8 | view[pos + 3])
+    raise ValueError("no frame header within the data")
 
 
 def read_metadata(path: str, list_path: str | None = None) -> tuple[list[VideoMeta], list[str]]:
@@ -152,6 +253,7 @@ def read_metadata(path: str, list_path: str | None = None) -> tuple[list[VideoMe
     list), the listed videos of a reference-project LMDB, found by name."""
     from .reference_lmdb import metadata_from_list, metadata_without_list
 
+    note_layout(path)
     if list_path:
         return metadata_from_list(path, list_path)
     with shared_env(path).begin(buffers=False) as txn:
@@ -166,28 +268,94 @@ def read_metadata(path: str, list_path: str | None = None) -> tuple[list[VideoMe
         return metadata_without_list(txn, path)
 
 
+_whole_video_warned: set[str] = set()
+
+
+def layout_version(path: str) -> int:
+    """The layout of a database's video entries: __info__'s version, 1 without one."""
+    with shared_env(path).begin(buffers=False) as txn:
+        raw = txn.get(INFO_KEY)
+    try:
+        info = unpack(raw) if raw is not None else {}
+        return int(info.get("version", WHOLE_VIDEO_VERSION)) if isinstance(info, dict) else WHOLE_VIDEO_VERSION
+    except Exception:  # noqa: BLE001 - foreign __info__: treat as the old layout
+        return WHOLE_VIDEO_VERSION
+
+
+def note_layout(path: str) -> int:
+    """The layout version; for the old one, one log line per database and process
+    saying what it costs and how to convert."""
+    version = layout_version(path)
+    if version < FORMAT_VERSION and path not in _whole_video_warned:
+        _whole_video_warned.add(path)
+        log.warning("%s has the whole-video layout (version %d, or a reference-built LMDB): every sample reads and "
+                    "unpacks all of its video's frames to keep the few it needs. Convert it once with "
+                    "`python -m preprocessing convert --db %s --out NEW` (version %d reads only the planned "
+                    "frames)", path, version, path, FORMAT_VERSION)
+    return version
+
+
 class LmdbFrameReader:
-    """Reads selected JPEG frames of a video. Picklable: the environment is opened
-    lazily in whichever process reads (DALI worker processes included)."""
+    """Reads selected JPEG frames of a video, from entries of either layout (told
+    apart by their first bytes). Picklable: the environment is opened lazily in
+    whichever process reads (DALI worker processes included).
+
+    Version 2 entries come back as memoryviews into LMDB's memory map, not copies.
+    They stay valid while the read transaction that returned them lives: the reader
+    keeps one per process open for its whole life (a read-only database never
+    changes under it, so this costs nothing), hence a frame handed to DALI is still
+    valid when DALI copies it into its own buffer, the one copy on this path."""
 
     def __init__(self, path: str, keys: list[int] | None = None):
         self.path = path
         # keys[video] = its LMDB entry id, when the videos are a list's selection of
         # a database (a reference-project LMDB read through its list file).
         self.keys = keys
+        self._txn = None
+        self._txn_pid = None
 
-    def all_frames(self, video_id: int) -> list[bytes]:
-        entry = self.keys[video_id] if self.keys is not None else video_id
-        with shared_env(self.path).begin(buffers=False) as txn:
-            raw = txn.get(video_key(entry))
+    def __getstate__(self):
+        return {"path": self.path, "keys": self.keys}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["keys"])
+
+    def _read_txn(self):
+        if self._txn_pid != os.getpid():   # new, or inherited through fork: not usable here
+            self._txn = shared_env(self.path).begin(buffers=True)
+            self._txn_pid = os.getpid()
+        return self._txn
+
+    def entry(self, video_id: int):
+        """The video's raw entry, a buffer into the map (KeyError when missing)."""
+        key = video_key(self.keys[video_id] if self.keys is not None else video_id)
+        try:
+            raw = self._read_txn().get(key)
+        except lmdb.Error:   # the environment was closed under us (a rebuilt database): reopen once
+            self._txn_pid = None
+            raw = self._read_txn().get(key)
         if raw is None:
-            raise KeyError(f"{self.path}: no entry for video {video_id} (key {video_key(entry).decode()})")
-        frames = unpack(raw)
-        if not isinstance(frames, list) or len(frames) > MAX_FRAMES_PER_VIDEO:
-            raise LmdbFormatError(f"{self.path}: entry {video_id} is not a list of JPEG frames")
-        return frames
+            raise KeyError(f"{self.path}: no entry for video {video_id} (key {key.decode()})")
+        return raw
 
-    def frames(self, video_id: int, indices) -> list[bytes]:
-        """The JPEG bytes of the given frame indices (repeats allowed)."""
-        frames = self.all_frames(video_id)
-        return [frames[int(i)] for i in indices]
+    def all_frames(self, video_id: int) -> list:
+        try:
+            return entry_frames(self.entry(video_id))
+        except LmdbFormatError as err:
+            raise LmdbFormatError(f"{self.path}: entry {video_id}: {err}") from None
+
+    def frames(self, video_id: int, indices) -> list:
+        """The JPEG bytes of the given frame indices (repeats allowed): buffers into the
+        map for version 2 entries, bytes for version 1 ones. IndexError for a frame
+        the video does not have."""
+        raw = self.entry(video_id)
+        if raw[:4] != FRAME_TABLE_MAGIC:
+            frames = unpack(raw)
+            if not isinstance(frames, list) or len(frames) > MAX_FRAMES_PER_VIDEO:
+                raise LmdbFormatError(f"{self.path}: entry {video_id} is not a list of JPEG frames")
+            return [frames[int(i)] for i in indices]
+        offsets = frame_table(raw)
+        wanted = np.asarray(indices, dtype=np.int64)
+        if wanted.size and (wanted.min() < 0 or wanted.max() >= len(offsets) - 1):
+            raise IndexError(f"frame {int(wanted.max())} of a video with {len(offsets) - 1} frames")
+        return [raw[a:b] for a, b in zip(offsets[wanted].tolist(), offsets[wanted + 1].tolist())]

@@ -154,15 +154,17 @@ class PretrainLmdbSource:
                         self.metas[video].name, self.reader.path, err)
 
 
-def read_checked_jpegs(reader: LmdbFrameReader, video: int, frames, meta: VideoMeta) -> list[bytes]:
-    """The JPEG bytes of `frames` of `video`, each checked cheaply before DALI's decoder
-    sees it (a decoder error ends the pipeline), or BadSampleError saying what is wrong."""
+def read_checked_jpegs(reader: LmdbFrameReader, video: int, frames, meta: VideoMeta) -> list:
+    """The JPEG bytes of `frames` of `video` (slices of the LMDB map, not copies, on
+    the version 2 layout), each checked cheaply before DALI's decoder sees it (a
+    decoder error ends the pipeline), or BadSampleError saying what is wrong."""
     try:
         jpegs = reader.frames(video, frames)
     except (KeyError, IndexError, ValueError, TypeError, LmdbFormatError,
             msgpack.exceptions.UnpackException) as err:
         raise BadSampleError(f"{type(err).__name__}: {err}") from None
-    for jpeg in set(jpegs):
+    # Each distinct frame once, told apart by index (hashing the JPEG bytes would read them all).
+    for jpeg in dict(zip(np.asarray(frames).tolist(), jpegs)).values():
         problem = jpeg_problem(jpeg, meta.height, meta.width)
         if problem:
             raise BadSampleError(problem)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from pipelines.lmdb_store import (
     CLASSES_KEY, FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY,
-    VLEN_KEY, VideoMeta, jpeg_size, pack, unpack, video_key,
+    VLEN_KEY, WHOLE_VIDEO_VERSION, VideoMeta, jpeg_size, pack, pack_frames, unpack, video_key,
 )
 
 from .ffmpeg_io import DEFAULT_QUALITY, VideoError, iter_jpeg_frames, probe_video, resolve_quality, turbo_encoder
@@ -83,6 +83,7 @@ class ConvertSettings:
     fps: float | None = None
     quality: int = DEFAULT_QUALITY["turbo"]
     encoder: str = "turbo"
+    layout: int = FORMAT_VERSION   # of the video entries: 2 = frame table (ours), 1 = msgpack list (the reference's)
 
 
 @dataclass
@@ -477,7 +478,7 @@ def _delete_prefix(txn, prefix: bytes) -> None:
 def metadata_entries(metas: list[VideoMeta], classes: list[str], settings: ConvertSettings) -> dict:
     """The index entries documented in pipelines/lmdb_store.py."""
     keys = [video_key(i) for i in range(len(metas))]
-    info = dict(format=FORMAT_NAME, version=FORMAT_VERSION, short_side=settings.short_side,
+    info = dict(format=FORMAT_NAME, version=settings.layout, short_side=settings.short_side,
                 fps=settings.fps, quality=settings.quality, encoder=settings.encoder)
     return {
         KEYS_KEY: pack(keys),
@@ -501,11 +502,12 @@ def build_fingerprint(plan: BuildPlan, settings: ConvertSettings) -> dict:
     return dict(format=FORMAT_NAME, state_version=1, videos=len(plan.jobs),
                 list_sha256=hashlib.sha256(listing.encode("utf-8")).hexdigest(),
                 short_side=settings.short_side, fps=settings.fps, quality=settings.quality,
-                encoder=settings.encoder)
+                encoder=settings.encoder, layout=settings.layout)
 
 
 def _mismatch(previous: dict, current: dict) -> str:
-    names = {"short_side": "--short-side", "fps": "--fps", "quality": "--quality", "encoder": "--encoder"}
+    names = {"short_side": "--short-side", "fps": "--fps", "quality": "--quality", "encoder": "--encoder",
+             "layout": "--layout"}
     parts = [f"{flag} {previous.get(key)} then, {current[key]} now" for key, flag in names.items()
              if previous.get(key) != current[key]]
     if previous.get("list_sha256") != current["list_sha256"]:
@@ -615,7 +617,8 @@ def partial_path(out_path) -> Path:
 # --------------------------------------------------------------------------- the build
 
 def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, quality=None, workers=None,
-               progress=True, overwrite=False, map_size=None, blocklist=None, encoder="turbo") -> dict:
+               progress=True, overwrite=False, map_size=None, blocklist=None, encoder="turbo",
+               layout=FORMAT_VERSION) -> dict:
     """Convert the videos under `videos_dir` into an LMDB of JPEG frames at `out_path`.
 
     list_file: optional `path [label ...]` lines (relative to videos_dir) that pick the
@@ -630,6 +633,9 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
         in bytes (default: estimated from the sources; it doubles whenever full).
     blocklist: a file of videos not to convert (`path<TAB>reason` lines, as `validate`
         writes); they are listed as failed with that reason.
+    layout: the video entries' layout (pipelines/lmdb_store.py): 2 (default), a frame
+        table that lets a reader touch only the planned frames; 1, the msgpack list the
+        reference project's own loader reads.
 
     The database is built at `<out_path>.partial`, one video per transaction, and
     renamed to out_path when complete. If a `.partial` from an interrupted build with
@@ -655,8 +661,11 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
             turbo_encoder()  # refuse now, not once per video
     except (ValueError, RuntimeError) as err:
         raise BuildError(str(err)) from None
+    if layout not in (WHOLE_VIDEO_VERSION, FORMAT_VERSION):
+        raise BuildError(f"layout must be {WHOLE_VIDEO_VERSION} or {FORMAT_VERSION}, got {layout}")
     settings = ConvertSettings(short_side=None if short_side is None else int(short_side),
-                               fps=None if fps is None else float(fps), quality=quality, encoder=encoder)
+                               fps=None if fps is None else float(fps), quality=quality, encoder=encoder,
+                               layout=int(layout))
     _validate_settings(settings)
     check_output(out, overwrite)
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
@@ -756,7 +765,8 @@ def _convert_all(plan: BuildPlan, done: Progress, blocked: _Blocked, settings, w
                     logger.warning("skipped %s: %s", result.job.source, result.reason)
                 else:
                     meta = _video_meta(result)
-                    writer.write([(video_key(len(metas)), pack(result.frames)),
+                    entry = pack_frames(result.frames) if settings.layout == FORMAT_VERSION else pack(result.frames)
+                    writer.write([(video_key(len(metas)), entry),
                                   (job_record_key(index), pack(dict(ok=True, meta=meta.to_dict())))])
                     metas.append(meta)
                 bar.update(1)
@@ -787,7 +797,7 @@ def _report(videos_dir, list_file, out, settings, workers, plan, metas, failures
         "blocklist": None if blocklist is None else str(blocklist),
         "out": str(out),
         "settings": dict(short_side=settings.short_side, fps=settings.fps, quality=settings.quality,
-                         encoder=settings.encoder, workers=workers),
+                         encoder=settings.encoder, layout=settings.layout, workers=workers),
         "counts": dict(found=n_found, ok=len(metas), failed=len(failures),
                        frames=sum(m.frames for m in metas)),
         "blocklisted": sum(1 for f in failures if f.reason.startswith("blocklisted")),

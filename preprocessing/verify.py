@@ -5,8 +5,9 @@ Checks, each problem reported with the video's name:
     len(__vlen__) (== len(__meta__) when present); __keys__ are %09d keys of ids 0..n-1
     (in id order for our databases; the reference project lists them in class order);
   - every key has an entry, and no video entry is left out of __keys__;
-  - each entry is a msgpack list of bytes whose length matches __vlen__ and __meta__
-    ("frames"), and __order__ matches __meta__ ("name");
+  - each entry is in the layout __info__ names (version 2: a frame table whose offsets
+    fit the entry; version 1 or none: a msgpack list of bytes), its frame count matches
+    __vlen__ and __meta__ ("frames"), and __order__ matches __meta__ ("name");
   - every frame (or --sample K frames per video, first and last included) passes
     lmdb_store.jpeg_problem (markers, header, size = metadata) and decodes with PIL.
 Then a size summary: LMDB bytes, and with --videos the source videos' bytes
@@ -24,8 +25,8 @@ from pathlib import Path
 import msgpack
 
 from pipelines.lmdb_store import (
-    CLASSES_KEY, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY, VLEN_KEY, MAX_FRAMES_PER_VIDEO, jpeg_problem, jpeg_size,
-    shared_env, video_key,
+    CLASSES_KEY, FORMAT_VERSION, FRAME_TABLE_MAGIC, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY, VLEN_KEY,
+    LmdbFormatError, entry_frames, jpeg_problem, jpeg_size, layout_version, shared_env, video_key,
 )
 
 _VIDEO_KEY = re.compile(rb"^\d{9}$")
@@ -70,6 +71,7 @@ def verify_db(db_path, videos_dir=None, sample: int | None = None, progress: boo
         env = shared_env(db_path)  # the process-wide read-only environment (py-lmdb opens a database once)
     except Exception as err:  # noqa: BLE001 - lmdb.Error and friends
         raise VerifyError(f"cannot open {db_path} as an LMDB: {err}") from None
+    layout = layout_version(db_path)
     problems: list[dict] = []
 
     def problem(video: str, text: str) -> None:
@@ -140,14 +142,13 @@ def verify_db(db_path, videos_dir=None, sample: int | None = None, progress: boo
                     continue
                 value_bytes += len(raw)
                 try:
-                    frames = _unpack(raw)
-                except Exception as err:  # noqa: BLE001
-                    problem(name, f"entry is not msgpack ({type(err).__name__})")
+                    frames = entry_frames(raw)
+                except LmdbFormatError as err:
+                    problem(name, str(err))
                     continue
-                if not isinstance(frames, list) or len(frames) > MAX_FRAMES_PER_VIDEO or \
-                        not all(isinstance(f, bytes) for f in frames):
-                    problem(name, "entry is not a list of JPEG bytes")
-                    continue
+                if (raw[:4] == FRAME_TABLE_MAGIC) != (layout >= FORMAT_VERSION):
+                    problem(name, f"entry is in layout {FORMAT_VERSION if raw[:4] == FRAME_TABLE_MAGIC else 1}, "
+                                  f"__info__ says version {layout}")
                 if not frames:
                     problem(name, "no frames")
                     continue
@@ -195,7 +196,7 @@ def verify_db(db_path, videos_dir=None, sample: int | None = None, progress: boo
                      ratio=round(db_bytes / source_bytes, 3) if source_bytes else None)
         if not ours:
             sizes["note"] = "no __meta__ (a reference-built LMDB): sources unknown"
-    return dict(db=db_path, videos=count, frames=frames_total, frames_checked=frames_checked,
+    return dict(db=db_path, layout=layout, videos=count, frames=frames_total, frames_checked=frames_checked,
                 sample=sample, problems=problems, sizes=sizes, missing_sources=missing_sources,
                 seconds=round(time.perf_counter() - start, 2))
 

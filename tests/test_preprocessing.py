@@ -338,7 +338,9 @@ def test_build_writes_every_index_entry_consistently(built_db):
     assert [m["source"] for m in metas] == ["alpha/a0.mp4", "alpha/a1.mp4", "alpha/a2.mkv", "beta/b0.mp4", "beta/b1.avi"]
     assert all(m["fps"] == 25.0 for m in metas)
     for video_id, meta in enumerate(metas):
-        frames = unpack(entries[video_key(video_id)])
+        entry = entries[video_key(video_id)]
+        frames = [bytes(f) for f in lmdb_store.entry_frames(entry)]
+        assert entry[:4] == lmdb_store.FRAME_TABLE_MAGIC and lmdb_store.pack_frames(frames) == entry  # layout 2
         assert len(frames) == meta["frames"] == EXPECTED_FRAMES[meta["name"]]
         assert min(meta["height"], meta["width"]) == 32
         for frame in (frames[0], frames[-1]):

@@ -15,6 +15,7 @@ import lmdb
 import msgpack
 import pytest
 
+from pipelines.lmdb_store import entry_frames, pack_frames
 from preprocessing.build_lmdb import build_lmdb
 from preprocessing.probe import pts_irregular, rates_differ, read_table
 from preprocessing.validate import judge
@@ -375,11 +376,15 @@ def test_verify_passes_a_good_database(good_db):
     assert result.returncode == 0 and "(6 checked)" in result.stdout
 
 
+def _frames(raw) -> list[bytes]:
+    return [bytes(f) for f in entry_frames(raw)]
+
+
 def test_verify_finds_a_truncated_frame(good_db, tmp_path):
     def cut_frame(txn):
-        frames = _unpack(txn.get(b"000000000"))
+        frames = _frames(txn.get(b"000000000"))
         frames[3] = frames[3][: len(frames[3]) // 2]
-        txn.put(b"000000000", _pack(frames))
+        txn.put(b"000000000", pack_frames(frames))
     bad = _corrupt_copy(good_db[0], tmp_path / "bad.lmdb", cut_frame)
     result = run_cli("verify", "--db", str(bad), "--report", str(tmp_path / "r.json"))
     assert result.returncode == 1
@@ -406,8 +411,8 @@ def test_verify_finds_count_mismatches(good_db, tmp_path):
         vlen = _unpack(txn.get(b"__vlen__"))
         vlen[2] += 1
         txn.put(b"__vlen__", _pack(vlen))
-        frames = _unpack(txn.get(b"000000001"))
-        txn.put(b"000000001", _pack(frames[:-1]))  # drop a frame: __meta__ and __vlen__ both disagree
+        frames = _frames(txn.get(b"000000001"))
+        txn.put(b"000000001", pack_frames(frames[:-1]))  # drop a frame: __meta__ and __vlen__ both disagree
         txn.put(b"__len__", _pack(4))
         metas = _unpack(txn.get(b"__meta__"))
         metas[0]["label"] = 7
@@ -420,6 +425,33 @@ def test_verify_finds_count_mismatches(good_db, tmp_path):
     assert "problem a/clip1: 3 frames stored, __meta__ says 4" in result.stdout
     assert "problem (index): index lengths disagree" in result.stdout and "__len__=4" in result.stdout
     assert "problem a/clip0: label 7 is not an index into the 2 classes" in result.stdout
+
+
+def test_verify_checks_the_frame_table_and_the_layout(good_db, tmp_path):
+    def damage(txn):
+        entry = bytearray(txn.get(b"000000000"))
+        entry[8 + 8 * 2:8 + 8 * 3] = (10 ** 9).to_bytes(8, "little")  # frame 1 ends past the entry
+        txn.put(b"000000000", bytes(entry))
+        txn.put(b"000000002", _pack(_frames(txn.get(b"000000002"))))  # a version 1 entry in a version 2 database
+    bad = _corrupt_copy(good_db[0], tmp_path / "bad.lmdb", damage)
+    result = run_cli("verify", "--db", str(bad))
+    assert result.returncode == 1
+    assert "problem a/clip0: entry's frame offsets are out of order or do not match its length" in result.stdout
+    assert "problem b/clip2: entry is in layout 1, __info__ says version 2" in result.stdout
+    assert "2 PROBLEMS" in result.stdout
+
+
+def test_verify_reads_the_whole_video_layout(good_db, tmp_path):
+    from preprocessing.verify import verify_db
+
+    def to_v1(txn):
+        for key in (b"000000000", b"000000001", b"000000002"):
+            txn.put(key, _pack(_frames(txn.get(key))))
+        info = _unpack(txn.get(b"__info__"))
+        txn.put(b"__info__", _pack({**info, "version": 1}))
+    old = _corrupt_copy(good_db[0], tmp_path / "v1.lmdb", to_v1)
+    report = verify_db(old)
+    assert report["problems"] == [] and report["layout"] == 1 and report["frames_checked"] == 15
 
 
 def test_verify_api_in_a_process_that_already_reads_the_database(good_db):
