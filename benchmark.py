@@ -1209,6 +1209,9 @@ def gpu_check_summary(work: Path, out: Path) -> list[str]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["source"]:   # the host side of a data path alone: bench/host_source.py
+        from bench.host_source import main as source_main
+        return source_main(argv[1:])
     if argv[:1] == ["gpu-check-summary"]:   # used by scripts/gpu_check.sh: gpu-check-summary WORK OUT
         if len(argv) != 3:
             print("usage: benchmark.py gpu-check-summary WORK_DIR OUT_DIR", file=sys.stderr)

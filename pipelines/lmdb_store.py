@@ -3,12 +3,13 @@
 Format (the reference project's `make_lmdb_kin.py` keys, plus our own metadata so
 that readers never have to decode a frame to learn a video's size):
 
-    b"%09d" % video_id      the video's JPEG frames, in order, in one of two layouts:
-                            version 2 (ours, written by build-lmdb): a frame table and
-                              the frames back to back (see pack_frames), so a reader
-                              slices out the planned frames without touching the rest;
+    b"%09d" % video_id      the video's frames, in one of two layouts:
+                            version 2 (ours, written by build-lmdb): a small header,
+                              b"CSF2" + uint32 little-endian n (the number of frames),
+                              and each frame i under its own key below;
                             version 1 (ours before, and the reference's): a msgpack list
-                              of the frames (raw bytes), read and unpacked whole
+                              of the video's JPEG frames (raw bytes), in order
+    b"%09d/%06d" % (video_id, i)   version 2: frame i's JPEG bytes
     b"__keys__"             msgpack list of those keys, in id order
     b"__len__"              msgpack int, the number of videos
     b"__order__"            msgpack list of names ("class/video", no extension), in id order
@@ -23,17 +24,14 @@ header, or takes it from a reference list file (pipelines/reference_lmdb.py).
 `__info__`'s version says the layout of the video entries; without it, version 1.
 `python -m preprocessing convert` rewrites a version 1 database as version 2.
 
-Version 2 entry, all integers little-endian:
-
-    bytes 0..3      b"CSF2"
-    bytes 4..7      uint32 n, the number of frames
-    then            n + 1 uint64 offsets from the start of the entry: frame i is
-                    bytes offsets[i]..offsets[i+1]; offsets[0] = 8 + 8(n+1), offsets[n] = the entry's length
-    then            the frames' JPEG bytes, back to back
-
-LMDB stores such an entry in consecutive overflow pages of the memory map: reading
-32 frames of a 230-frame video faults in about the frames' own pages, and with
-`buffers=True` the frames reach DALI as slices of the map, copied once (by DALI).
+Why a key per frame: a sample needs 2T of a video's ~300 frames. py-lmdb touches
+every page of a value it returns (it pre-faults values so that page faults happen
+without the GIL), so reading one frame out of a whole-video value pulls the whole
+video from storage. A frame of its own is its own overflow pages: a reader faults in
+about the bytes it needs (plus a leaf page per few hundred frames), and with
+`buffers=True` the frames reach DALI as read-only slices of the map, copied once
+(by DALI). Frame keys sort right after their video's key, so a video's frames stay
+together.
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 from dataclasses import dataclass
 
 import lmdb
@@ -59,8 +58,8 @@ INFO_KEY = b"__info__"
 FORMAT_NAME = "cstp-dali-lmdb"
 FORMAT_VERSION = 2          # what build-lmdb and convert write
 WHOLE_VIDEO_VERSION = 1     # a msgpack list per video (ours before, and the reference's)
-FRAME_TABLE_MAGIC = b"CSF2"
-_FRAME_TABLE_HEAD = 8       # magic + uint32 frame count
+VIDEO_HEADER_MAGIC = b"CSF2"   # a version 2 video entry: magic + uint32 frame count
+_VIDEO_HEADER_SIZE = 8
 
 # A sane ceiling for anything we size from file contents (frames per video).
 MAX_FRAMES_PER_VIDEO = 1_000_000
@@ -78,48 +77,50 @@ def unpack(data: bytes):
     return msgpack.unpackb(data, raw=False)
 
 
-def pack_frames(frames) -> bytes:
-    """A version 2 video entry: the frame table, then the frames back to back."""
-    n = len(frames)
-    if n > MAX_FRAMES_PER_VIDEO:
-        raise ValueError(f"{n} frames: more than {MAX_FRAMES_PER_VIDEO}")
-    lengths = np.fromiter((len(f) for f in frames), dtype=np.uint64, count=n)
-    offsets = np.empty(n + 1, dtype="<u8")
-    offsets[0] = _FRAME_TABLE_HEAD + 8 * (n + 1)
-    np.cumsum(lengths, out=offsets[1:])
-    offsets[1:] += offsets[0]
-    return b"".join([FRAME_TABLE_MAGIC, np.uint32(n).astype("<u4").tobytes(), offsets.tobytes(), *frames])
+def frame_key(entry: int, index: int) -> bytes:
+    """Version 2: the key of frame `index` of the video stored under entry id `entry`."""
+    return b"%09d/%06d" % (entry, index)
 
 
-def frame_table(entry) -> np.ndarray:
-    """The n + 1 offsets of a version 2 entry (bytes or a buffer), checked against its
-    length; LmdbFormatError for anything else."""
-    size = len(entry)
-    if size < _FRAME_TABLE_HEAD or entry[:4] != FRAME_TABLE_MAGIC:
-        raise LmdbFormatError("entry is not a version 2 frame table (no CSF2 header)")
-    n = int.from_bytes(entry[4:8], "little")
-    end_of_table = _FRAME_TABLE_HEAD + 8 * (n + 1)
-    if n > MAX_FRAMES_PER_VIDEO or end_of_table > size:
-        raise LmdbFormatError(f"entry's frame table ({n} frames) does not fit its {size} bytes")
-    offsets = np.frombuffer(entry, dtype="<u8", count=n + 1, offset=_FRAME_TABLE_HEAD)
-    if offsets[0] != end_of_table or offsets[-1] != size or not (offsets[1:] >= offsets[:-1]).all():
-        raise LmdbFormatError("entry's frame offsets are out of order or do not match its length")
-    return offsets
+def video_entries(entry: int, frames) -> list[tuple[bytes, bytes]]:
+    """The (key, value) pairs of a version 2 video: its header, then every frame."""
+    if len(frames) > MAX_FRAMES_PER_VIDEO:
+        raise ValueError(f"{len(frames)} frames: more than {MAX_FRAMES_PER_VIDEO}")
+    header = VIDEO_HEADER_MAGIC + len(frames).to_bytes(4, "little")
+    return [(video_key(entry), header), *((frame_key(entry, i), bytes(f)) for i, f in enumerate(frames))]
 
 
-def entry_frames(entry) -> list:
-    """Every frame of a video entry of either layout (bytes or slices of `entry`);
-    LmdbFormatError when it is neither. For tools that read whole videos (verify,
-    convert); training reads planned frames with LmdbFrameReader."""
-    if bytes(entry[:4]) == FRAME_TABLE_MAGIC:
-        offsets = frame_table(entry).tolist()
-        view = memoryview(entry)
-        return [view[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+def header_frames(raw) -> int | None:
+    """A version 2 video entry's frame count; None for a version 1 entry (not a
+    header); LmdbFormatError for a broken header."""
+    if raw[:4] != VIDEO_HEADER_MAGIC:
+        return None
+    n = int.from_bytes(raw[4:8], "little")
+    if len(raw) != _VIDEO_HEADER_SIZE or n > MAX_FRAMES_PER_VIDEO:
+        raise LmdbFormatError(f"broken version 2 video header ({len(raw)} bytes, {n} frames)")
+    return n
+
+
+def read_video_frames(txn, entry: int) -> list:
+    """Every frame of a video entry of either layout (KeyError when it is missing,
+    LmdbFormatError when it is neither layout or a frame is missing). For tools that
+    read whole videos (verify, convert); training reads planned frames with
+    LmdbFrameReader."""
+    raw = txn.get(video_key(entry))
+    if raw is None:
+        raise KeyError(f"entry {video_key(entry).decode()} is missing")
+    n = header_frames(raw)
+    if n is not None:
+        frames = [txn.get(frame_key(entry, i)) for i in range(n)]
+        missing = [i for i, f in enumerate(frames) if f is None]
+        if missing:
+            raise LmdbFormatError(f"{len(missing)} of the {n} frames are missing (e.g. frame {missing[0]})")
+        return frames
     try:
         # raw=True: frames packed as msgpack str by old msgpack versions come back as bytes too.
-        frames = msgpack.unpackb(entry, raw=True)
+        frames = msgpack.unpackb(raw, raw=True)
     except Exception as err:  # noqa: BLE001 - msgpack raises several kinds for foreign data
-        raise LmdbFormatError(f"entry is neither a frame table nor msgpack ({type(err).__name__})") from None
+        raise LmdbFormatError(f"entry is neither a version 2 header nor msgpack ({type(err).__name__})") from None
     if not isinstance(frames, list) or len(frames) > MAX_FRAMES_PER_VIDEO or \
             not all(isinstance(f, bytes) for f in frames):
         raise LmdbFormatError("entry is not a list of JPEG frames")
@@ -201,7 +202,7 @@ def jpeg_problem(jpeg, height: int, width: int) -> str | None:
         return f"frame of {len(jpeg)} bytes is too short to be a JPEG"
     if jpeg[:2] != b"\xff\xd8":
         return "frame does not start with a JPEG marker"
-    if b"\xff\xd9" not in bytes(jpeg[-32:]):
+    if jpeg[-2:] != b"\xff\xd9" and b"\xff\xd9" not in bytes(jpeg[-32:]):   # (encoders may pad after it)
         return "frame is truncated (no JPEG end marker)"
     try:
         size = jpeg_size(jpeg)
@@ -215,36 +216,36 @@ def jpeg_problem(jpeg, height: int, width: int) -> str | None:
 # Start-of-frame markers (SOF0..SOF15 except DHT, JPG and DAC), which carry the size.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _MAX_HEADER_SEGMENTS = 256
+_MARKER = struct.Struct(">HH")    # marker, segment length
+_SIZE = struct.Struct(">HH")      # a SOF segment's height, width (after the length and the precision byte)
 
 
 def jpeg_size(jpeg) -> tuple[int, int]:
     """(height, width) from a JPEG's frame header (bytes or a buffer), without decoding
     the image: walks the marker segments up to the first SOF. ValueError when there is
     none before the scan, or the segments run past the data."""
-    view = memoryview(jpeg)
-    size = len(view)
-    if size < 4 or view[0] != 0xFF or view[1] != 0xD8:
+    size = len(jpeg)
+    if size < 4 or jpeg[:2] != b"\xff\xd8":
         raise ValueError("no JPEG start marker")
     pos = 2
     for _ in range(_MAX_HEADER_SEGMENTS):
-        if pos + 4 > size:
+        if pos + 9 > size:
             break
-        if view[pos] != 0xFF:
+        marker, length = _MARKER.unpack_from(jpeg, pos)
+        if marker >> 8 != 0xFF:
             raise ValueError(f"no marker at byte {pos}")
-        marker = view[pos + 1]
-        if marker == 0xFF:              # fill byte
-            pos += 1
-            continue
+        marker &= 0xFF
         if marker in _SOF_MARKERS:
-            if pos + 9 > size:
-                break
-            height, width = view[pos + 5] << 8 | view[pos + 6], view[pos + 7] << 8 | view[pos + 8]
+            height, width = _SIZE.unpack_from(jpeg, pos + 5)
             if not height or not width:
                 raise ValueError(f"frame header says {width}x{height}")
             return height, width
-        if marker in (0xD9, 0xDA):
+        if marker == 0xFF:              # fill byte
+            pos += 1
+        elif marker in (0xD9, 0xDA):
             raise ValueError("no frame header before the image data")
-        pos += 2 + (view[pos + 2] << 8 | view[pos + 3])
+        else:
+            pos += 2 + length
     raise ValueError("no frame header within the data")
 
 
@@ -326,36 +327,37 @@ class LmdbFrameReader:
             self._txn_pid = os.getpid()
         return self._txn
 
-    def entry(self, video_id: int):
-        """The video's raw entry, a buffer into the map (KeyError when missing)."""
-        key = video_key(self.keys[video_id] if self.keys is not None else video_id)
-        try:
-            raw = self._read_txn().get(key)
-        except lmdb.Error:   # the environment was closed under us (a rebuilt database): reopen once
-            self._txn_pid = None
-            raw = self._read_txn().get(key)
-        if raw is None:
-            raise KeyError(f"{self.path}: no entry for video {video_id} (key {key.decode()})")
-        return raw
+    def _entry_id(self, video_id: int) -> int:
+        return self.keys[video_id] if self.keys is not None else video_id
 
     def all_frames(self, video_id: int) -> list:
         try:
-            return entry_frames(self.entry(video_id))
-        except LmdbFormatError as err:
-            raise LmdbFormatError(f"{self.path}: entry {video_id}: {err}") from None
+            return read_video_frames(self._read_txn(), self._entry_id(video_id))
+        except (KeyError, LmdbFormatError) as err:
+            raise type(err)(f"{self.path}: video {video_id}: {err}") from None
 
     def frames(self, video_id: int, indices) -> list:
-        """The JPEG bytes of the given frame indices (repeats allowed): buffers into the
-        map for version 2 entries, bytes for version 1 ones. IndexError for a frame
-        the video does not have."""
-        raw = self.entry(video_id)
-        if raw[:4] != FRAME_TABLE_MAGIC:
+        """The JPEG bytes of the given frame indices (repeats allowed): read-only
+        buffers into the map for version 2 videos, bytes for version 1 ones. KeyError
+        for a missing entry or frame, IndexError for a frame the video does not have."""
+        entry = self._entry_id(video_id)
+        txn = self._read_txn()
+        raw = txn.get(video_key(entry))
+        if raw is None:
+            raise KeyError(f"{self.path}: no entry for video {video_id} (key {video_key(entry).decode()})")
+        n = header_frames(raw)
+        if n is None:    # version 1: the whole video, unpacked
             frames = unpack(raw)
             if not isinstance(frames, list) or len(frames) > MAX_FRAMES_PER_VIDEO:
                 raise LmdbFormatError(f"{self.path}: entry {video_id} is not a list of JPEG frames")
             return [frames[int(i)] for i in indices]
-        offsets = frame_table(raw)
-        wanted = np.asarray(indices, dtype=np.int64)
-        if wanted.size and (wanted.min() < 0 or wanted.max() >= len(offsets) - 1):
-            raise IndexError(f"frame {int(wanted.max())} of a video with {len(offsets) - 1} frames")
-        return [raw[a:b] for a, b in zip(offsets[wanted].tolist(), offsets[wanted + 1].tolist())]
+        wanted = np.asarray(indices, dtype=np.int64).tolist()
+        if wanted and (min(wanted) < 0 or max(wanted) >= n):
+            raise IndexError(f"frame {max(wanted)} of a video with {n} frames")
+        get, found = txn.get, {}
+        for i in wanted:   # each distinct frame once (views overlap)
+            if i not in found:
+                jpeg = found[i] = get(b"%09d/%06d" % (entry, i))
+                if jpeg is None:
+                    raise KeyError(f"{self.path}: video {video_id} lacks frame {i}")
+        return [found[i] for i in wanted]

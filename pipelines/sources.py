@@ -232,11 +232,19 @@ def saturation_hue_matrix(saturation: float, hue_shift: float) -> np.ndarray:
 def grey_matrices(channels, frames: int) -> np.ndarray:
     """(T, 3, 3) float32 colour matrices, one per frame, for fn.coord_transform: every
     output channel takes input channel channels[t]. Identity when there is no grey."""
-    matrices = np.tile(np.eye(3, dtype=np.float32), (frames, 1, 1))
-    if channels is not None:
-        matrices[:] = 0
-        matrices[np.arange(frames), :, np.asarray(channels)] = 1
+    if channels is None:   # most views: one shared read-only identity stack per length, not a new one
+        identity = _IDENTITY_STACKS.get(frames)
+        if identity is None:
+            identity = np.tile(np.eye(3, dtype=np.float32), (frames, 1, 1))
+            identity.flags.writeable = False
+            _IDENTITY_STACKS[frames] = identity
+        return identity
+    matrices = np.zeros((frames, 3, 3), np.float32)
+    matrices[np.arange(frames), :, np.asarray(channels)] = 1
     return matrices
+
+
+_IDENTITY_STACKS: dict[int, np.ndarray] = {}
 
 
 def blur_window(sigma: float) -> int:

@@ -20,8 +20,8 @@ PROG = "python -m preprocessing"
 BUILD_LMDB_HELP = """\
 Decode every video into JPEG frames (one ffmpeg process per video, several in
 parallel) and store them in an LMDB, the format read by pipelines/lmdb_store.py:
-key %09d = a video's frames (layout 2: a frame table and the frames back to
-back, so training reads only the frames it needs), plus index entries (__keys__,
+key %09d = a video's frames (layout 2: a small header, and each frame under its
+own key %09d/%06d, so training reads only the frames it needs), plus index entries (__keys__,
 __len__, __order__, __vlen__, __meta__, __classes__, __info__).
 
 Without --list, every video file under --videos is used (recursively, sorted);
@@ -165,7 +165,7 @@ def _add_build_lmdb(commands) -> None:
                      help="replace an existing database at --out, and discard a <DB>.partial that was started "
                           "with other settings (a matching one is continued)")
     cmd.add_argument("--layout", type=int, choices=(1, 2), default=2,
-                     help="layout of the video entries: 2 = a frame table, so training reads only the frames "
+                     help="layout of the video entries: 2 = a key per frame, so training reads only the frames "
                           "a sample needs; 1 = one msgpack list per video, which the reference project's own "
                           "loader reads (every sample then reads its whole video) (default: %(default)s)")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar (skipped videos are still reported)")
@@ -191,7 +191,7 @@ examples:
 
 
 def _add_convert(commands) -> None:
-    cmd = commands.add_parser("convert", help="rewrite an old whole-video LMDB in the frame-table layout (v2)",
+    cmd = commands.add_parser("convert", help="rewrite an old whole-video LMDB in the frame-per-key layout (v2)",
                               description=CONVERT_HELP, epilog=CONVERT_EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     cmd.add_argument("--db", required=True, metavar="OLD", help="the LMDB to convert (left unchanged)")

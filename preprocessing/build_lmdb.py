@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from pipelines.lmdb_store import (
     CLASSES_KEY, FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY,
-    VLEN_KEY, WHOLE_VIDEO_VERSION, VideoMeta, jpeg_size, pack, pack_frames, unpack, video_key,
+    VLEN_KEY, WHOLE_VIDEO_VERSION, VideoMeta, jpeg_size, pack, unpack, video_entries, video_key,
 )
 
 from .ffmpeg_io import DEFAULT_QUALITY, VideoError, iter_jpeg_frames, probe_video, resolve_quality, turbo_encoder
@@ -83,7 +83,7 @@ class ConvertSettings:
     fps: float | None = None
     quality: int = DEFAULT_QUALITY["turbo"]
     encoder: str = "turbo"
-    layout: int = FORMAT_VERSION   # of the video entries: 2 = frame table (ours), 1 = msgpack list (the reference's)
+    layout: int = FORMAT_VERSION   # of the video entries: 2 = a key per frame (ours), 1 = msgpack list (the reference's)
 
 
 @dataclass
@@ -633,9 +633,9 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
         in bytes (default: estimated from the sources; it doubles whenever full).
     blocklist: a file of videos not to convert (`path<TAB>reason` lines, as `validate`
         writes); they are listed as failed with that reason.
-    layout: the video entries' layout (pipelines/lmdb_store.py): 2 (default), a frame
-        table that lets a reader touch only the planned frames; 1, the msgpack list the
-        reference project's own loader reads.
+    layout: the video entries' layout (pipelines/lmdb_store.py): 2 (default), a key per
+        frame, so that a reader touches only the planned frames; 1, a msgpack list per
+        video, which the reference project's own loader reads.
 
     The database is built at `<out_path>.partial`, one video per transaction, and
     renamed to out_path when complete. If a `.partial` from an interrupted build with
@@ -765,8 +765,9 @@ def _convert_all(plan: BuildPlan, done: Progress, blocked: _Blocked, settings, w
                     logger.warning("skipped %s: %s", result.job.source, result.reason)
                 else:
                     meta = _video_meta(result)
-                    entry = pack_frames(result.frames) if settings.layout == FORMAT_VERSION else pack(result.frames)
-                    writer.write([(video_key(len(metas)), entry),
+                    entries = video_entries(len(metas), result.frames) if settings.layout == FORMAT_VERSION \
+                        else [(video_key(len(metas)), pack(result.frames))]
+                    writer.write([*entries,
                                   (job_record_key(index), pack(dict(ok=True, meta=meta.to_dict())))])
                     metas.append(meta)
                 bar.update(1)

@@ -1,5 +1,5 @@
 """`convert`: rewrite an LMDB of JPEG frames in the whole-video layout (our version 1,
-or the reference project's) as version 2, the frame-table layout in which a reader
+or the reference project's) as version 2, a key per frame, in which a reader
 touches only the frames a sample needs (pipelines/lmdb_store.py).
 
 Every frame is copied byte for byte; keys, video ids and the index entries stay as
@@ -27,8 +27,8 @@ import lmdb
 from tqdm import tqdm
 
 from pipelines.lmdb_store import (
-    FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LmdbFormatError, entry_frames, layout_version, pack,
-    pack_frames, shared_env, unpack,
+    FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LmdbFormatError, layout_version, pack, read_video_frames,
+    shared_env, unpack, video_entries,
 )
 
 from .build_lmdb import (
@@ -38,7 +38,7 @@ from .build_lmdb import (
 
 logger = logging.getLogger(__name__)
 
-_VIDEO_KEY = re.compile(rb"^\d{9}$")
+_VIDEO_KEY = re.compile(rb"^\d{9}(/\d{6})?$")   # a video's entry, or a frame's (version 2)
 MAX_INDEX_KEYS = 100_000_000
 
 
@@ -160,18 +160,15 @@ def _convert_entries(source: _Source, writer: LmdbWriter, done: int, progress: b
                  dynamic_ncols=True) as bar:
         for index in range(done, len(source.keys)):
             key = source.keys[index]
-            raw = txn.get(key)
             try:
-                if raw is None:
-                    raise LmdbFormatError("entry is missing")
-                entry = pack_frames(entry_frames(raw))
-            except (LmdbFormatError, ValueError) as err:
-                reason = str(err)
+                entries = video_entries(int(key), read_video_frames(txn, int(key)))
+            except (KeyError, LmdbFormatError, ValueError) as err:
+                reason = str(err).strip("'\"")
                 writer.write([(job_record_key(index), pack(dict(ok=False, key=key.decode(), reason=reason)))])
                 failed.append(dict(key=key.decode(), reason=reason))
                 logger.warning("skipped entry %s: %s", key.decode(), reason)
             else:
-                writer.write([(key, entry), (job_record_key(index), pack(dict(ok=True)))])
+                writer.write([*entries, (job_record_key(index), pack(dict(ok=True)))])
             bar.update(1)
     return failed
 

@@ -38,14 +38,16 @@ def decode_coded(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def write_lmdb(path, videos: list[list[np.ndarray]], names=None, labels=None, classes=None,
                version: int = fmt.FORMAT_VERSION):
     """An LMDB in our layout (version 2 unless `version` says 1) from lists of RGB frames."""
-    pack_video = fmt.pack_frames if version == 2 else fmt.pack
     env = lmdb.open(str(path), map_size=1 << 30)
     names = names or [f"class{i % 2}/video{i:03d}" for i in range(len(videos))]
     labels = labels or [i % 2 for i in range(len(videos))]
     metas = []
     with env.begin(write=True) as txn:
         for vid, frames in enumerate(videos):
-            txn.put(fmt.video_key(vid), pack_video([encode_jpeg(f) for f in frames]))
+            jpegs = [encode_jpeg(f) for f in frames]
+            entries = fmt.video_entries(vid, jpegs) if version == 2 else [(fmt.video_key(vid), fmt.pack(jpegs))]
+            for key, value in entries:
+                txn.put(key, value)
             h, w = frames[0].shape[:2]
             metas.append(fmt.VideoMeta(names[vid], labels[vid], len(frames), h, w, 25.0, "").to_dict())
         txn.put(fmt.KEYS_KEY, fmt.pack([fmt.video_key(i) for i in range(len(videos))]))

@@ -32,33 +32,33 @@ def all_entries(path) -> dict[bytes, bytes]:
         return {bytes(k): bytes(v) for k, v in txn.cursor()}
 
 
-def test_pack_frames_writes_the_documented_table():
+def test_video_entries_are_a_header_and_a_key_per_frame():
     frames = [b"\xff\xd8" + bytes([i]) * (10 + i) + b"\xff\xd9" for i in range(3)]
-    entry = fmt.pack_frames(frames)
-    table = 8 + 8 * 4
-    assert entry[:4] == b"CSF2" and int.from_bytes(entry[4:8], "little") == 3
-    offsets = [int.from_bytes(entry[8 + 8 * i:16 + 8 * i], "little") for i in range(4)]
-    assert offsets == [table, table + 14, table + 29, table + 45] and len(entry) == table + 45
-    assert [bytes(f) for f in fmt.entry_frames(entry)] == frames
-    assert fmt.pack_frames([]) == b"CSF2" + bytes(4) + (16).to_bytes(8, "little")
-    with pytest.raises(LmdbFormatError, match="do not match its length"):
-        fmt.frame_table(entry + b"x")
-    with pytest.raises(LmdbFormatError, match="does not fit"):
-        fmt.frame_table(entry[:20])
+    assert fmt.video_entries(12, frames) == [(b"000000012", b"CSF2\x03\x00\x00\x00"), (b"000000012/000000", frames[0]),
+                                             (b"000000012/000001", frames[1]), (b"000000012/000002", frames[2])]
+    assert fmt.header_frames(b"CSF2\x03\x00\x00\x00") == 3
+    assert fmt.header_frames(fmt.pack(frames)) is None      # a version 1 entry
+    with pytest.raises(LmdbFormatError, match="broken version 2 video header"):
+        fmt.header_frames(b"CSF2\x03\x00\x00")
+    # frame keys sort right after their video's key, before the next video's
+    keys = sorted([k for k, _ in fmt.video_entries(3, frames) + fmt.video_entries(4, frames[:1])])
+    assert keys == [b"000000003", b"000000003/000000", b"000000003/000001", b"000000003/000002",
+                    b"000000004", b"000000004/000000"]
 
 
 def test_version_2_frames_are_slices_of_the_map_not_copies(tmp_path):
     db = write_lmdb(tmp_path / "v2.lmdb", videos())
     reader = LmdbFrameReader(str(db))
-    raw = reader.entry(1)
-    offsets = fmt.frame_table(raw)
-    base = np.frombuffer(raw, np.uint8).ctypes.data
     frames = reader.frames(1, [3, 0, 3, 11])
     assert all(isinstance(f, memoryview) for f in frames)
-    # each frame is the entry's bytes offsets[i]..offsets[i+1], at that address in the map
-    assert [np.frombuffer(f, np.uint8).ctypes.data - base for f in frames] == [int(offsets[i]) for i in (3, 0, 3, 11)]
+    maps = [line.split()[0].split("-") for line in open("/proc/self/maps") if str(db / "data.mdb") in line]
+    assert maps
+    for frame in frames:   # the frame's bytes are in the database's memory map
+        address = np.frombuffer(frame, np.uint8).ctypes.data
+        assert any(int(lo, 16) <= address < address + len(frame) <= int(hi, 16) for lo, hi in maps)
+    assert np.frombuffer(frames[0], np.uint8).ctypes.data == np.frombuffer(frames[2], np.uint8).ctypes.data
     assert [bytes(f) for f in frames] == [encode_jpeg(videos()[1][i]) for i in (3, 0, 3, 11)]
-    # the map is mapped read-only: nothing handed to DALI can write into the database
+    # the map is read-only: nothing handed to DALI can write into the database
     assert not np.frombuffer(frames[0], np.uint8).flags.writeable
     with pytest.raises(IndexError, match="frame 12 of a video with 12 frames"):
         reader.frames(1, [0, 12])
@@ -125,14 +125,16 @@ def test_convert_is_exact(tmp_path):
     report = convert_lmdb(old, tmp_path / "new.lmdb", progress=False)
     assert report["converted"] == len(LENGTHS) and report["failed"] == [] and report["resumed"] == 0
     before, after = all_entries(old), all_entries(tmp_path / "new.lmdb")
-    assert before.keys() == after.keys()
     for key, value in before.items():
         if key == fmt.INFO_KEY:
             assert fmt.unpack(after[key]) == {**fmt.unpack(value), "version": 2, "converted_from": 1}
-        elif key.isdigit():
-            assert after[key] == fmt.pack_frames(fmt.unpack(value))   # every frame, byte for byte
+        elif key.isdigit():   # every frame, byte for byte, under its own key
+            frames = fmt.unpack(value)
+            assert after[key] == b"CSF2" + len(frames).to_bytes(4, "little")
+            assert [after[fmt.frame_key(int(key), i)] for i in range(len(frames))] == frames
         else:
             assert after[key] == value
+    assert len(after) == len(before) + sum(LENGTHS)
     assert fmt.layout_version(str(tmp_path / "new.lmdb")) == 2
 
 
@@ -140,19 +142,19 @@ def test_convert_resumes_after_an_interruption(tmp_path, monkeypatch):
     old = write_lmdb(tmp_path / "old.lmdb", videos(), version=1)
     convert_lmdb(old, tmp_path / "straight.lmdb", progress=False)
     calls = []
-    real_pack = convert_module.pack_frames
+    real_entries = convert_module.video_entries
 
-    def interrupt_third(frames):
+    def interrupt_third(entry, frames):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_pack(frames)
+        return real_entries(entry, frames)
 
-    monkeypatch.setattr(convert_module, "pack_frames", interrupt_third)
+    monkeypatch.setattr(convert_module, "video_entries", interrupt_third)
     with pytest.raises(ConvertInterrupted, match="2 of 4 videos are converted"):
         convert_lmdb(old, tmp_path / "resumed.lmdb", progress=False)
     assert (tmp_path / "resumed.lmdb.partial").is_dir() and not (tmp_path / "resumed.lmdb").exists()
-    monkeypatch.setattr(convert_module, "pack_frames", real_pack)
+    monkeypatch.setattr(convert_module, "video_entries", real_entries)
     report = convert_lmdb(old, tmp_path / "resumed.lmdb", progress=False)
     assert report["resumed"] == 2 and report["converted"] == 4
     assert not (tmp_path / "resumed.lmdb.partial").exists()
@@ -171,7 +173,7 @@ def test_convert_a_reference_lmdb_read_through_its_list(tmp_path):
     reader = LmdbFrameReader(str(tmp_path / "ref2.lmdb"), lmdb_keys(metas))
     for video, meta in enumerate(metas):
         assert [bytes(f) for f in reader.all_frames(video)] == frames_of(meta.name)
-    # without a list: every video, its size from the frame table and the first JPEG header
+    # without a list: every video, its length from the header and its size from frame 0's JPEG header
     all_metas, _ = read_metadata(str(tmp_path / "ref2.lmdb"))
     assert sorted((m.name, m.frames) for m in all_metas) == sorted(VIDEOS.items())
 

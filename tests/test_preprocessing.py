@@ -323,7 +323,8 @@ def test_build_writes_every_index_entry_consistently(built_db):
     entries = read_all_entries(out)
     names = sorted(EXPECTED_FRAMES)
     n = len(names)
-    assert set(entries) == {video_key(i) for i in range(n)} | {
+    frame_keys = {lmdb_store.frame_key(i, f) for i, name in enumerate(names) for f in range(EXPECTED_FRAMES[name])}
+    assert set(entries) == {video_key(i) for i in range(n)} | frame_keys | {
         b"__keys__", b"__len__", b"__order__", b"__vlen__", b"__meta__", b"__classes__", b"__info__"}
     assert unpack(entries[b"__len__"]) == n
     assert unpack(entries[b"__keys__"]) == [video_key(i) for i in range(n)]
@@ -338,9 +339,9 @@ def test_build_writes_every_index_entry_consistently(built_db):
     assert [m["source"] for m in metas] == ["alpha/a0.mp4", "alpha/a1.mp4", "alpha/a2.mkv", "beta/b0.mp4", "beta/b1.avi"]
     assert all(m["fps"] == 25.0 for m in metas)
     for video_id, meta in enumerate(metas):
-        entry = entries[video_key(video_id)]
-        frames = [bytes(f) for f in lmdb_store.entry_frames(entry)]
-        assert entry[:4] == lmdb_store.FRAME_TABLE_MAGIC and lmdb_store.pack_frames(frames) == entry  # layout 2
+        # layout 2: a header with the frame count, then one key per frame
+        assert entries[video_key(video_id)] == b"CSF2" + meta["frames"].to_bytes(4, "little")
+        frames = [entries[lmdb_store.frame_key(video_id, i)] for i in range(meta["frames"])]
         assert len(frames) == meta["frames"] == EXPECTED_FRAMES[meta["name"]]
         assert min(meta["height"], meta["width"]) == 32
         for frame in (frames[0], frames[-1]):

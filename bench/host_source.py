@@ -1,0 +1,344 @@
+"""`benchmark.py source`: the host-side work of a data path, without decoding.
+
+Every sample starts on the host: plan, read, checks, hand-over to DALI. A GPU
+decodes faster than this CPU, but it cannot hide this part; at Kinetics scale it
+decides how many host cores and how much storage bandwidth each GPU needs. This
+mode runs the pretraining source exactly as a DALI worker process calls it (one
+core, no decoding) and reports per sample:
+
+  cpu_ms           CPU time of the source call plus the hand-over copy (DALI copies
+                   every output once into its own buffer; here into a reused buffer),
+                   caches warm, one core
+  storage_bytes    bytes read from storage, caches cold: the data file's pages are
+                   evicted first (posix_fadvise DONTNEED on the file, no root needed),
+                   then counted two ways: this process's /proc/self/io read_bytes, and
+                   the file's pages that became resident (mincore)
+  handed_bytes     bytes handed to the decoders (JPEGs with repeats, or the encoded file)
+  needed_bytes     LMDB: the JPEG bytes of the sample's distinct planned frames;
+                   video files: the file (the decoder needs the container)
+  ratio            storage_bytes / needed_bytes
+
+The cold pass reads `--samples` samples of one epoch (distinct videos); the LMDB
+should be much larger than what they read (`--repeat N` lists every video N times
+in a temporary copy), or the pages of one sample serve the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import ctypes
+import io
+import json
+import mmap
+import os
+import pstats
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PAGE = mmap.PAGESIZE
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "k400.yaml"
+
+
+class SourceBenchError(RuntimeError):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+@dataclass
+class SampleInfo:
+    """What DALI passes a batch-less (per-sample) external_source callable."""
+    idx_in_epoch: int
+    epoch_idx: int = 0
+    idx_in_batch: int = 0
+    iteration: int = 0
+
+
+# ---------------------------------------------------------------- storage accounting
+
+def data_files(data: str, files: list[str] | None) -> list[str]:
+    """The files a data path reads: the LMDB's data.mdb, or the video files."""
+    if files is not None:
+        return sorted(set(files))
+    return [os.path.join(data, "data.mdb") if os.path.isdir(data) else data]
+
+
+def evict(paths) -> None:
+    """Drop the files' clean pages from the page cache (pages mapped by a process stay)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+
+
+def resident_bytes(paths) -> int:
+    """Bytes of the files that are in the page cache now (mincore over a private map)."""
+    total = 0
+    for path in paths:
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ) as mapped:
+            pages = (size + PAGE - 1) // PAGE
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(ctypes.c_void_p(_map_address(mapped)), ctypes.c_size_t(size), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            total += int(np.frombuffer(vec, np.uint8).astype(bool).sum()) * PAGE
+    return total
+
+
+def _map_address(mapped: mmap.mmap) -> int:
+    # A read-only mmap exposes no writable buffer; numpy gives its address without copying.
+    return np.frombuffer(mapped, dtype=np.uint8).ctypes.data
+
+
+def io_read_bytes() -> int | None:
+    """This process's bytes fetched from storage so far (/proc/self/io), None where absent."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# ---------------------------------------------------------------- the source under test
+
+def make_source(data: str, plan_cfg, seed: int, batch_size: int):
+    """(source, metas, files or None, jpeg outputs per sample or 0 for the video path)."""
+    from pipelines.lmdb_store import read_metadata
+    from pipelines.sources import PretrainLmdbSource
+    from pipelines.video_source import PretrainVideoSource, is_video_index, read_video_index
+
+    if not os.path.exists(data):
+        raise SourceBenchError(f"--data {data}: not found")
+    if is_video_index(data):
+        metas, _, files = read_video_index(data)
+        source = PretrainVideoSource(data, metas, files, plan_cfg, seed=seed, batch_size=batch_size, shuffle=True)
+        return source, metas, files, 0
+    metas, _ = read_metadata(data)
+    source = PretrainLmdbSource(data, metas, plan_cfg, seed=seed, batch_size=batch_size, shuffle=True)
+    return source, metas, None, 2 * plan_cfg.frames
+
+
+def needed_bytes(source, files, epoch: int, position: int) -> int:
+    """LMDB: the bytes of the sample's distinct planned frames. Video: the file."""
+    video = source.video_for(epoch, position)
+    if files is not None:
+        return os.path.getsize(files[video])
+    plan = source.plan(epoch, video)
+    wanted = np.unique(np.concatenate([plan.view1.frames, plan.view2.frames]))
+    return sum(len(f) for f in source.reader.frames(video, wanted))
+
+
+class HandOver:
+    """The copy DALI makes of every output, into a buffer it reuses."""
+
+    def __init__(self):
+        self.buffer = bytearray(1 << 20)
+
+    def __call__(self, outputs) -> None:
+        for array in outputs:
+            n = array.nbytes
+            if n > len(self.buffer):
+                self.buffer = bytearray(2 * n)
+            memoryview(self.buffer)[:n] = memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def run_samples(source, jpeg_outputs: int, epoch: int, positions, hand_over: HandOver) -> tuple[int, float, float]:
+    """Call the source for each position as a DALI worker would, then hand the outputs
+    over. (bytes handed to the decoders, CPU seconds in the source, CPU seconds in the
+    hand-over)."""
+    handed, in_source, in_hand_over = 0, 0.0, 0.0
+    clock = time.process_time
+    for position in positions:
+        t0 = clock()
+        outputs = source(SampleInfo(idx_in_epoch=position, epoch_idx=epoch))
+        t1 = clock()
+        hand_over(outputs)
+        t2 = clock()
+        in_source += t1 - t0
+        in_hand_over += t2 - t1
+        encoded = outputs[:jpeg_outputs] if jpeg_outputs else outputs[:1]
+        handed += sum(a.nbytes for a in encoded)
+    return handed, in_source, in_hand_over
+
+
+def measure(data: str, plan_cfg, *, samples: int, warm_rounds: int, seed: int, batch_size: int,
+            profile: bool = False) -> dict:
+    source, metas, files, jpeg_outputs = make_source(data, plan_cfg, seed, batch_size)
+    paths = data_files(data, files)
+    per_epoch = source.per_rank
+    if per_epoch < 1:
+        raise SourceBenchError(f"{data}: {len(metas)} videos make no batch of {batch_size}")
+    cold_n = min(samples, per_epoch)
+    positions = list(range(cold_n))
+    hand_over = HandOver()
+    layout = None
+    if files is None:
+        from pipelines.lmdb_store import layout_version
+        layout = layout_version(data)
+
+    # Cold: evict, then read cold_n samples of epoch 0 (distinct videos).
+    evict(paths)
+    resident_before = resident_bytes(paths)
+    io_before = io_read_bytes()
+    handed, _, _ = run_samples(source, jpeg_outputs, 0, positions, hand_over)
+    io_after = io_read_bytes()
+    resident_after = resident_bytes(paths)
+    needed = sum(needed_bytes(source, files, 0, p) for p in positions)
+
+    # Warm: the same samples again (their pages are cached now), timed on one core.
+    warm_positions = positions * warm_rounds
+    profiler = cProfile.Profile() if profile else None
+    wall0 = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    _, in_source, in_hand_over = run_samples(source, jpeg_outputs, 0, warm_positions, hand_over)
+    if profiler:
+        profiler.disable()
+    wall = time.perf_counter() - wall0
+
+    resident = max(resident_after - resident_before, 0) / cold_n
+    read = None if io_before is None or io_after is None else (io_after - io_before) / cold_n
+    storage = read if read else resident
+    result = dict(
+        data=data, path="video" if files is not None else "lmdb", layout=layout, videos=len(metas),
+        data_bytes=sum(os.path.getsize(p) for p in paths), frames_per_view=plan_cfg.frames,
+        cold_samples=cold_n, warm_samples=len(warm_positions),
+        cpu_ms=1e3 * (in_source + in_hand_over) / len(warm_positions), source_ms=1e3 * in_source / len(warm_positions),
+        hand_over_ms=1e3 * in_hand_over / len(warm_positions), wall_ms=1e3 * wall / len(warm_positions),
+        storage_bytes=storage, storage_bytes_io=read, storage_bytes_resident=resident,
+        resident_before_bytes=resident_before, handed_bytes=handed / cold_n, needed_bytes=needed / cold_n,
+        ratio=storage / (needed / cold_n) if needed else None,
+    )
+    if profiler:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+        result["profile"] = text.getvalue()
+    return result
+
+
+# ---------------------------------------------------------------- a larger database
+
+def repeat_lmdb(src: str, dst: str, times: int) -> str:
+    """A copy of `src` that lists every video `times` times under new keys and names,
+    each copy its own entry (its own pages), in the source's layout."""
+    import lmdb
+
+    from pipelines import lmdb_store as fmt
+
+    metas, classes = fmt.read_metadata(src)
+    info_raw = None
+    env = lmdb.open(dst, map_size=max(1 << 30, 2 * times * os.path.getsize(data_files(src, None)[0])))
+    copies = []
+    with fmt.shared_env(src).begin(buffers=True) as read:
+        info_raw = read.get(fmt.INFO_KEY)
+        info_raw = bytes(info_raw) if info_raw is not None else None
+        for copy in range(times):
+            with env.begin(write=True) as txn:
+                for video, meta in enumerate(metas):
+                    entry = meta.key if meta.key >= 0 else video
+                    if fmt.header_frames(read.get(fmt.video_key(entry))) is None:   # version 1: the one entry
+                        entries = [(fmt.video_key(len(copies)), read.get(fmt.video_key(entry)))]
+                    else:
+                        entries = fmt.video_entries(len(copies), fmt.read_video_frames(read, entry))
+                    for key, value in entries:
+                        txn.put(key, value)
+                    copies.append(fmt.VideoMeta(**{**meta.to_dict(), "name": f"{meta.name}#{copy}"}))
+    with env.begin(write=True) as txn:
+        txn.put(fmt.KEYS_KEY, fmt.pack([fmt.video_key(i) for i in range(len(copies))]))
+        txn.put(fmt.LEN_KEY, fmt.pack(len(copies)))
+        txn.put(fmt.ORDER_KEY, fmt.pack([m.name for m in copies]))
+        txn.put(fmt.VLEN_KEY, fmt.pack([m.frames for m in copies]))
+        txn.put(fmt.META_KEY, fmt.pack([m.to_dict() for m in copies]))
+        txn.put(fmt.CLASSES_KEY, fmt.pack(classes))
+        if info_raw is not None:
+            txn.put(fmt.INFO_KEY, info_raw)
+    env.sync(True)
+    env.close()
+    return dst
+
+
+# ---------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmark.py source", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("words", nargs="*", metavar="key=value", help="config overrides (plan.frames=16, ...)")
+    p.add_argument("--data", action="append", required=True, metavar="DB|INDEX.json",
+                   help="an LMDB or a video index; repeat to compare data paths or layouts in one run")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="recipe of the plan sizes (default: configs/k400.yaml)")
+    p.add_argument("--samples", type=int, default=48, help="samples of the cold pass, distinct videos (default: 48)")
+    p.add_argument("--warm-rounds", type=int, default=5, help="times the warm pass repeats them (default: 5)")
+    p.add_argument("--batch", type=int, default=1, help="batch size the epoch is cut into (default: 1)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="read an LMDB through a temporary copy that lists every video N times (default: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="print cProfile's top functions of the warm pass")
+    p.add_argument("--json", metavar="PATH", help="write the results here too")
+    return p
+
+
+def format_table(results: list[dict]) -> list[str]:
+    head = ("data", "path", "layout", "cpu ms", "(source + copy)", "storage KB", "(io / resident)", "handed KB", "needed KB",
+            "storage/needed")
+    rows = [head]
+    for r in results:
+        io_kb = "-" if r["storage_bytes_io"] is None else f"{r['storage_bytes_io'] / 1e3:.0f}"
+        rows.append((Path(r["data"]).name, r["path"], str(r["layout"] or "-"), f"{r['cpu_ms']:.3f}",
+                     f"{r['source_ms']:.3f} + {r['hand_over_ms']:.3f}",
+                     f"{r['storage_bytes'] / 1e3:.0f}", f"{io_kb} / {r['storage_bytes_resident'] / 1e3:.0f}",
+                     f"{r['handed_bytes'] / 1e3:.0f}", f"{r['needed_bytes'] / 1e3:.0f}",
+                     "-" if r["ratio"] is None else f"{r['ratio']:.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    from cstp.config import ConfigError, load_config
+
+    from benchmark import plan_config
+
+    try:
+        cfg = load_config(args.config, args.words)
+    except ConfigError as err:
+        print(f"benchmark.py source: {err}", flush=True)
+        return 2
+    plan_cfg = plan_config(cfg)
+    results = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="cstp_source_") as tmp:
+            for i, data in enumerate(args.data):
+                if args.repeat > 1 and not data.endswith(".json"):
+                    if not os.path.exists(data):
+                        raise SourceBenchError(f"--data {data}: not found")
+                    data = repeat_lmdb(data, os.path.join(tmp, f"repeated{i}.lmdb"), args.repeat)
+                results.append(measure(data, plan_cfg, samples=args.samples, warm_rounds=args.warm_rounds,
+                                       seed=args.seed, batch_size=args.batch, profile=args.profile))
+    except SourceBenchError as err:
+        print(f"benchmark.py source: {err}")
+        return 2
+    print(f"T={plan_cfg.frames} per view, 2 views; cold pass {results[0]['cold_samples']} samples, "
+          f"warm pass {results[0]['warm_samples']}; one core, no decoding")
+    for line in format_table(results):
+        print(line)
+    for r in results:
+        if r.get("profile"):
+            print(f"--- profile of {r['data']} (warm pass)\n{r['profile']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "profile"} for r in results],
+                                              indent=2) + "\n")
+    return 0
