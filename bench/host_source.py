@@ -249,11 +249,7 @@ def repeat_lmdb(src: str, dst: str, times: int) -> str:
             with env.begin(write=True) as txn:
                 for video, meta in enumerate(metas):
                     entry = meta.key if meta.key >= 0 else video
-                    if fmt.header_frames(read.get(fmt.video_key(entry))) is None:   # version 1: the one entry
-                        entries = [(fmt.video_key(len(copies)), read.get(fmt.video_key(entry)))]
-                    else:
-                        entries = fmt.video_entries(len(copies), fmt.read_video_frames(read, entry))
-                    for key, value in entries:
+                    for key, value in fmt.stored_video_entries(read, entry, len(copies)):
                         txn.put(key, value)
                     copies.append(fmt.VideoMeta(**{**meta.to_dict(), "name": f"{meta.name}#{copy}"}))
     with env.begin(write=True) as txn:

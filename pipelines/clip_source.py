@@ -1,6 +1,7 @@
 """Per-sample `external_source` callables for supervised clips (finetune / val / test):
 (epoch, position) -> the item this rank reads there, its ClipPlan and the encoded
-bytes the plan needs. Modelled on sources.PretrainLmdbSource: deterministic from
+bytes the plan needs. Like sources.PretrainLmdbSource (both build on
+sample_source.EpochSampleSource): deterministic from
 DALI's SampleInfo, so a pipeline restarted at (start_epoch, start_sample) produces
 exactly what an uninterrupted run would have.
 
@@ -28,9 +29,10 @@ import numpy as np
 
 from .clip_plan import JITTER_KEYS, MODES, ClipPlan, ClipPlanConfig, jitter_arrays, num_test_clips, test_clip_plan, \
     train_clip_plan, val_clip_plan
-from .lmdb_store import LmdbFrameReader, VideoMeta, lmdb_keys
-from .sharding import samples_per_rank, shard_indices
-from .sources import MAX_SUBSTITUTIONS, BadSampleError, _guard_worker_process, read_checked_jpegs
+from .lmdb_store import VideoMeta
+from .sample_source import EpochSampleSource
+from .sharding import samples_per_rank
+from .sources import MAX_SUBSTITUTIONS, BadSampleError, read_checked_jpegs
 from .video_source import MAX_VIDEO_BYTES
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def eval_samples_per_rank(num_items: int, world_size: int, batch_size: int) -> i
     return max(1, -(-largest // batch_size)) * batch_size
 
 
-class ClipLmdbSource:
+class ClipLmdbSource(EpochSampleSource):
     """Sample source of the clip pipeline over an LMDB of JPEG frames.
 
     Returns, per sample: the T JPEG buffers of the plan's frames, then the arrays named
@@ -81,8 +83,8 @@ class ClipLmdbSource:
                  start_epoch: int = 0, start_sample: int = 0, videos=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if start_sample % batch_size:
-            raise ValueError(f"start_sample {start_sample} must be a multiple of the batch size {batch_size}")
+        super().__init__(db_path, metas, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size,
+                         shuffle=shuffle, start_epoch=start_epoch, start_sample=start_sample)
         self.videos = np.arange(len(metas), dtype=np.int64) if videos is None else np.asarray(videos, np.int64)
         if len(self.videos) == 0:
             raise ValueError(f"{db_path}: no videos to read")
@@ -90,20 +92,8 @@ class ClipLmdbSource:
             raise ValueError(f"video ids must lie in [0, {len(metas)}) for {db_path}")
         if len(np.unique(self.videos)) != len(self.videos):
             raise ValueError("the `videos` subset lists a video twice")
-        # Videos of a reference LMDB read through a list file sit at other entry ids
-        # (VideoMeta.key): video i reads entry metas[i].key.
-        self.reader = LmdbFrameReader(db_path, lmdb_keys(metas))
-        self.path = db_path
-        self.metas = metas
         self.cfg = cfg
         self.mode = mode
-        self.seed = seed
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.start_epoch = start_epoch
-        self.start_sample = start_sample
         if mode == "train":
             self.items = None
             self.per_rank = samples_per_rank(len(self.videos), world_size, batch_size)
@@ -117,10 +107,6 @@ class ClipLmdbSource:
             # A checkpoint taken after the epoch's last step: the next sample is the next
             # epoch's first (DALI cannot start on an empty epoch).
             self.start_epoch, self.start_sample = start_epoch + 1, 0
-        self._guarded_pid = os.getpid()
-        self._order_epoch = None
-        self._order = None
-        self._reported: set[int] = set()
 
     @property
     def num_outputs(self) -> int:
@@ -131,20 +117,10 @@ class ClipLmdbSource:
         """Distinct samples of an epoch over all ranks (train: videos read per epoch)."""
         return self.per_rank * self.world_size if self.items is None else len(self.items)
 
-    def position(self, sample_info) -> tuple[int, int]:
-        """(epoch, index within this rank's epoch) of a DALI SampleInfo."""
-        epoch = sample_info.epoch_idx + self.start_epoch
-        offset = self.start_sample if sample_info.epoch_idx == 0 else 0
-        return epoch, sample_info.idx_in_epoch + offset
-
     def item_for(self, epoch: int, position: int) -> tuple[int, int, int, bool]:
         """(video, clip_index, crop_index, valid) this rank reads at `position` of `epoch`."""
         if self.items is None:
-            if self._order_epoch != epoch:
-                self._order = shard_indices(len(self.videos), self.rank, self.world_size, self.batch_size,
-                                            self.seed, epoch, self.shuffle)
-                self._order_epoch = epoch
-            return int(self.videos[self._order[position]]), 0, 0, True
+            return int(self.videos[self.epoch_order(epoch, len(self.videos))[position]]), 0, 0, True
         if position < len(self.block):
             return (*self.items[self.block[position]], True)
         # Padding: repeat the block's last item (the first item when the block is empty).
@@ -157,11 +133,6 @@ class ClipLmdbSource:
         if self.mode == "val":
             return val_clip_plan(video, meta, self.cfg)
         return test_clip_plan(video, meta, self.cfg, clip_index, crop_index)
-
-    def _guard_if_worker(self):
-        if os.getpid() != self._guarded_pid:
-            _guard_worker_process()
-            self._guarded_pid = os.getpid()
 
     def sample(self, epoch: int, position: int):
         """(plan, payload, substituted, valid) at `position` of `epoch`; the one place
@@ -205,11 +176,6 @@ class ClipLmdbSource:
             return int(self.videos[rng.integers(0, len(self.videos))]), 0, 0
         return self.items[int(rng.integers(0, len(self.items)))]
 
-    def _report_once(self, video: int, err: Exception):
-        if video not in self._reported:
-            self._reported.add(video)
-            log.warning("skipping video %d (%s) of %s: %s; another sample takes its place", video,
-                        self.metas[video].name, self.path, err)
 
 
 def label_arrays(plan: ClipPlan, substituted: int, valid: bool) -> tuple[np.ndarray, ...]:

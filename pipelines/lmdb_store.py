@@ -90,6 +90,27 @@ def video_entries(entry: int, frames) -> list[tuple[bytes, bytes]]:
     return [(video_key(entry), header), *((frame_key(entry, i), bytes(f)) for i, f in enumerate(frames))]
 
 
+def layout_entries(entry: int, frames, layout: int = FORMAT_VERSION) -> list[tuple[bytes, bytes]]:
+    """The (key, value) pairs that store a video's JPEG frames in `layout` (2 or 1)."""
+    if layout == FORMAT_VERSION:
+        return video_entries(entry, frames)
+    if layout == WHOLE_VIDEO_VERSION:
+        return [(video_key(entry), pack([bytes(f) for f in frames]))]
+    raise ValueError(f"layout must be {WHOLE_VIDEO_VERSION} or {FORMAT_VERSION}, got {layout}")
+
+
+def stored_video_entries(txn, entry: int, new_entry: int) -> list[tuple[bytes, bytes]]:
+    """Video `entry`'s pairs as stored (either layout, not re-encoded), keyed for
+    entry id `new_entry`: for copying videos between databases. KeyError when missing."""
+    raw = txn.get(video_key(entry))
+    if raw is None:
+        raise KeyError(f"no entry for video {entry} (key {video_key(entry).decode()})")
+    n = header_frames(raw)
+    if n is None:
+        return [(video_key(new_entry), bytes(raw))]
+    return video_entries(new_entry, read_video_frames(txn, entry))
+
+
 def header_frames(raw) -> int | None:
     """A version 2 video entry's frame count; None for a version 1 entry (not a
     header); LmdbFormatError for a broken header."""

@@ -6,18 +6,16 @@ sample of any epoch and produce exactly what an uninterrupted run would have.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import os
-import signal
 
 import msgpack
 import numpy as np
 
-from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem, lmdb_keys
+from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem
 from .plan import PlanConfig, PretrainPlan, ViewPlan, make_pretrain_plan
-from .sharding import samples_per_rank, shard_indices
+from .sample_source import EpochSampleSource
+from .sharding import samples_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +42,7 @@ PRETRAIN_PARAM_OUTPUTS = (
 MAX_SUBSTITUTIONS = 16
 
 
-def _guard_worker_process():
-    """In a DALI worker process: die with the parent rank and leave SIGTERM/SIGINT to
-    it (dali-under-torchrun.md §4): otherwise a SIGKILLed rank leaves orphans that
-    hold its sockets, and a preempted rank loses its workers before it can save."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class PretrainLmdbSource:
+class PretrainLmdbSource(EpochSampleSource):
     """Sample source of the CSTP pretraining pipeline over an LMDB of JPEG frames.
 
     Returns, per sample: view 1's T JPEG buffers, view 2's T JPEG buffers, then the
@@ -67,50 +53,21 @@ class PretrainLmdbSource:
     def __init__(self, db_path: str, metas: list[VideoMeta], plan_cfg: PlanConfig, *, seed: int,
                  batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  start_epoch: int = 0, start_sample: int = 0):
-        if start_sample % batch_size:
-            raise ValueError(f"start_sample {start_sample} must be a multiple of the batch size {batch_size}")
-        self.reader = LmdbFrameReader(db_path, lmdb_keys(metas))
-        self.metas = metas
+        super().__init__(db_path, metas, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size,
+                         shuffle=shuffle, start_epoch=start_epoch, start_sample=start_sample)
         self.plan_cfg = plan_cfg
-        self.seed = seed
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.start_epoch = start_epoch
-        self.start_sample = start_sample
         self.per_rank = samples_per_rank(len(metas), world_size, batch_size)
-        self._creator_pid = os.getpid()
-        self._guarded_pid = os.getpid()
-        self._order_epoch = None
-        self._order = None
-        self._reported: set[int] = set()
 
     @property
     def num_outputs(self) -> int:
         return 2 * self.plan_cfg.frames + len(PRETRAIN_PARAM_OUTPUTS)
 
-    def position(self, sample_info) -> tuple[int, int]:
-        """(epoch, index within this rank's epoch) of a DALI SampleInfo."""
-        epoch = sample_info.epoch_idx + self.start_epoch
-        offset = self.start_sample if sample_info.epoch_idx == 0 else 0
-        return epoch, sample_info.idx_in_epoch + offset
-
     def video_for(self, epoch: int, position: int) -> int:
-        if self._order_epoch != epoch:
-            self._order = shard_indices(len(self.metas), self.rank, self.world_size, self.batch_size,
-                                        self.seed, epoch, self.shuffle)
-            self._order_epoch = epoch
-        return int(self._order[position])
+        return int(self.epoch_order(epoch, len(self.metas))[position])
 
     def plan(self, epoch: int, video: int) -> PretrainPlan:
         m = self.metas[video]
         return make_pretrain_plan(self.seed, epoch, video, m.frames, m.height, m.width, self.plan_cfg)
-
-    def _guard_if_worker(self):
-        if os.getpid() != self._guarded_pid:
-            _guard_worker_process()
-            self._guarded_pid = os.getpid()
 
     def __call__(self, sample_info):
         self._guard_if_worker()
@@ -147,11 +104,6 @@ class PretrainLmdbSource:
         rng = np.random.default_rng([self.seed, epoch, position, attempt, 0xBAD])
         return int(rng.integers(0, len(self.metas)))
 
-    def _report_once(self, video: int, err: Exception):
-        if video not in self._reported:
-            self._reported.add(video)
-            log.warning("skipping video %d (%s) of %s: %s; another sample takes its place", video,
-                        self.metas[video].name, self.reader.path, err)
 
 
 def read_checked_jpegs(reader: LmdbFrameReader, video: int, frames, meta: VideoMeta) -> list:

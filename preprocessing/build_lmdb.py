@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from pipelines.lmdb_store import (
     CLASSES_KEY, FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY,
-    VLEN_KEY, WHOLE_VIDEO_VERSION, VideoMeta, jpeg_size, pack, unpack, video_entries, video_key,
+    VLEN_KEY, WHOLE_VIDEO_VERSION, VideoMeta, jpeg_size, layout_entries, pack, unpack, video_key,
 )
 
 from .ffmpeg_io import DEFAULT_QUALITY, VideoError, iter_jpeg_frames, probe_video, resolve_quality, turbo_encoder
@@ -765,9 +765,7 @@ def _convert_all(plan: BuildPlan, done: Progress, blocked: _Blocked, settings, w
                     logger.warning("skipped %s: %s", result.job.source, result.reason)
                 else:
                     meta = _video_meta(result)
-                    entries = video_entries(len(metas), result.frames) if settings.layout == FORMAT_VERSION \
-                        else [(video_key(len(metas)), pack(result.frames))]
-                    writer.write([*entries,
+                    writer.write([*layout_entries(len(metas), result.frames, settings.layout),
                                   (job_record_key(index), pack(dict(ok=True, meta=meta.to_dict())))])
                     metas.append(meta)
                 bar.update(1)

@@ -45,8 +45,7 @@ def write_lmdb(path, videos: list[list[np.ndarray]], names=None, labels=None, cl
     with env.begin(write=True) as txn:
         for vid, frames in enumerate(videos):
             jpegs = [encode_jpeg(f) for f in frames]
-            entries = fmt.video_entries(vid, jpegs) if version == 2 else [(fmt.video_key(vid), fmt.pack(jpegs))]
-            for key, value in entries:
+            for key, value in fmt.layout_entries(vid, jpegs, version):
                 txn.put(key, value)
             h, w = frames[0].shape[:2]
             metas.append(fmt.VideoMeta(names[vid], labels[vid], len(frames), h, w, 25.0, "").to_dict())
