@@ -17,6 +17,8 @@ core, no decoding) and reports per sample:
   needed_bytes     LMDB: the JPEG bytes of the sample's distinct planned frames;
                    video files: the file (the decoder needs the container)
   ratio            storage_bytes / needed_bytes
+  gop_span_fraction  video files: the share of a video's frames in the GOPs from the
+                   sample's first to its last frame (what a GOP-range reader would fetch)
 
 The cold pass reads `--samples` samples of one epoch (distinct videos); the LMDB
 should be much larger than what they read (`--repeat N` lists every video N times
@@ -131,6 +133,18 @@ def make_source(data: str, plan_cfg, seed: int, batch_size: int):
     return source, metas, None, 2 * plan_cfg.frames
 
 
+def gop_span_fraction(source, epoch: int, position: int, gop: int) -> float:
+    """Video path: the share of the video's frames in the GOPs from the one holding the
+    sample's first frame to the one holding its last, i.e. what a reader of only the
+    needed GOPs would fetch (frames as a proxy for bytes)."""
+    video = source.video_for(epoch, position)
+    plan = source.plan(epoch, video)
+    both = np.concatenate([plan.view1.frames, plan.view2.frames])
+    frames = source.metas[video].frames
+    first, last = int(both.min()) // gop * gop, min(frames, (int(both.max()) // gop + 1) * gop)
+    return (last - first) / frames
+
+
 def needed_bytes(source, files, epoch: int, position: int) -> int:
     """LMDB: the bytes of the sample's distinct planned frames. Video: the file."""
     video = source.video_for(epoch, position)
@@ -175,7 +189,7 @@ def run_samples(source, jpeg_outputs: int, epoch: int, positions, hand_over: Han
 
 
 def measure(data: str, plan_cfg, *, samples: int, warm_rounds: int, seed: int, batch_size: int,
-            profile: bool = False) -> dict:
+            profile: bool = False, gop: int = 16) -> dict:
     source, metas, files, jpeg_outputs = make_source(data, plan_cfg, seed, batch_size)
     paths = data_files(data, files)
     per_epoch = source.per_rank
@@ -197,6 +211,7 @@ def measure(data: str, plan_cfg, *, samples: int, warm_rounds: int, seed: int, b
     io_after = io_read_bytes()
     resident_after = resident_bytes(paths)
     needed = sum(needed_bytes(source, files, 0, p) for p in positions)
+    span = None if files is None else float(np.mean([gop_span_fraction(source, 0, p, gop) for p in positions]))
 
     # Warm: the same samples again (their pages are cached now), timed on one core.
     warm_positions = positions * warm_rounds
@@ -220,7 +235,8 @@ def measure(data: str, plan_cfg, *, samples: int, warm_rounds: int, seed: int, b
         hand_over_ms=1e3 * in_hand_over / len(warm_positions), wall_ms=1e3 * wall / len(warm_positions),
         storage_bytes=storage, storage_bytes_io=read, storage_bytes_resident=resident,
         resident_before_bytes=resident_before, handed_bytes=handed / cold_n, needed_bytes=needed / cold_n,
-        ratio=storage / (needed / cold_n) if needed else None,
+        ratio=storage / (needed / cold_n) if needed else None, gop=gop if files is not None else None,
+        gop_span_fraction=span,
     )
     if profiler:
         text = io.StringIO()
@@ -280,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size the epoch is cut into (default: 1)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="read an LMDB through a temporary copy that lists every video N times (default: 1)")
+    p.add_argument("--gop", type=int, default=16,
+                   help="video path: the files' GOP length in frames, for the share of frames in the GOPs a "
+                        "sample spans (default: 16, what `preprocessing transcode` writes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="print cProfile's top functions of the warm pass")
     p.add_argument("--json", metavar="PATH", help="write the results here too")
@@ -322,7 +341,7 @@ def main(argv) -> int:
                         raise SourceBenchError(f"--data {data}: not found")
                     data = repeat_lmdb(data, os.path.join(tmp, f"repeated{i}.lmdb"), args.repeat)
                 results.append(measure(data, plan_cfg, samples=args.samples, warm_rounds=args.warm_rounds,
-                                       seed=args.seed, batch_size=args.batch, profile=args.profile))
+                                       seed=args.seed, batch_size=args.batch, profile=args.profile, gop=args.gop))
     except SourceBenchError as err:
         print(f"benchmark.py source: {err}")
         return 2
@@ -330,6 +349,10 @@ def main(argv) -> int:
           f"warm pass {results[0]['warm_samples']}; one core, no decoding")
     for line in format_table(results):
         print(line)
+    for r in results:
+        if r["gop_span_fraction"] is not None:
+            print(f"{Path(r['data']).name}: the whole file is read and handed to the decoder; the GOPs "
+                  f"(of {r['gop']} frames) a sample spans hold {100 * r['gop_span_fraction']:.0f}% of its frames")
     for r in results:
         if r.get("profile"):
             print(f"--- profile of {r['data']} (warm pass)\n{r['profile']}")

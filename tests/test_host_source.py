@@ -83,6 +83,11 @@ def test_the_video_path_hands_over_and_reads_the_whole_file(tmp_path):
     assert (r["path"], r["layout"], r["handed_bytes"], r["needed_bytes"]) == ("video", None, np.mean(sizes),
                                                                                np.mean(sizes))
     assert r["data_bytes"] == sum(sizes)
+    spans = []   # the GOPs of 16 frames from the one holding a sample's first frame to its last frame's
+    for video in shard_indices(4, 0, 1, 1, 0, 0, True):
+        wanted = planned(int(video))[1]
+        spans.append((min(LENGTH, (wanted[-1] // 16 + 1) * 16) - wanted[0] // 16 * 16) / LENGTH)
+    assert r["gop"] == 16 and r["gop_span_fraction"] == pytest.approx(np.mean(spans), abs=1e-12)
     if r["resident_before_bytes"] < sum(sizes) // 4:
         assert r["storage_bytes_resident"] == sum(-(-s // host_source.PAGE) * host_source.PAGE for s in sizes) / 4
 
