@@ -351,6 +351,28 @@ def test_build_writes_every_index_entry_consistently(built_db):
     assert (metas[2]["width"], metas[2]["height"]) == (32, 42)  # the portrait clip stays portrait
 
 
+def test_build_layout_1_stores_the_same_frames_as_msgpack_lists(built_db, videos_dir, tmp_path):
+    out, _ = built_db
+    old = tmp_path / "v1.lmdb"
+    build_lmdb(videos_dir, old, short_side=32, workers=2, progress=False, layout=1)
+    entries, new_entries = read_all_entries(old), read_all_entries(out)
+    assert unpack(entries[b"__info__"])["version"] == 1 and unpack(new_entries[b"__info__"])["version"] == 2
+    assert not any(b"/" in key for key in entries)
+    for video_id, meta in enumerate(unpack(entries[b"__meta__"])):
+        frames = unpack(entries[video_key(video_id)])
+        assert frames == [new_entries[lmdb_store.frame_key(video_id, i)] for i in range(meta["frames"])]
+    # convert turns it into the default build, entry for entry (__info__ also says where it came from)
+    result = subprocess.run([sys.executable, "-m", "preprocessing", "convert", "--db", str(old), "--out",
+                             str(tmp_path / "v2.lmdb"), "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0 and "videos converted 5 / skipped 0" in result.stdout, result.stderr
+    converted = read_all_entries(tmp_path / "v2.lmdb")
+    assert unpack(converted.pop(b"__info__")) == {**unpack(new_entries.pop(b"__info__")), "converted_from": 1}
+    assert converted == new_entries
+    again = subprocess.run([sys.executable, "-m", "preprocessing", "convert", "--db", str(old), "--out",
+                            str(tmp_path / "v2.lmdb")], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
 def test_build_is_readable_by_the_pipeline_reader(built_db):
     out, _ = built_db
     metas, classes = read_metadata(str(out))
