@@ -262,7 +262,7 @@ def repeat_lmdb(src: str, dst: str, times: int) -> str:
     metas, classes = fmt.read_metadata(src)
     info_raw = None
     env = lmdb.open(dst, map_size=max(1 << 30, 2 * times * os.path.getsize(data_files(src, None)[0])))
-    copies = []
+    copies, hinted = [], []
     with fmt.shared_env(src).begin(buffers=True) as read:
         info_raw = read.get(fmt.INFO_KEY)
         info_raw = bytes(info_raw) if info_raw is not None else None
@@ -270,8 +270,10 @@ def repeat_lmdb(src: str, dst: str, times: int) -> str:
             with env.begin(write=True) as txn:
                 for video, meta in enumerate(metas):
                     entry = meta.key if meta.key >= 0 else video
-                    for key, value in fmt.stored_video_entries(read, entry, len(copies)):
+                    entries = fmt.stored_video_entries(read, entry, len(copies))
+                    for key, value in entries:
                         txn.put(key, value)
+                    hinted.append((len(copies), len(entries) - 1) if len(entries) > 1 else None)
                     copies.append(fmt.VideoMeta(**{**meta.to_dict(), "name": f"{meta.name}#{copy}"}))
     with env.begin(write=True) as txn:
         txn.put(fmt.KEYS_KEY, fmt.pack([fmt.video_key(i) for i in range(len(copies))]))
@@ -282,6 +284,13 @@ def repeat_lmdb(src: str, dst: str, times: int) -> str:
         txn.put(fmt.CLASSES_KEY, fmt.pack(classes))
         if info_raw is not None:
             txn.put(fmt.INFO_KEY, info_raw)
+    def put(pairs):
+        with env.begin(write=True) as txn:
+            for key, value in pairs:
+                txn.put(key, value)
+    for item in hinted:   # version 2 copies get read hints, as build-lmdb writes them
+        if item is not None:
+            fmt.hint_entry(put, env, dst, *item)
     env.sync(True)
     env.close()
     return dst

@@ -5,8 +5,10 @@ that readers never have to decode a frame to learn a video's size):
 
     b"%09d" % video_id      the video's frames, in one of two layouts:
                             version 2 (ours, written by build-lmdb): a small header,
-                              b"CSF2" + uint32 little-endian n (the number of frames),
-                              and each frame i under its own key below;
+                              b"CSF2" + uint32 little-endian n (the number of frames)
+                              [+ read hints: n uint64 file offsets, then n uint32
+                              lengths, of the frames' bytes in data.mdb], and each
+                              frame i under its own key below;
                             version 1 (ours before, and the reference's): a msgpack list
                               of the video's JPEG frames (raw bytes), in order
     b"%09d/%06d" % (video_id, i)   version 2: frame i's JPEG bytes
@@ -32,6 +34,16 @@ about the bytes it needs (plus a leaf page per few hundred frames), and with
 `buffers=True` the frames reach DALI as read-only slices of the map, copied once
 (by DALI). Frame keys sort right after their video's key, so a video's frames stay
 together.
+
+Read hints: with LMDB's readahead off (it would read 128 KiB around every fault),
+each cold 4 KiB page of a frame is its own synchronous page fault, ~250 per sample:
+latency-bound, and costly in kernel time. The header says where each frame's bytes
+lie in data.mdb (build-lmdb and convert record it right after writing the video, and
+check it against the file), so a reader asks the kernel for all of a sample's frames
+at once (posix_fadvise WILLNEED, one request per frame) before touching them. Hints
+are only advice: a wrong one costs a useless read, never wrong data. A header
+without them (8 bytes) is valid too; frames under half a page (stored inside B-tree
+pages, which later writes move) get none (offset 0).
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ FORMAT_VERSION = 2          # what build-lmdb and convert write
 WHOLE_VIDEO_VERSION = 1     # a msgpack list per video (ours before, and the reference's)
 VIDEO_HEADER_MAGIC = b"CSF2"   # a version 2 video entry: magic + uint32 frame count
 _VIDEO_HEADER_SIZE = 8
+_HINT_BYTES = 12            # per frame in a hinted header: uint64 file offset + uint32 length
 
 # A sane ceiling for anything we size from file contents (frames per video).
 MAX_FRAMES_PER_VIDEO = 1_000_000
@@ -117,9 +130,80 @@ def header_frames(raw) -> int | None:
     if raw[:4] != VIDEO_HEADER_MAGIC:
         return None
     n = int.from_bytes(raw[4:8], "little")
-    if len(raw) != _VIDEO_HEADER_SIZE or n > MAX_FRAMES_PER_VIDEO:
+    if n > MAX_FRAMES_PER_VIDEO or len(raw) not in (_VIDEO_HEADER_SIZE, _VIDEO_HEADER_SIZE + _HINT_BYTES * n):
         raise LmdbFormatError(f"broken version 2 video header ({len(raw)} bytes, {n} frames)")
     return n
+
+
+def header_hints(raw, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The read hints of a version 2 header with n frames: (file offsets, lengths) of
+    every frame's bytes in data.mdb, or None when the header has none."""
+    if len(raw) == _VIDEO_HEADER_SIZE:
+        return None
+    return (np.frombuffer(raw, "<u8", n, _VIDEO_HEADER_SIZE),
+            np.frombuffer(raw, "<u4", n, _VIDEO_HEADER_SIZE + 8 * n))
+
+
+def hinted_header(n: int, offsets, lengths) -> bytes:
+    """A version 2 header with read hints (see the module docstring)."""
+    return (VIDEO_HEADER_MAGIC + n.to_bytes(4, "little") + np.asarray(offsets, "<u8").tobytes()
+            + np.asarray(lengths, "<u4").tobytes())
+
+
+def data_file(path: str) -> str:
+    return os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+
+
+def map_base(env: lmdb.Environment, path: str) -> int | None:
+    """The address at which this process maps `env`'s data file (Linux), else None."""
+    target = os.stat(data_file(path))
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and int(fields[2], 16) == 0 and fields[3].count(":") == 1:
+                    inode = int(fields[4])
+                    if inode == target.st_ino and os.path.exists(fields[5]) and \
+                            os.path.samefile(fields[5], data_file(path)):
+                        return int(fields[0].split("-")[0], 16)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def hint_entry(write, env: lmdb.Environment, path: str, entry: int, n: int) -> None:
+    """After version 2 video `entry` (n frames) is committed: put its hinted header with
+    `write([(key, value)])` (a writer's transaction); nothing where hints cannot be had."""
+    hinted = read_hints(env, path, entry, n)
+    if hinted is not None:
+        write([(video_key(entry), hinted)])
+
+
+def read_hints(env: lmdb.Environment, path: str, entry: int, n: int) -> bytes | None:
+    """A hinted header for version 2 video `entry` of the database at `path`, open as
+    `env`: where each frame's bytes lie in data.mdb, read from this process's map and
+    checked against the file. None where the map cannot be located. The frames' pages
+    should be in the page cache (just written), or this reads them all."""
+    base = map_base(env, path)
+    if base is None:
+        return None
+    # Only frames in overflow pages of their own: smaller values live inside B-tree leaf
+    # pages, which later transactions copy elsewhere (and share their pages anyway).
+    smallest = env.stat()["psize"] // 2
+    offsets, lengths = np.zeros(n, np.uint64), np.zeros(n, np.uint32)
+    with env.begin(buffers=True) as txn, open(data_file(path), "rb") as handle:
+        for i in range(n):
+            frame = txn.get(frame_key(entry, i))
+            if frame is None:
+                return None
+            if len(frame) < smallest:
+                continue
+            offset = np.frombuffer(frame, np.uint8).ctypes.data - base
+            head = bytes(frame[:16])
+            if offset <= 0 or os.pread(handle.fileno(), len(head), offset) != head:
+                return None   # not where the map says: leave the header without hints
+            offsets[i], lengths[i] = offset, len(frame)
+    return hinted_header(n, offsets, lengths) if offsets.any() else None
 
 
 def read_video_frames(txn, entry: int) -> list:
@@ -335,6 +419,14 @@ class LmdbFrameReader:
         self.keys = keys
         self._txn = None
         self._txn_pid = None
+        self._fd = None
+
+    def __del__(self):
+        if self._fd is not None and self._txn_pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
 
     def __getstate__(self):
         return {"path": self.path, "keys": self.keys}
@@ -345,8 +437,24 @@ class LmdbFrameReader:
     def _read_txn(self):
         if self._txn_pid != os.getpid():   # new, or inherited through fork: not usable here
             self._txn = shared_env(self.path).begin(buffers=True)
+            self._fd = os.open(data_file(self.path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) \
+                if hasattr(os, "posix_fadvise") else None
             self._txn_pid = os.getpid()
         return self._txn
+
+    def _prefetch(self, raw, n: int, wanted) -> None:
+        """Ask the kernel for the wanted frames' bytes all at once (the header's read
+        hints), so that the page faults of the reads that follow find them in the page
+        cache: one request per frame instead of a synchronous fault per 4 KiB page."""
+        fd = self._fd
+        if fd is None:
+            return
+        offsets = np.frombuffer(raw, "<u8", n, _VIDEO_HEADER_SIZE)
+        lengths = np.frombuffer(raw, "<u4", n, _VIDEO_HEADER_SIZE + 8 * n)
+        advise, willneed = os.posix_fadvise, os.POSIX_FADV_WILLNEED
+        for offset, length in zip(offsets[wanted].tolist(), lengths[wanted].tolist()):
+            if offset:
+                advise(fd, offset, length, willneed)
 
     def _entry_id(self, video_id: int) -> int:
         return self.keys[video_id] if self.keys is not None else video_id
@@ -375,6 +483,8 @@ class LmdbFrameReader:
         wanted = np.asarray(indices, dtype=np.int64).tolist()
         if wanted and (min(wanted) < 0 or max(wanted) >= n):
             raise IndexError(f"frame {max(wanted)} of a video with {n} frames")
+        if len(raw) != _VIDEO_HEADER_SIZE:
+            self._prefetch(raw, n, list(dict.fromkeys(wanted)))
         get, found = txn.get, {}
         for i in wanted:   # each distinct frame once (views overlap)
             if i not in found:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from pipelines.lmdb_store import (
     CLASSES_KEY, FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY,
-    VLEN_KEY, WHOLE_VIDEO_VERSION, VideoMeta, jpeg_size, layout_entries, pack, unpack, video_key,
+    VLEN_KEY, WHOLE_VIDEO_VERSION, VideoMeta, hint_entry, jpeg_size, layout_entries, pack, unpack, video_key,
 )
 
 from .ffmpeg_io import DEFAULT_QUALITY, VideoError, iter_jpeg_frames, probe_video, resolve_quality, turbo_encoder
@@ -767,6 +767,8 @@ def _convert_all(plan: BuildPlan, done: Progress, blocked: _Blocked, settings, w
                     meta = _video_meta(result)
                     writer.write([*layout_entries(len(metas), result.frames, settings.layout),
                                   (job_record_key(index), pack(dict(ok=True, meta=meta.to_dict())))])
+                    if settings.layout == FORMAT_VERSION:   # while its pages are in the page cache
+                        hint_entry(writer.write, writer.env, str(writer.path), len(metas), len(result.frames))
                     metas.append(meta)
                 bar.update(1)
                 bar.set_postfix(ok=len(metas), skipped=skipped, refresh=False)

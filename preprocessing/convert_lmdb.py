@@ -27,8 +27,8 @@ import lmdb
 from tqdm import tqdm
 
 from pipelines.lmdb_store import (
-    FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LmdbFormatError, layout_version, pack, read_video_frames,
-    shared_env, unpack, video_entries,
+    FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LmdbFormatError, hint_entry, layout_version, pack,
+    read_video_frames, shared_env, unpack, video_entries,
 )
 
 from .build_lmdb import (
@@ -169,6 +169,7 @@ def _convert_entries(source: _Source, writer: LmdbWriter, done: int, progress: b
                 logger.warning("skipped entry %s: %s", key.decode(), reason)
             else:
                 writer.write([*entries, (job_record_key(index), pack(dict(ok=True)))])
+                hint_entry(writer.write, writer.env, str(writer.path), int(key), len(entries) - 1)
             bar.update(1)
     return failed
 

@@ -60,5 +60,22 @@ def write_lmdb(path, videos: list[list[np.ndarray]], names=None, labels=None, cl
     return path
 
 
+def assert_hints_exact(db_path, header: bytes, frames: list[bytes]):
+    """A version 2 header's read hints name exactly each frame's bytes in data.mdb;
+    frames under half a page (stored inside B-tree pages) have none."""
+    import os
+
+    hints = fmt.header_hints(header, len(frames))
+    if hints is None:
+        assert all(len(f) < 2048 for f in frames)
+        return
+    with open(os.path.join(str(db_path), "data.mdb"), "rb") as data:
+        for frame, offset, length in zip(frames, *hints):
+            if offset:
+                assert length == len(frame) and os.pread(data.fileno(), int(length), int(offset)) == frame
+            else:
+                assert len(frame) < 2048
+
+
 def coded_video(num_frames: int, height: int, width: int) -> list[np.ndarray]:
     return [coded_frame(i, height, width) for i in range(num_frames)]

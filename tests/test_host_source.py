@@ -12,6 +12,7 @@ import benchmark
 from bench import host_source
 from pipelines.plan import PlanConfig, make_pretrain_plan
 from pipelines.sharding import shard_indices
+from preprocessing.convert_lmdb import convert_lmdb
 from tests.lmdb_fixtures import coded_video, encode_jpeg, write_lmdb
 
 CFG = PlanConfig(frames=4, crop_size=32)
@@ -52,8 +53,11 @@ def test_handed_and_needed_bytes_are_the_planned_jpegs_exactly(dbs, frames, vers
 def test_storage_bytes_follow_the_layout(tmp_path, frames):
     # Fresh databases: pages this process has mapped before cannot be evicted.
     fresh = {v: str(write_lmdb(tmp_path / f"v{v}.lmdb", [frames] * VIDEOS, version=v)) for v in (1, 2)}
+    # with read hints: converted from a copy (the conversion maps its source's pages into this process)
+    source = write_lmdb(tmp_path / "v1_copy.lmdb", [frames] * VIDEOS, version=1)
+    fresh[3] = str(convert_lmdb(source, tmp_path / "v2_hinted.lmdb", progress=False)["out"])
     results = {v: host_source.measure(fresh[v], CFG, samples=SAMPLES, warm_rounds=1, seed=0, batch_size=1)
-               for v in (1, 2)}
+               for v in (1, 2, 3)}
     if any(r["resident_before_bytes"] > r["data_bytes"] // 4 for r in results.values()):
         pytest.skip("posix_fadvise(DONTNEED) does not evict pages on this file system (tmpfs?)")
     sizes = [len(encode_jpeg(f)) for f in frames]
@@ -62,8 +66,9 @@ def test_storage_bytes_follow_the_layout(tmp_path, frames):
     # version 1 pulls each sample's whole video (40 frames) from storage to use at most 8
     assert results[1]["storage_bytes_resident"] >= sum(sizes)
     assert results[1]["ratio"] > 3
-    # version 2: the distinct planned frames' pages, and few index pages
-    assert results[2]["ratio"] < 1.5
+    # version 2: the distinct planned frames' pages, and few index pages; the same with read hints
+    assert results[2]["ratio"] < 1.5 and results[3]["ratio"] < 1.5
+    assert results[3]["storage_bytes_resident"] <= results[2]["storage_bytes_resident"] + 4 * host_source.PAGE
     assert results[2]["storage_bytes_resident"] >= results[2]["needed_bytes"]
     distinct = np.mean([len(planned(int(v))[1])
                         for v in shard_indices(VIDEOS, 0, 1, 1, 0, 0, True)[:SAMPLES]])

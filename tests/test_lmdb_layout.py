@@ -16,7 +16,7 @@ from pipelines.plan import PlanConfig
 from preprocessing import convert_lmdb as convert_module
 from preprocessing.build_lmdb import BuildError
 from preprocessing.convert_lmdb import ConvertError, ConvertInterrupted, convert_lmdb
-from tests.lmdb_fixtures import coded_video, encode_jpeg, write_lmdb
+from tests.lmdb_fixtures import assert_hints_exact, coded_video, encode_jpeg, write_lmdb
 from tests.test_reference_lmdb import VIDEOS, build_reference_lmdb, frames_of
 
 H, W = 24, 32
@@ -62,6 +62,20 @@ def test_version_2_frames_are_slices_of_the_map_not_copies(tmp_path):
     assert not np.frombuffer(frames[0], np.uint8).flags.writeable
     with pytest.raises(IndexError, match="frame 12 of a video with 12 frames"):
         reader.frames(1, [0, 12])
+
+
+def test_read_hints_are_only_advice(tmp_path):
+    db = write_lmdb(tmp_path / "v2.lmdb", videos())
+    expected = [encode_jpeg(videos()[1][i]) for i in (0, 5, 11)]
+    n = LENGTHS[1]
+    env = lmdb.open(str(db), map_size=1 << 30)
+    with env.begin(write=True) as txn:   # hints that point at the wrong bytes, or past the end of the file
+        txn.put(fmt.video_key(1), fmt.hinted_header(n, [4096 * (i + 1) for i in range(n)], [1 << 20] * n))
+    env.close()
+    reader = LmdbFrameReader(str(db))
+    assert [bytes(f) for f in reader.frames(1, [0, 5, 11])] == expected
+    with pytest.raises(LmdbFormatError, match="broken version 2 video header"):
+        fmt.header_frames(fmt.hinted_header(n, [0] * n, [0] * n)[:-1])
 
 
 def test_both_layouts_give_the_same_bytes(tmp_path):
@@ -130,12 +144,26 @@ def test_convert_is_exact(tmp_path):
             assert fmt.unpack(after[key]) == {**fmt.unpack(value), "version": 2, "converted_from": 1}
         elif key.isdigit():   # every frame, byte for byte, under its own key
             frames = fmt.unpack(value)
-            assert after[key] == b"CSF2" + len(frames).to_bytes(4, "little")
+            assert after[key][:8] == b"CSF2" + len(frames).to_bytes(4, "little")
             assert [after[fmt.frame_key(int(key), i)] for i in range(len(frames))] == frames
+            assert_hints_exact(tmp_path / "new.lmdb", after[key], frames)
         else:
             assert after[key] == value
     assert len(after) == len(before) + sum(LENGTHS)
     assert fmt.layout_version(str(tmp_path / "new.lmdb")) == 2
+
+
+def test_convert_writes_exact_read_hints_for_frames_of_their_own_pages(tmp_path):
+    big = [coded_video(6, 240, 320) for _ in range(3)]      # JPEGs of several KiB: overflow pages
+    old = write_lmdb(tmp_path / "old.lmdb", big, version=1)
+    convert_lmdb(old, tmp_path / "new.lmdb", progress=False)
+    entries = all_entries(tmp_path / "new.lmdb")
+    for video in range(3):
+        frames = [entries[fmt.frame_key(video, i)] for i in range(6)]
+        header = entries[fmt.video_key(video)]
+        assert len(header) == 8 + 12 * 6 and min(len(f) for f in frames) >= 2048
+        assert all(fmt.header_hints(header, 6)[0])     # every frame has a hint...
+        assert_hints_exact(tmp_path / "new.lmdb", header, frames)   # ...naming exactly its bytes
 
 
 def test_convert_resumes_after_an_interruption(tmp_path, monkeypatch):

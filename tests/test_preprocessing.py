@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from pipelines import lmdb_store
+from tests.lmdb_fixtures import assert_hints_exact
 from pipelines.lmdb_store import VideoMeta, read_metadata, video_key
 from preprocessing.build_lmdb import (
     BuildError, OutputExistsError, build_lmdb, class_names, find_videos, parse_list_line, report_path,
@@ -339,9 +340,11 @@ def test_build_writes_every_index_entry_consistently(built_db):
     assert [m["source"] for m in metas] == ["alpha/a0.mp4", "alpha/a1.mp4", "alpha/a2.mkv", "beta/b0.mp4", "beta/b1.avi"]
     assert all(m["fps"] == 25.0 for m in metas)
     for video_id, meta in enumerate(metas):
-        # layout 2: a header with the frame count, then one key per frame
-        assert entries[video_key(video_id)] == b"CSF2" + meta["frames"].to_bytes(4, "little")
+        # layout 2: a header with the frame count and read hints, then one key per frame
+        header = entries[video_key(video_id)]
+        assert header[:8] == b"CSF2" + meta["frames"].to_bytes(4, "little")
         frames = [entries[lmdb_store.frame_key(video_id, i)] for i in range(meta["frames"])]
+        assert_hints_exact(out, header, frames)
         assert len(frames) == meta["frames"] == EXPECTED_FRAMES[meta["name"]]
         assert min(meta["height"], meta["width"]) == 32
         for frame in (frames[0], frames[-1]):
@@ -367,6 +370,9 @@ def test_build_layout_1_stores_the_same_frames_as_msgpack_lists(built_db, videos
     assert result.returncode == 0 and "videos converted 5 / skipped 0" in result.stdout, result.stderr
     converted = read_all_entries(tmp_path / "v2.lmdb")
     assert unpack(converted.pop(b"__info__")) == {**unpack(new_entries.pop(b"__info__")), "converted_from": 1}
+    for video_id in range(5):   # the headers' read hints name places in their own files: compare the rest
+        assert converted[video_key(video_id)][:8] == new_entries[video_key(video_id)][:8]
+        converted[video_key(video_id)] = new_entries[video_key(video_id)]
     assert converted == new_entries
     again = subprocess.run([sys.executable, "-m", "preprocessing", "convert", "--db", str(old), "--out",
                             str(tmp_path / "v2.lmdb")], capture_output=True, text=True)
