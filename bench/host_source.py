@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("words", nargs="*", metavar="key=value", help="config overrides (plan.frames=16, ...)")
     p.add_argument("--data", action="append", required=True, metavar="DB|INDEX.json",
                    help="an LMDB or a video index; repeat to compare data paths or layouts in one run")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="recipe of the plan sizes (default: configs/k400.yaml)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="recipe of the plan sizes (default: configs/k400.yaml)")
     p.add_argument("--samples", type=int, default=48, help="samples of the cold pass, distinct videos (default: 48)")
     p.add_argument("--warm-rounds", type=int, default=5, help="times the warm pass repeats them (default: 5)")
     p.add_argument("--batch", type=int, default=1, help="batch size the epoch is cut into (default: 1)")
@@ -320,13 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_table(results: list[dict]) -> list[str]:
-    head = ("data", "path", "layout", "cpu ms", "(source + copy)", "cold cpu/wall ms", "storage KB", "(io / resident)", "handed KB", "needed KB",
-            "storage/needed")
+    head = ("data", "path", "layout", "cpu ms", "(source + copy)", "cold cpu/wall ms", "storage KB", "(io / resident)",
+            "handed KB", "needed KB", "storage/needed")
     rows = [head]
     for r in results:
         io_kb = "-" if r["storage_bytes_io"] is None else f"{r['storage_bytes_io'] / 1e3:.0f}"
         rows.append((Path(r["data"]).name, r["path"], str(r["layout"] or "-"), f"{r['cpu_ms']:.3f}",
-                     f"{r['source_ms']:.3f} + {r['hand_over_ms']:.3f}", f"{r['cold_cpu_ms']:.2f} / {r['cold_wall_ms']:.2f}",
+                     f"{r['source_ms']:.3f} + {r['hand_over_ms']:.3f}",
+                     f"{r['cold_cpu_ms']:.2f} / {r['cold_wall_ms']:.2f}",
                      f"{r['storage_bytes'] / 1e3:.0f}", f"{io_kb} / {r['storage_bytes_resident'] / 1e3:.0f}",
                      f"{r['handed_bytes'] / 1e3:.0f}", f"{r['needed_bytes'] / 1e3:.0f}",
                      "-" if r["ratio"] is None else f"{r['ratio']:.2f}"))

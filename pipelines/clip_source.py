@@ -177,7 +177,6 @@ class ClipLmdbSource(EpochSampleSource):
         return self.items[int(rng.integers(0, len(self.items)))]
 
 
-
 def label_arrays(plan: ClipPlan, substituted: int, valid: bool) -> tuple[np.ndarray, ...]:
     """LABEL_OUTPUTS as 0-d int32 arrays (parallel external_source rejects numpy scalars)."""
     i32 = lambda v: np.array(v, dtype=np.int32)  # noqa: E731

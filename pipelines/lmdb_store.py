@@ -48,7 +48,6 @@ pages, which later writes move) get none (offset 0).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import struct

@@ -83,7 +83,7 @@ class ConvertSettings:
     fps: float | None = None
     quality: int = DEFAULT_QUALITY["turbo"]
     encoder: str = "turbo"
-    layout: int = FORMAT_VERSION   # of the video entries: 2 = a key per frame (ours), 1 = msgpack list (the reference's)
+    layout: int = FORMAT_VERSION   # video entries: 2 = a key per frame (ours), 1 = a msgpack list (the reference's)
 
 
 @dataclass
