@@ -37,6 +37,9 @@ examples:
   python benchmark.py e2e --config configs/k400.yaml --device gpu --batch 64 --threads 4 --workers 6 \\
       --data data/k400_320.lmdb --json runs/bench/e2e.json
 
+`python benchmark.py source --data DB|INDEX.json ...` measures the host side of a data path alone
+(plan, read, checks, hand-over; storage bytes per sample): see bench/host_source.py.
+
 `python benchmark.py gpu-check-summary WORK OUT` builds scripts/gpu_check.sh's headline table
 from the JSON files of its runs.
 

@@ -26,6 +26,10 @@ core, no decoding) and reports per sample:
 The cold pass reads `--samples` samples of one epoch (distinct videos); the LMDB
 should be much larger than what they read (`--repeat N` lists every video N times
 in a temporary copy), or the pages of one sample serve the next.
+
+example (the K400 recipe's plan; both LMDB layouts and the video path in one table):
+  python benchmark.py source --data data/k400_v1.lmdb --data data/k400_320.lmdb \
+      --data data/k400_nvdec.json --repeat 15 --samples 48
 """
 
 from __future__ import annotations
