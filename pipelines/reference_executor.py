@@ -152,7 +152,7 @@ class ReferencePretrainDataset(SourceBackedDataset):
         self.check_position(position)
         video = self.source.video_for(self.epoch, position)
         plan = self.source.plan(self.epoch, video)
-        # One read for both views, as the DALI source does (a read unpacks the whole video).
+        # One read for both views, as the DALI source does.
         jpegs = self.source.reader.frames(video, np.concatenate([plan.view1.frames, plan.view2.frames]))
         t = len(plan.view1.frames)
         size = self.plan_cfg.crop_size
