@@ -25,7 +25,7 @@ OUTSIDE_DOCUMENTS = [
     "cstp-method" + "-spec", "DESIGN" + ".md", "dali" + "-facts", "dali-under" + "-torchrun",
     "reference" + "-readme", "readme" + "-anchors", "shared/" + "docs", "shared/" + "device",
 ]
-SPEC_SECTION = re.compile(r"\bspec(?:\.md)? ?" + "\u00a7")  # a section sign after "spec": a section of that document
+SPEC_SECTION = re.compile(r"\bspec(?:\.md)? ?(?:" + "\u00a7" + r"|\d+\.\d)")  # "spec" + a section number
 
 MARKDOWN_LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]]*\]\(([^)\s]+)\)")
 DOCS_POINTER = re.compile(r"\bdocs/([A-Za-z0-9_-]+\.md)(#[A-Za-z0-9_-]+)?")
