@@ -8,7 +8,7 @@ r"""Evaluate a finetuned classifier or a backbone: the reference test protocol p
   python evaluate.py --checkpoint best.pt --data ucf101.lmdb --list testlist01_nframe.txt \
       --train-data ucf101.lmdb --train-list trainlist01_nframe.txt --spatial-crops 3 --json r.json
 
-Test protocol (spec §8): every video is cut into back-to-back clips (T frames,
+Test protocol (docs/method.md#test-protocol): every video is cut into back-to-back clips (T frames,
 stride s) plus one clip aligned to its end; short side test_short_side, one centre
 crop; the clips' raw logits are averaged per video. Reports top-1, top-5 and
 per-class accuracy, a confusion matrix (JSON and PNG). --spatial-crops 3 reads every

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                                   prefetch=d["prefetch"], seed=cfg["run"]["seed"])
     common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor,
                   list_path=d["train_list"] or None)
-    # Loaders (and their forked workers) come before the process group (dali-under-torchrun.md §1).
+    # Loaders (and their forked workers) come before the process group (docs/architecture.md#forked-workers).
     try:
         from pipelines.lmdb_store import read_metadata
         from pipelines.video_source import is_video_index, read_video_index

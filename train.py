@@ -128,7 +128,7 @@ def main(argv=None) -> int:
                               prefetch=d["prefetch"], shuffle=d["shuffle"], seed=cfg["run"]["seed"],
                               decode=d["decode"])
     # The pipeline (and its forked workers) comes before the process group: forked
-    # workers must not inherit the group's sockets (dali-under-torchrun.md §1).
+    # workers must not inherit the group's sockets (docs/architecture.md#forked-workers).
     try:
         loader = PretrainLoader(d["path"], plan_cfg, settings, device=device, local_rank=local_rank, rank=rank,
                                 world_size=world_size, start_epoch=position.epoch, start_sample=position.sample,

@@ -6,7 +6,7 @@ command line with `key=value` (nanoGPT style, no framework).
 A key may be written in full (`optim.lr`) or by its last part when that is unique
 (`lr`, `max_steps`). Unknown keys and wrongly typed values are refused with a
 message that names the closest known key. Defaults are the reference recipe
-(cstp-method-spec.md §2, §6, §12).
+(docs/method.md#the-sampling-plan, #optimisation, #recipes).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ DEFAULTS: dict = {
         "min_ratio": 0.75,
         "max_ratio": 1.3333333333333333,
         "flip_prob": 0.5,
-        # appearance, per view (spec §5.1): with strong_prob the "base" pipeline, i.e. a
+        # appearance, per view (docs/method.md#appearance): with strong_prob the "base" pipeline, i.e. a
         # small rotation, then jitter/grey/blur each with its own probability
         "strong_prob": 0.3,
         "small_angle_range": [-10.0, 10.0],     # degrees

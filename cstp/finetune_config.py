@@ -1,5 +1,5 @@
-"""Finetuning configuration: the reference's supervised recipe (cstp-method-spec.md §5.2,
-§7, §8) as plain nested values, with the same `key=value` overrides as pretraining
+"""Finetuning configuration: the reference's supervised recipe (docs/method.md#finetuning,
+#test-protocol) as plain nested values, with the same `key=value` overrides as pretraining
 (see cstp/config.py: full `optim.lr` or a unique last part such as `lr`).
 """
 
@@ -30,7 +30,7 @@ FINETUNE_DEFAULTS: dict = {
         "workers": 0,
         "prefetch": 2,
         # Model selection and the plateau scheduler read a validation split carved from
-        # the training list (the reference used the test split, spec §11.11).
+        # the training list (the reference used the test split: docs/deviations.md#finetuning-validation-split).
         "val_fraction": 0.1,        # per class, at least one video of every class with >= 2
         "val_every": 1,             # epochs between validations
     },

@@ -1,4 +1,4 @@
-"""The finetuning loop (spec §7, with the reference's bugs fixed): SGD on a
+"""The finetuning loop (docs/method.md#finetuning, with the reference's bugs fixed): SGD on a
 VideoClassifier, ReduceLROnPlateau on the validation loss, the best checkpoint
 chosen on a validation split carved from the training list.
 
@@ -9,7 +9,7 @@ dicts (`clip` (B,3,T,S,S), `label`, `video_index`, `valid`, optionally
 Under DDP, validation sums the loss and the per-video logits over all ranks
 before anything decides on them, so every rank steps the plateau scheduler with
 the same number and keeps the same learning rate (the reference stepped it on
-rank 0 only, spec §11.11).
+rank 0 only: docs/deviations.md#finetuning-validation-split).
 """
 
 from __future__ import annotations

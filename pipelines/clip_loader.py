@@ -27,7 +27,7 @@ LMDB); video_index still indexes the full `metas`.
 executor="reference" runs the same plans with numpy/PIL in a torch DataLoader
 (clip_reference.py): the tests' oracle and the benchmark's baseline. Build a DALI
 loader before `torch.distributed.init_process_group` when workers are forked
-(dali-under-torchrun.md §1).
+(docs/architecture.md#forked-workers).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ batches (dicts of torch tensors on the training device) built on a DALI pipeline
             ...
 
 Build it before `torch.distributed.init_process_group` when DALI workers are
-forked (dali-under-torchrun.md §1): forked workers must not inherit the process
+forked (docs/architecture.md#forked-workers): forked workers must not inherit the process
 group's sockets.
 """
 

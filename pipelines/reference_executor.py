@@ -1,5 +1,5 @@
 """The reference executor: the same sampling plans as the DALI pipeline, applied with
-numpy/PIL in a torch DataLoader (DESIGN.md, "a sampling plan, executed twice").
+numpy/PIL in a torch DataLoader (docs/architecture.md#one-plan-two-executors).
 
 It loads data the way the reference project does (every JPEG frame decoded whole by
 PIL in DataLoader worker processes), which makes it two things at once:
@@ -8,7 +8,7 @@ PIL in DataLoader worker processes), which makes it two things at once:
   video and applies the same plan, so DALI and reference batches line up one to one;
 - the baseline the benchmark measures DALI against.
 
-Per view (cstp-method-spec.md §5.1, plan order): crop the planned box of each
+Per view (docs/method.md#appearance, plan order): crop the planned box of each
 planned frame, bicubic resize to S×S, rotate k·90° counter-clockwise, then for a
 "strong" view the base pipeline (small rotation, colour jitter, channel grey,
 Gaussian blur), flip horizontally, "tf" normalisation x/255·2−1, output (3, T, S, S).
@@ -109,7 +109,7 @@ def execute_view_reference(jpegs: list[bytes], view: ViewPlan, crop_size: int) -
         clip = np.stack([apply_appearance(frame, look, c) for frame, c in zip(clip, channels)])
     if view.flip:
         clip = clip[:, :, ::-1]  # horizontal, applied last
-    scaled = clip.astype(np.float32) / 255.0 * 2.0 - 1.0  # "tf" normalisation (spec §5.1)
+    scaled = clip.astype(np.float32) / 255.0 * 2.0 - 1.0  # "tf" normalisation (docs/method.md)
     return np.ascontiguousarray(scaled.transpose(3, 0, 1, 2))
 
 

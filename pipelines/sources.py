@@ -46,7 +46,7 @@ MAX_SUBSTITUTIONS = 16
 
 def _guard_worker_process():
     """In a DALI worker process: die with the parent rank and leave SIGTERM/SIGINT to
-    it (dali-under-torchrun.md §4): otherwise a SIGKILLed rank leaves orphans that
+    it (docs/architecture.md#signals-and-orphans): otherwise a SIGKILLed rank leaves orphans that
     hold its sockets, and a preempted rank loses its workers before it can save."""
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -172,7 +172,7 @@ def read_checked_jpegs(reader: LmdbFrameReader, video: int, frames, meta: VideoM
 def plan_to_arrays(plan: PretrainPlan) -> tuple[np.ndarray, ...]:
     """The plan's parameters as the arrays the DALI graph consumes (see
     PRETRAIN_PARAM_OUTPUTS). Scalars are 0-d arrays: parallel external_source
-    rejects numpy scalars (dali-facts.md §2.1)."""
+    rejects numpy scalars (docs/architecture.md#external-source)."""
     def xy(box):
         return np.array([box.x, box.y], np.float32), np.array([box.w, box.h], np.float32)
 

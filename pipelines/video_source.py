@@ -22,7 +22,7 @@ from .plan import PlanConfig, PretrainPlan
 from .sources import APPEARANCE_OUTPUTS, BadSampleError, PretrainLmdbSource, appearance_arrays, view_angle
 
 VIDEO_INDEX_FORMAT = "cstp-dali-video-index"
-# What DALI 2.4 decodes on the CPU; H.264, HEVC, AV1 and MPEG-4 need NVDEC (dali-facts.md §1).
+# What DALI 2.4 decodes on the CPU; H.264, HEVC, AV1 and MPEG-4 need NVDEC (docs/data.md#video-index).
 CPU_DECODABLE_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 MAX_VIDEO_BYTES = 4 << 30  # refuse absurd files rather than read them into memory
 
@@ -79,7 +79,7 @@ def refuse_undecodable(metas: list[VideoMeta], files: list[str], device: str):
 
 def union_and_orders(plan: PretrainPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sorted distinct frames of both views and, per view, where its frames sit in
-    that list. Sorted: a decoder that seeks backwards is ~5x slower (dali-facts.md §1.3)."""
+    that list. Sorted: a decoder that seeks backwards is ~5x slower (docs/data.md#video-index)."""
     both = np.concatenate([plan.view1.frames, plan.view2.frames])
     frames, inverse = np.unique(both, return_inverse=True)
     t = len(plan.view1.frames)

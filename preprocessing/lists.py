@@ -14,7 +14,7 @@ Inputs (--annotations):
 Outputs (--out), labels always 0-based, classes.txt giving the class of each label:
     <part>.txt       ours: "path label" (TAB-separated when the path has spaces), usable as
                      `build-lmdb --list` / `index-videos --list` with the same --videos
-    reference format, as the reference project reads it (cstp-method-spec.md §4.2):
+    reference format, as the reference project reads it (docs/data.md#list-formats):
       ucf101         trainlist0K_nframe.txt / testlist0K_nframe.txt: "Class/v_x.avi label nframes"
       hmdb51         the same names: "class/video label nframes" (no extension, like HMDB51_labels)
       kinetics400    <split>_list_label_nframe.txt: "<split>/<class>/<id>.mp4  label  nframes" (two spaces)

@@ -5,7 +5,7 @@ yuv420p, a constant frame rate, a keyframe at least every GOP frames (no scene
 cut keyframes in between, so a decoder seeking to any frame decodes at most
 GOP-1 frames it does not need), rotation metadata applied to the pixels and
 removed, even frame sizes, no audio, index at the front (+faststart). That is
-what DALI's `fn.decoders.video` (NVDEC) reads best: see DESIGN.md, data path 2.
+what DALI's `fn.decoders.video` (NVDEC) reads best: see docs/data.md#video-index.
 
 One ffmpeg process per video, several in parallel (threads: the work happens in
 the subprocesses). Resumable: each output is written under a temporary name,

@@ -11,7 +11,7 @@ worker processes:
              (one ffmpeg per video decodes; with the default turbo encoder it hands
              raw YUV frames to the worker, which encodes them with libjpeg-turbo at
              quality 94; the main process writes each video into the LMDB)
-  reference  the reference's two steps (spec 4.3 / 4.4): `extract_frames_kin.py`,
+  reference  the reference's two steps (docs/data.md#reference-lmdb-layout): `extract_frames_kin.py`,
              i.e. per video ffprobe for the size, then
              `ffmpeg -i V -r 30 -q:v 2 -vf scale=-1:320 DIR/%05d.jpg` (a pool of W
              processes), then `make_lmdb_kin.py`, one process that reads every

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of CSTP-DALI in one run, for a lent GPU session (one H100/H200, DALI
-# installed into /tmp/site as in ../shared/device/README.md; lmdb and ffmpeg-python come
+# installed into /tmp/site as docs/gpu.md describes; lmdb and ffmpeg-python come
 # with it). Frugal: planned for ~5 minutes on an H100 after the DALI install (not yet timed
 # on one); past GPU_CHECK_BUDGET_S seconds (default 420) the remaining benchmark runs are
 # skipped and the summary still comes. Real clips: carry a copy of ../shared/data/real-clips
@@ -171,7 +171,7 @@ else
   printf 'name\n(no nvidia-smi on this machine)\n' | tee "$OUTDIR/gpu.csv"
 fi
 echo "CPU cores: $(nproc)"
-"$PYTHON" - <<'EOF' || { echo "gpu_check.sh: python cannot import what the project needs (see ../shared/device/README.md)"; exit 2; }
+"$PYTHON" - <<'EOF' || { echo "gpu_check.sh: python cannot import what the project needs (see docs/gpu.md)"; exit 2; }
 import platform
 import torch, numpy, lmdb, msgpack, yaml, PIL
 import nvidia.dali as dali
