@@ -277,3 +277,56 @@ def test_frames_the_decoder_cannot_deliver_are_an_error_and_substituted(vp9_inde
                        ClipLoaderSettings(batch_size=2, num_threads=1, seed=0))
     batches = batches_of(clips, 1)
     assert 3 not in ids(batches) and sum(int(b["substituted"].sum()) for b in batches) == 1
+
+
+@pytest.mark.slow
+def test_two_rank_gloo_run_with_a_damaged_frame_on_one_rank_finishes_on_both(damaged_db, tmp_path):
+    """The rank that reads the damaged video recovers (locate, rebuild, resume) while the
+    other waits in the gradient all-reduce; the epoch keeps its length on both ranks,
+    so they stay in step, finish, and hold the same weights."""
+    from pipelines.sharding import shard_indices
+    from tests.test_ddp import torchrun_train
+
+    # 16 videos, 2 ranks x batch 4: 2 steps per epoch; which rank reads video 6 per epoch:
+    readers = [[r for r in (0, 1) if DAMAGED in shard_indices(16, r, 2, 4, 1, e, True)] for e in range(3)]
+    assert all(len(r) == 1 for r in readers)
+    out = tmp_path / "ddp"
+    proc = torchrun_train(out, damaged_db)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["substituted_samples"] == 3
+    assert len(set(summary["weight_digests"])) == 1      # every rank ended with the same weights
+    # each recovery was done by the rank that read the damaged video, and only by it
+    failed = [line for line in proc.stderr.splitlines() if "data pipeline failed" in line]
+    assert sorted(int(line.split("[rank ")[1][0]) for line in failed) == sorted(r[0] for r in readers)
+
+
+def rot_in_place(path, seed=0):
+    """Bit rot: random bytes over the middle third of a file, its size and mtime kept
+    (so the index's stamp still matches and only the decoder can tell)."""
+    st = os.stat(path)
+    data = bytearray(Path(path).read_bytes())
+    third = len(data) // 3
+    data[third:2 * third] = np.random.default_rng(seed).integers(0, 256, third, dtype=np.uint8).tobytes()
+    Path(path).write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_video_rotten_inside_fails_in_the_decoder_and_is_substituted(tmp_path, caplog):
+    """MJPEG with damaged packets: libavcodec refuses them inside fn.decoders.video
+    ("Failed to send packet to decoder"), the pipeline dies, the loader recovers."""
+    from tests.test_video_path import write_coded_video
+
+    root = tmp_path / "videos"
+    (root / "a").mkdir(parents=True)
+    for i in range(4):
+        write_coded_video(root / "a" / f"clip{i}.avi", 60, "avi")
+    index = tmp_path / "index.json"
+    assert preprocessing_main(["index-videos", "--videos", str(root), "--out", str(index), "--quiet"]) == 0
+    rot_in_place(root / "a" / "clip0.avi")
+    caplog.set_level(logging.WARNING)
+    loader = PretrainLoader(str(index), CFG, LoaderSettings(batch_size=2, num_threads=1, seed=0))
+    batches = batches_of(loader, 1)
+    assert len(batches) == 2 and 0 not in ids(batches)
+    assert sum(int((b["substituted"] > 0).sum()) for b in batches) == 1
+    assert any("data pipeline failed" in r.getMessage() for r in caplog.records)
+    assert any("skipping video 0 " in r.getMessage() and "decoders.video" in r.getMessage() for r in caplog.records)
