@@ -21,10 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 import msgpack
 
 from pipelines.faults import stamp_problem, write_blocklist
-from pipelines.lmdb_store import MAX_FRAMES_PER_VIDEO, read_metadata, shared_env, video_key
+from pipelines.lmdb_store import MAX_FRAMES_PER_VIDEO, jpeg_problem, read_metadata, shared_env, video_key
 
 from .verify import decode_problem
-from pipelines.lmdb_store import jpeg_problem
 
 MAX_FRAMES_NAMED = 3
 
