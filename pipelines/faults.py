@@ -153,21 +153,23 @@ def read_blocklist_file(path: str) -> dict[str, str]:
 
 
 def blocked_videos(blocklist_path: str | None, metas, files: list[str] | None = None) -> dict[int, str]:
-    """{video id: reason} of the videos a blocklist names, matched by source path (as
-    build-lmdb's --blocklist), by name ("class/video"), or by the indexed file (absolute
-    or relative to the index's root)."""
+    """{video id: reason} of the videos a blocklist names. LMDB videos (files None) match
+    by source path (as build-lmdb's --blocklist), with or without its extension, or by
+    name ("class/video"); indexed video files match by their path or any trailing part of
+    it (the index's relative `file`, as `index-videos --verify` writes it)."""
     if not blocklist_path:
         return {}
     listed = read_blocklist_file(blocklist_path)
     blocked = {}
     for i, meta in enumerate(metas):
-        keys = [meta.source, meta.name, os.path.splitext(meta.source)[0]]
-        if files is not None:
-            keys += [files[i], os.path.basename(os.path.dirname(files[i])) + "/" + os.path.basename(files[i])]
-        for key in keys:
-            if key and key in listed:
-                blocked[i] = listed[key]
-                break
+        if files is None:
+            keys = [meta.source, os.path.splitext(meta.source)[0], meta.name]
+        else:
+            parts = files[i].replace("\\", "/").split("/")
+            keys = ["/".join(parts[k:]) for k in range(len(parts))]
+        reason = next((listed[key] for key in keys if key and key in listed), None)
+        if reason is not None:
+            blocked[i] = reason
     if listed and not blocked:
         log.warning("blocklist %s names none of the %d videos", blocklist_path, len(metas))
     return blocked

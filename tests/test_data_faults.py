@@ -158,6 +158,10 @@ def test_verify_decode_writes_a_blocklist_that_the_loaders_honour(damaged_db, tm
     # replaced before it reached the decoder: no pipeline failure to recover from
     assert not any("data pipeline failed" in r.getMessage() for r in caplog.records)
     assert any("in the blocklist" in r.getMessage() for r in caplog.records)
+    # finetune.py / evaluate.py: a blocklisted val/test item is replaced and not scored
+    val = batches_of(ClipLoader(damaged_db, "val", ClipPlanConfig(frames=4, crop_size=32),
+                                ClipLoaderSettings(batch_size=4, num_threads=1), blocklist=str(blocklist)), 1)
+    assert DAMAGED not in ids(val) and sum(int((~b["valid"]).sum()) for b in val) == 1
 
 
 # ---------------------------------------------------------------- a partial copy of an LMDB
@@ -330,3 +334,14 @@ def test_a_video_rotten_inside_fails_in_the_decoder_and_is_substituted(tmp_path,
     assert sum(int((b["substituted"] > 0).sum()) for b in batches) == 1
     assert any("data pipeline failed" in r.getMessage() for r in caplog.records)
     assert any("skipping video 0 " in r.getMessage() and "decoders.video" in r.getMessage() for r in caplog.records)
+    # offline: index-videos --verify finds it (the stamp still matches: only decoding can
+    # tell), and its blocklist keeps it from the decoder
+    blocklist = tmp_path / "videos.blocklist.txt"
+    assert preprocessing_main(["index-videos", "--out", str(index), "--verify", "--blocklist", str(blocklist),
+                               "--quiet"]) == 1
+    assert [line.split("\t")[0] for line in blocklist.read_text().splitlines()] == ["a/clip0.avi"]
+    caplog.clear()
+    loader = PretrainLoader(str(index), CFG, LoaderSettings(batch_size=2, num_threads=1, seed=0),
+                            blocklist=str(blocklist))
+    assert ids(batches_of(loader, 1)) == ids(batches)
+    assert not any("data pipeline failed" in r.getMessage() for r in caplog.records)
