@@ -2,8 +2,9 @@
 
 Every video is probed and its frames counted by decoding it once with ffprobe
 (`-count_frames`), so the index holds exact frame counts (container headers are
-often wrong) and a file that cannot be decoded to the end is reported, not indexed:
-inside a DALI pipeline a decode error ends the run.
+often wrong) and a file that cannot be decoded to the end is reported, not indexed (at
+run time each of its samples would cost a pipeline rebuild, pipelines/faults.py). Each
+entry records the file's size and mtime_ns: readers refuse files changed since.
 """
 
 from __future__ import annotations
