@@ -5,6 +5,7 @@ a partial copy of an LMDB, a blocklist, and train.py --resume on a foreign file.
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,8 +202,10 @@ def test_train_runs_to_the_end_over_damaged_jpegs_and_counts_them(damaged_db, tm
     assert proc.stderr.count(f"skipping video {DAMAGED} ") == 1
 
 
-def test_train_resume_on_a_foreign_file_is_a_one_line_message(tmp_path):
+def test_train_resume_on_a_foreign_file_is_a_one_line_message(tmp_path, capsys):
     from fractions import Fraction
+
+    import train
 
     evil = tmp_path / "evil.pt"
     torch.save({"x": Fraction(1, 3)}, evil)   # any pickled object beyond tensors and plain data
@@ -210,25 +213,37 @@ def test_train_resume_on_a_foreign_file_is_a_one_line_message(tmp_path):
     torch.save({"format": "cstp-dali-finetune", "model": {}}, other)
     for path, expected in ((evil, "pickled Python objects"), (other, "is not a cstp-dali-checkpoint checkpoint"),
                            (tmp_path / "missing.pt", "checkpoint not found")):
-        proc = run_train(tmp_path, "--out", str(tmp_path / "run"), "--resume", str(path), "data.path=x.lmdb", *TINY)
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        lines = proc.stderr.strip().splitlines()
+        capsys.readouterr()
+        assert train.main(["--out", str(tmp_path / "run"), "--resume", str(path), "data.path=x.lmdb", *TINY]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("train.py: --resume: ") and expected in lines[0], lines
 
 
 # ---------------------------------------------------------------- video files
 
-@pytest.fixture()
-def vp9_index(tmp_path):
+@pytest.fixture(scope="module")
+def vp9_videos(tmp_path_factory):
     from tests.test_video_path import write_coded_video
 
-    root = tmp_path / "videos"
+    root = tmp_path_factory.mktemp("vp9") / "videos"
     (root / "a").mkdir(parents=True)
     for i in range(4):
         write_coded_video(root / "a" / f"clip{i}.webm", 40, "webm")
-    index = tmp_path / "index.json"
+    index = root.parent / "index.json"
     assert preprocessing_main(["index-videos", "--videos", str(root), "--out", str(index), "--quiet"]) == 0
     return index, root
+
+
+@pytest.fixture()
+def vp9_index(vp9_videos, tmp_path):
+    """A fresh copy of the indexed videos (copy2 keeps the mtimes the index recorded)."""
+    index, root = vp9_videos
+    copy = tmp_path / "videos"
+    shutil.copytree(root, copy, copy_function=shutil.copy2)
+    data = json.loads(index.read_text())
+    data["root"] = str(copy)
+    (tmp_path / "index.json").write_text(json.dumps(data))
+    return tmp_path / "index.json", copy
 
 
 def cut_in_half(path):
