@@ -261,8 +261,12 @@ def run_verify(args, parser) -> int:
         print(f"verify: error: {err}", file=sys.stderr)
         return 2
     if args.decode:
+        import time
+
         from .decode_check import decode_check_lmdb
+        start = time.perf_counter()
         damaged = decode_check_lmdb(args.db, workers=args.workers, progress=not args.quiet)
+        report["seconds"] = round(report["seconds"] + time.perf_counter() - start, 2)
         report["problems"] = [p for p in report["problems"] if " frame " not in f" {p['problem']}"] + \
             [dict(video=d["name"], problem=d["problem"]) for d in damaged]
         report["frames_checked"] = report["frames"]
