@@ -55,6 +55,9 @@ def parse_args(argv=None):
                              "(a reference-project LMDB)")
     parser.add_argument("--train-data", help="training LMDB: the retrieval / kNN gallery")
     parser.add_argument("--train-list", metavar="PATH", help="reference-format list file for --train-data")
+    parser.add_argument("--blocklist", metavar="FILE",
+                        help="videos not to read (path<TAB>reason lines, as `preprocessing verify --decode` writes): "
+                             "each is replaced by another item flagged invalid, so it is not scored")
     parser.add_argument("--spatial-crops", type=int, choices=(1, 3),
                         help="crops per test clip: 1 = centre (the reference), 3 = start/centre/end of the "
                              "long side; default: the checkpoint's clip setting (1)")
@@ -204,7 +207,8 @@ def main(argv=None) -> int:
     except SystemExit as err:
         return fail(str(err))
     settings = ClipLoaderSettings(batch_size=args.batch_size, num_threads=args.num_threads, seed=args.seed)
-    common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor)
+    common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor,
+                  blocklist=args.blocklist)
     try:
         test_loader = ClipLoader(args.data, "test", clip_cfg, settings, list_path=args.list_path, **common)
         train_loader = ClipLoader(args.train_data, "test", clip_cfg, settings, list_path=args.train_list,

@@ -38,6 +38,7 @@ DEFAULTS: dict = {
     "data": {
         "path": "",                 # LMDB of JPEG frames, or a video index (.json)
         "list": "",                 # optional reference-format list: read a reference-project LMDB through it
+        "blocklist": "",            # optional: videos not to read (path<TAB>reason lines, `preprocessing verify --decode`)
         "device": "auto",           # auto | cpu | gpu: where DALI decodes and augments
         "batch_size": 16,           # per rank
         "num_threads": 2,

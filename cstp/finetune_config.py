@@ -23,6 +23,7 @@ FINETUNE_DEFAULTS: dict = {
     "data": {
         "train": "",                # LMDB (or .json video index) of the training list
         "train_list": "",           # reference-format list file selecting and labelling data.train's videos
+        "blocklist": "",            # optional: videos not to read (path<TAB>reason lines, `preprocessing verify --decode`)
                                     # (an LMDB built by the reference project); "" = the LMDB's own metadata
         "device": "auto",           # auto | cpu | gpu: where DALI decodes and augments
         "batch_size": 30,           # per rank (the reference: 2 GPUs x 30)

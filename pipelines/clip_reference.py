@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .clip_plan import ClipPlan
 from .clip_source import CLIP_OUTPUTS, ClipLmdbSource
-from .reference_executor import SourceBackedDataset, apply_appearance, crop_and_resize
+from .reference_executor import DECODE_ERRORS, SourceBackedDataset, apply_appearance, crop_and_resize
 
 
 def execute_clip_reference(jpegs: list[bytes], plan: ClipPlan) -> np.ndarray:
@@ -45,8 +45,14 @@ class ReferenceClipDataset(SourceBackedDataset):
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         self.check_position(position)
-        plan, jpegs, substituted, valid = self.source.sample(self.epoch, position)
-        item = {"clip": torch.from_numpy(execute_clip_reference(jpegs, plan))}
+        while True:
+            plan, jpegs, substituted, valid = self.source.sample(self.epoch, position)
+            try:
+                item = {"clip": torch.from_numpy(execute_clip_reference(jpegs, plan))}
+                break
+            except DECODE_ERRORS as err:   # replaced as the DALI loader replaces what its decoder fails on
+                self.source.mark_undecodable(self.epoch, position, self.source.last_attempt,
+                                             f"PIL: {type(err).__name__}: {err}")
         values = (plan.label, plan.video, plan.clip_index, valid, substituted, plan.crop_index)
         item.update({key: torch.tensor(value, dtype=torch.bool if key == "valid" else torch.int64)
                      for key, value in zip(CLIP_OUTPUTS[1:], values, strict=True)})

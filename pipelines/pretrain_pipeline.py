@@ -203,7 +203,8 @@ def cstp_pretrain_video_pipeline(source, device: str = "cpu", parallel: bool = F
     encoded, *params = fn.external_source(source=source, num_outputs=source.num_outputs, batch=False,
                                           parallel=parallel)
     p = dict(zip(VIDEO_PARAM_OUTPUTS, params))
-    decoded = fn.decoders.video(encoded, frames=p["frames"], device=decoder_device(device))
+    decoded = fn.decoders.video(encoded, frames=p["frames"], device=decoder_device(device),
+                                pad_mode="none")  # a frame it cannot deliver is an error, never a black fill
     size = source.plan_cfg.crop_size
     view1 = augment_view(cut_view(decoded, p["order1"], p["anchor1"], p["shape1"]), p["angle1"], p["flip1"], size,
                          view_look(p, 1))

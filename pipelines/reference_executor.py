@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
+from .faults import blocked_videos
 from .lmdb_store import read_metadata
 from .plan import Appearance, Box, PlanConfig, ViewPlan
 from .sharding import samples_per_rank
@@ -36,7 +37,10 @@ if TYPE_CHECKING:  # pipelines.loader imports DALI; the reference executor must 
 
 # Same keys, in the same order, as the DALI loader's batches (pretrain_pipeline.PRETRAIN_OUTPUTS).
 LABEL_KEYS = ("spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index")
-BATCH_KEYS = ("view1", "view2", *LABEL_KEYS)
+BATCH_KEYS = ("view1", "view2", *LABEL_KEYS, "substituted")
+# What PIL raises for a frame it cannot decode (damaged bytes behind intact markers):
+# the sample is replaced, as the DALI loader replaces one its decoder fails on.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 # ---------------------------------------------------------------- one view
@@ -150,17 +154,22 @@ class ReferencePretrainDataset(SourceBackedDataset):
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         self.check_position(position)
-        video = self.source.video_for(self.epoch, position)
-        plan = self.source.plan(self.epoch, video)
-        # One read for both views, as the DALI source does (a read unpacks the whole video).
-        jpegs = self.source.reader.frames(video, np.concatenate([plan.view1.frames, plan.view2.frames]))
-        t = len(plan.view1.frames)
-        size = self.plan_cfg.crop_size
-        item = {"view1": torch.from_numpy(execute_view_reference(jpegs[:t], plan.view1, size)),
-                "view2": torch.from_numpy(execute_view_reference(jpegs[t:], plan.view2, size))}
+        while True:
+            # One read for both views, as the DALI source does; the source substitutes
+            # unreadable videos and those marked below, deterministically.
+            plan, jpegs, attempt = self.source.sample(self.epoch, position)
+            t = len(plan.view1.frames)
+            size = self.plan_cfg.crop_size
+            try:
+                item = {"view1": torch.from_numpy(execute_view_reference(jpegs[:t], plan.view1, size)),
+                        "view2": torch.from_numpy(execute_view_reference(jpegs[t:], plan.view2, size))}
+                break
+            except DECODE_ERRORS as err:
+                self.source.mark_undecodable(self.epoch, position, attempt, f"PIL: {type(err).__name__}: {err}")
         labels = (plan.spatial_label, plan.temporal_label, plan.speed_label,
-                  plan.view1.rotation, plan.view2.rotation, plan.video_index)
-        item.update({key: torch.tensor(value, dtype=torch.int64) for key, value in zip(LABEL_KEYS, labels)})
+                  plan.view1.rotation, plan.view2.rotation, plan.video_index, attempt)
+        item.update({key: torch.tensor(value, dtype=torch.int64)
+                     for key, value in zip(BATCH_KEYS[2:], labels, strict=True)})
         return item
 
 
@@ -177,7 +186,8 @@ class ReferencePretrainLoader:
 
     def __init__(self, db_path: str, plan_cfg: PlanConfig, settings: "LoaderSettings", *,
                  device: str = "cpu", local_rank: int = 0, rank: int = 0, world_size: int = 1,
-                 start_epoch: int = 0, start_sample: int = 0, list_path: str | None = None):
+                 start_epoch: int = 0, start_sample: int = 0, list_path: str | None = None,
+                 blocklist: str | None = None):
         if start_sample % settings.batch_size:
             raise ValueError(f"start_sample {start_sample} must be a multiple of the batch size "
                              f"{settings.batch_size}")
@@ -199,6 +209,7 @@ class ReferencePretrainLoader:
                                                 batch_size=settings.batch_size, rank=rank,
                                                 world_size=world_size, shuffle=settings.shuffle,
                                                 epoch=start_epoch, metas=self.metas)
+        self.dataset.source.blocked = blocked_videos(blocklist, self.metas)
 
     def steps_in_epoch(self, epoch: int) -> int:
         skipped = self.start_sample // self.batch_size if epoch == self.start_epoch else 0

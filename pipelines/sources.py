@@ -15,6 +15,7 @@ import signal
 import msgpack
 import numpy as np
 
+from .faults import DecodeFailedError, SubstitutesUndecodable
 from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem, lmdb_keys
 from .plan import PlanConfig, PretrainPlan, ViewPlan, make_pretrain_plan
 from .sharding import samples_per_rank, shard_indices
@@ -56,7 +57,7 @@ def _guard_worker_process():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class PretrainLmdbSource:
+class PretrainLmdbSource(SubstitutesUndecodable):
     """Sample source of the CSTP pretraining pipeline over an LMDB of JPEG frames.
 
     Returns, per sample: view 1's T JPEG buffers, view 2's T JPEG buffers, then the
@@ -117,18 +118,28 @@ class PretrainLmdbSource:
         epoch, position = self.position(sample_info)
         if position >= self.per_rank:
             raise StopIteration
+        return self.sample_outputs(epoch, position)
+
+    def sample_outputs(self, epoch: int, position: int) -> tuple:
+        return self.outputs(*self.sample(epoch, position))
+
+    def sample(self, epoch: int, position: int):
+        """(plan, payload, attempt) at `position` of `epoch`: attempt > 0 when unreadable
+        or undecodable videos were replaced (the one place both executors take samples from)."""
         video = self.video_for(epoch, position)
         for attempt in range(MAX_SUBSTITUTIONS):
             try:
+                self.check_not_failed(epoch, position, attempt, video)
                 plan, payload = self.read_sample(epoch, video)
                 break
-            except BadSampleError as err:
+            except (BadSampleError, DecodeFailedError) as err:
                 self._report_once(video, err)
                 video = self.replacement_video(epoch, position, attempt)
         else:
             raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable videos in a row in {self.reader.path}; "
                                "the database looks broken (rebuild it with `python -m preprocessing build-lmdb`)")
-        return self.outputs(plan, payload, attempt)
+        self.last_attempt, self.last_video = attempt, video
+        return plan, payload, attempt
 
     def outputs(self, plan: PretrainPlan, jpegs: list[bytes], substituted: int) -> tuple:
         buffers = [np.frombuffer(j, dtype=np.uint8) for j in jpegs]

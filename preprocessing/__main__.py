@@ -199,8 +199,13 @@ def _add_index_videos(commands) -> None:
     cmd = commands.add_parser("index-videos", help="index a folder of videos for the video-file data path",
                               description=INDEX_VIDEOS_HELP, epilog=INDEX_VIDEOS_EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    cmd.add_argument("--videos", required=True, metavar="DIR", help="folder holding the videos (searched recursively)")
-    cmd.add_argument("--out", required=True, metavar="INDEX.json", help="the index file to write")
+    cmd.add_argument("--videos", metavar="DIR", help="folder holding the videos (searched recursively)")
+    cmd.add_argument("--out", required=True, metavar="INDEX.json", help="the index file to write (to check, with --verify)")
+    cmd.add_argument("--verify", action="store_true",
+                     help="check the existing index --out instead: decode every file once, report the damaged, "
+                          "changed or vanished ones and write them to --blocklist (exit 1 if any)")
+    cmd.add_argument("--blocklist", metavar="FILE",
+                     help="with --verify: where to write the blocklist (default: INDEX.json.blocklist.txt)")
     cmd.add_argument("--list", metavar="FILE", help="list of videos, relative to --videos, with optional labels")
     cmd.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                      help="videos probed in parallel (default: %(default)s)")
@@ -284,6 +289,15 @@ def _add_transcode(commands) -> None:
 def run_index_videos(args, parser) -> int:
     from .index_videos import index_videos
 
+    if args.verify:
+        from .tools_cli import report_damaged
+        from .decode_check import decode_check_index
+        if not Path(args.out).is_file():
+            parser.error(f"--out {args.out}: no such index to verify")
+        return report_damaged("index-videos --verify", args.out, args.blocklist,
+                              decode_check_index(args.out, workers=args.workers, progress=not args.quiet))
+    if not args.videos:
+        parser.error("--videos is required (unless --verify)")
     require_videos_and_list(args, parser)
     if not args.out.endswith(".json"):
         parser.error("--out must end in .json (that is how train.py tells an index from an LMDB)")

@@ -173,6 +173,12 @@ def add_tool_commands(commands) -> None:
     cmd.add_argument("--sample", type=_positive_int, metavar="K",
                      help="check K frames per video, spread evenly (default: every frame)")
     cmd.add_argument("--report", metavar="FILE.json", help="also write the full report as JSON")
+    cmd.add_argument("--decode", action="store_true",
+                     help="decode every frame whole, in parallel, and write the damaged videos to --blocklist "
+                          "(which build-lmdb --blocklist, data.blocklist and evaluate.py --blocklist honour)")
+    cmd.add_argument("--blocklist", metavar="FILE", help="with --decode: where (default: DB.blocklist.txt)")
+    cmd.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+                     help="with --decode: decoding processes (default: %(default)s)")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     cmd.set_defaults(run=run_verify, command_parser=cmd)
 
@@ -248,10 +254,24 @@ def run_verify(args, parser) -> int:
     if args.videos is not None and not Path(args.videos).is_dir():
         parser.error(f"--videos {args.videos}: no such folder")
     try:
-        report = verify_db(args.db, videos_dir=args.videos, sample=args.sample, progress=not args.quiet)
-    except VerifyError as err:
+        # --decode: the structure (one frame per video) here, every frame in parallel below
+        report = verify_db(args.db, videos_dir=args.videos, sample=1 if args.decode else args.sample,
+                           progress=not args.quiet and not args.decode)
+    except (VerifyError, ValueError) as err:   # DataFaultError (a cut data.mdb) is a ValueError
         print(f"verify: error: {err}", file=sys.stderr)
         return 2
+    if args.decode:
+        import time
+
+        from .decode_check import decode_check_lmdb
+        start = time.perf_counter()
+        damaged = decode_check_lmdb(args.db, workers=args.workers, progress=not args.quiet)
+        report["seconds"] = round(report["seconds"] + time.perf_counter() - start, 2)
+        report["problems"] = [p for p in report["problems"] if " frame " not in f" {p['problem']}"] + \
+            [dict(video=d["name"], problem=d["problem"]) for d in damaged]
+        report["frames_checked"] = report["frames"]
+        report["damaged"] = damaged
+        report_damaged("verify --decode", args.db, args.blocklist, damaged, quiet_ok=True)
     for item in report["problems"]:
         print(f"problem {item['video']}: {item['problem']}")
     for source in report["missing_sources"][:20]:
@@ -268,6 +288,20 @@ def run_verify(args, parser) -> int:
     print(f"verify {status}: {report['videos']} videos, {report['frames']} frames "
           f"({report['frames_checked']} checked), {size_text}, {report['seconds']:.1f} s")
     return 1 if report["problems"] else 0
+
+
+def report_damaged(command: str, data_path: str, blocklist, damaged: list[dict], quiet_ok: bool = False) -> int:
+    """Print the damaged videos and write them as a blocklist; exit status 1 if any."""
+    from .decode_check import default_blocklist_path, write_damaged_blocklist
+
+    blocklist = blocklist or default_blocklist_path(data_path)
+    for d in damaged:
+        print(f"damaged {d['entry']}: {d['problem']}")
+    write_damaged_blocklist(blocklist, damaged)
+    if damaged or not quiet_ok:
+        print(f"{command}: {len(damaged)} damaged videos -> blocklist {blocklist} (pass it as data.blocklist, "
+              "build-lmdb --blocklist or evaluate.py --blocklist)")
+    return 1 if damaged else 0
 
 
 def _human_bytes(n: int) -> str:
