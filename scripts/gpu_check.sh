@@ -202,13 +202,13 @@ if [ -n "$DATA" ]; then
   NEED_DECODE=$(( (WARMUP + DECODE_STEPS + 2) * FIRST_BATCH ))
   run "$PYTHON" - "$DATA" "$WORK/repeated.lmdb" $(( NEED_ALL > NEED_DECODE ? NEED_ALL : NEED_DECODE )) <<'EOF' &&
 import sys
-import benchmark
+from bench.data import db_bytes, write_repeated_db
 from pipelines.lmdb_store import read_metadata
 source, target, need = sys.argv[1], sys.argv[2], int(sys.argv[3])
 videos = len(read_metadata(source)[0])
 copies = max(1, -(-need // videos))
-benchmark.write_repeated_db(source, target, copies)
-print(f"{source}: {videos} videos, stored {copies}x in {target} ({benchmark._db_bytes(target) / 2**30:.2f} GiB)")
+write_repeated_db(source, target, copies)
+print(f"{source}: {videos} videos, stored {copies}x in {target} ({db_bytes(target) / 2**30:.2f} GiB)")
 EOF
     LMDB_ARGS=(--data "$WORK/repeated.lmdb" --repeat 1
                --data-origin "LMDB $(basename "$DATA") (short side $SHORT_SIDE), each video stored several times")

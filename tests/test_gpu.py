@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmark import find_ffmpeg
+from bench.data import find_ffmpeg
 from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
 from pipelines.clip_plan import ClipPlanConfig
 from pipelines.loader import LoaderSettings, PretrainLoader
