@@ -113,6 +113,13 @@ def gpu_check_rows(runs: dict, util: dict | None = None) -> list[tuple[str, ...]
         if picked:
             name, (mean, peak) = max(picked, key=lambda item: item[1][1])
             single(f"{engine} utilisation % (mean / max, busiest run: {name})", f"{mean:.0f} / {peak:.0f}")
+    every = [r for run in runs.values() if isinstance(run, dict)
+             for r in (run["results"].values() if isinstance(run.get("results"), dict) else [run])]
+    used = [r for r in every if isinstance(r, dict) and r.get("gpu_device_used_gb") is not None]
+    if used:
+        top = max(used, key=lambda r: r["gpu_device_used_gb"])
+        single(f"GPU memory GiB in use on the device / torch peak (largest: {top['mode']}, batch {top['batch']})",
+               f"{top['gpu_device_used_gb']:.2f} / {fmt(top.get('gpu_memory_gb'), '.2f')}")
     rss = [r.get("host_rss_mb") for r in runs.values() if isinstance(r, dict) and r.get("host_rss_mb")]
     if rss:
         single("host memory MB (largest run)", f"{max(rss):.0f}")

@@ -79,13 +79,15 @@ def run_loader(cfg: dict, args, db: str) -> dict:
         cpu1 = CpuSnapshot()
         cpu = cpu1.seconds_since(cpu0)
         memory = host_memory_mb()
+        device_memory = gpu_memory(args.device)   # while the loader (and DALI's pools) is alive
         on_device = batch["view1"].device.type
     finally:
         batches.close()
         loader.close()
     result = dict(seconds=seconds, cpu_seconds=cpu, other_cpu_seconds=cpu1.others_since(cpu0, cpu),
                   host_rss_mb=memory, output_device=on_device,
-                  workers=workers_for(args.loader, args, cfg), steps_per_epoch=loader.steps_per_epoch)
+                  workers=workers_for(args.loader, args, cfg), steps_per_epoch=loader.steps_per_epoch,
+                  **device_memory)
     if args.soak_epochs:
         result.update(soak(cfg, args, db))
     return result
@@ -193,6 +195,7 @@ def run_e2e(cfg: dict, args, db: str) -> dict:
         cpu1 = CpuSnapshot()
         cpu = cpu1.seconds_since(cpu0)
         memory = host_memory_mb()
+        device_memory = gpu_memory(args.device)   # while the loader (and DALI's pools) is alive
     finally:
         batches.close()
         loader.close()
@@ -200,7 +203,7 @@ def run_e2e(cfg: dict, args, db: str) -> dict:
                 host_rss_mb=memory, data_wait_seconds=wait,
                 data_wait_fraction=wait / seconds, skipped_steps=skipped,
                 workers=workers_for(args.loader, args, cfg), steps_per_epoch=loader.steps_per_epoch,
-                **gpu_memory(args.device))
+                **device_memory)
 
 
 

@@ -58,6 +58,16 @@ def settings_line(r: dict) -> str:
             f"{', channels-last' if r['channels_last'] else ''}, {r['warmup']} warm-up + {r['steps']} timed steps")
 
 
+def gpu_memory_line(results: list[dict]) -> str | None:
+    """Per run, the GPU memory in use on the device and, in brackets, torch's own peak
+    (DALI's pools count only in the first); None on the CPU."""
+    cells = [f"{r['mode']}{' ' + r['loader'] if r.get('loader') else ''} {r['gpu_device_used_gb']:.2f} "
+             f"({fmt(r.get('gpu_memory_gb'), '.2f')})" for r in results if r.get("gpu_device_used_gb") is not None]
+    if not cells:
+        return None
+    return "GPU memory, GiB in use on the device (torch's peak allocation): " + ", ".join(cells)
+
+
 def write_report(summary: dict, path: Path) -> Path | None:
     """Markdown report; a PNG chart beside it when matplotlib is importable."""
     results = list(summary["results"].values())
@@ -73,7 +83,8 @@ def write_report(summary: dict, path: Path) -> Path | None:
                 else "."), "",
              "| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
-    lines += ["", *[f"- {line}" for line in headline_lines(summary)], "",
+    gpu_line = gpu_memory_line(results)
+    lines += ["", *[f"- {line}" for line in headline_lines(summary) + ([gpu_line] if gpu_line else [])], "",
               "samples/s: training samples (two views each) per second; frames/s = 2·T·samples/s, the decoded "
               "frames the views need. CPU cores: CPU seconds of the process and its workers per wall second; "
               "CPU ms/sample: their CPU time per sample (the cost behind samples/s at equal cores). "
@@ -129,6 +140,8 @@ def print_results(results: list[dict]):
                       + ", ".join(f"{m:.0f}" for m in r["soak_anon_mb"])
                       + ("" if anon_slope is None else f"; slope {anon_slope:+.2f} MB/epoch")
                       + "; file-backed (LMDB map, libraries): " + ", ".join(f"{m:.0f}" for m in r["soak_file_mb"]))
+    if gpu_memory_line(results):
+        print(gpu_memory_line(results))
     busy = [r["other_cpu_cores"] for r in results if busy_machine(r)]
     if busy:
         print(f"warning: other processes used up to {max(busy):.2f} of the {results[0]['cpu_count']} CPU cores "

@@ -120,10 +120,17 @@ def peak_rss_mb() -> float:
 
 
 def gpu_memory(device: str) -> dict:
+    """GPU memory in GiB: gpu_memory_gb, the peak of torch's allocator (model, activations,
+    optimiser); gpu_device_used_gb, what the whole device has in use now (cudaMemGetInfo:
+    torch's cache, DALI's own memory pools and the CUDA contexts too, and any other
+    process on the same GPU), with gpu_device_total_gb. DALI allocates outside torch, so
+    only the device figure shows what the input pipeline holds."""
     if device != "gpu":
         return {}
     import torch
-    return {"gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+    free, total = torch.cuda.mem_get_info()
+    return {"gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "gpu_device_used_gb": (total - free) / 2**30, "gpu_device_total_gb": total / 2**30}
 
 
 def gpu_name(device: str) -> str | None:

@@ -328,3 +328,38 @@ def test_gpu_check_dry_run_past_its_budget_still_ends_with_the_summary(tmp_path,
     summary = (out / "summary.txt").read_text()
     assert "figure" in summary and re.search(r"pytest -m gpu: \d+ (skipped|passed)", summary)
     assert sorted(p.name for p in out.iterdir()) == ["gpu.csv", "gpu_check.log", "results.json", "summary.txt"]
+
+
+# ---------------------------------------------------------------- GPU memory: torch's peak and the device's use
+
+
+def test_gpu_memory_reports_what_the_device_has_in_use(monkeypatch):
+    """torch's max_memory_allocated misses DALI's pools: the device's own figure
+    (cudaMemGetInfo) is reported beside it. The two CUDA calls are stubbed here."""
+    from bench.system import gpu_memory
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (30 * gib, 80 * gib))   # (free, total)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 12 * gib)
+    assert gpu_memory("gpu") == {"gpu_memory_gb": 12.0, "gpu_device_used_gb": 50.0, "gpu_device_total_gb": 80.0}
+    assert gpu_memory("cpu") == {}
+
+
+def test_the_device_memory_reaches_the_report_and_the_gpu_check_summary(tmp_path):
+    from bench.gpu_check import gpu_check_rows
+    from bench.report import gpu_memory_line
+
+    loader = {**_run(900.0, batch=64), "mode": "loader", "loader": "dali", "gpu_device_used_gb": 9.5}
+    e2e = {**_run(190.0, batch=64), "mode": "e2e", "loader": "dali", "gpu_device_used_gb": 31.25,
+           "gpu_memory_gb": 12.0}
+    model = {**_run(200.0, batch=64), "mode": "model", "loader": None, "gpu_device_used_gb": 14.0,
+             "gpu_memory_gb": 11.5}
+    assert gpu_memory_line([loader, model, e2e]) == ("GPU memory, GiB in use on the device (torch's peak "
+                                                     "allocation): loader dali 9.50 (-), model 14.00 (11.50), "
+                                                     "e2e dali 31.25 (12.00)")
+    assert gpu_memory_line([{**model, "gpu_device_used_gb": None}]) is None
+    runs = {"all_lmdb_b64": {"mode": "all", "results": {"loader_dali": loader, "model": model, "e2e": e2e}},
+            "video_e2e_b64": {**e2e, "gpu_device_used_gb": 20.0}}
+    rows = {row[0]: row[1:] for row in gpu_check_rows(runs)}
+    label = "GPU memory GiB in use on the device / torch peak (largest: e2e, batch 64)"
+    assert rows[label] == ("31.25 / 12.00", "")
