@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from bench.data import prepare_data
-from bench.settings import BenchmarkError, data_source, plan_config, workers_for
+from bench.settings import BenchmarkError, data_source, workers_for
 from bench.system import (CpuSnapshot, gpu_memory, gpu_name, host_memory_mb, host_memory_split_mb,
                           peak_rss_mb)
 
@@ -18,6 +18,7 @@ FIXED_LR = 1e-3  # throughput does not depend on the learning rate; a small one 
 
 def make_loader(kind: str, db: str, cfg: dict, args):
     from pipelines.loader import LoaderSettings
+    from pipelines.plan import plan_config_from
 
     d = cfg["data"]
     settings = LoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"],
@@ -27,9 +28,9 @@ def make_loader(kind: str, db: str, cfg: dict, args):
     try:
         if kind == "dali":
             from pipelines.loader import PretrainLoader
-            return PretrainLoader(db, plan_config(cfg), settings, device=args.device)
+            return PretrainLoader(db, plan_config_from(cfg["plan"]), settings, device=args.device)
         from pipelines.reference_executor import ReferencePretrainLoader
-        return ReferencePretrainLoader(db, plan_config(cfg), settings, device=args.device)
+        return ReferencePretrainLoader(db, plan_config_from(cfg["plan"]), settings, device=args.device)
     except (FileNotFoundError, LmdbFormatError, ValueError) as err:  # VideoIndexError is a ValueError
         raise BenchmarkError(f"cannot use the data: {err}") from None
 

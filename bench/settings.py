@@ -76,18 +76,6 @@ def require_gpu_if_asked(device: str):
                              "(torch.cuda.is_available() is False); run with --device cpu")
 
 
-def plan_config(cfg: dict):
-    """Every `plan.*` value that PlanConfig knows (lists as tuples), so that new plan
-    options reach the benchmark without an edit here."""
-    from dataclasses import fields
-
-    from pipelines.plan import PlanConfig
-
-    p = cfg["plan"]
-    return PlanConfig(**{f.name: tuple(p[f.name]) if isinstance(p[f.name], list) else p[f.name]
-                         for f in fields(PlanConfig) if f.name in p})
-
-
 def samples_needed(args, batch: int) -> int:
     # + 2 batches: DALI's prefetch queue runs ahead of the last timed step.
     return (args.warmup + args.steps + 2) * batch
