@@ -65,30 +65,43 @@ def _torch_device(args):
     return torch.device("cpu")
 
 
+class TimedSteps:
+    """A mode's timed window: wall and CPU seconds from start() to stop(), the device
+    synchronised at both ends; stop() also records host and GPU memory (call it while the
+    loader is alive: DALI's pools count)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def start(self):
+        _sync(self.device)
+        self.cpu0, self.t0 = CpuSnapshot(), time.perf_counter()
+
+    def stop(self) -> dict:
+        _sync(self.device)
+        seconds = time.perf_counter() - self.t0
+        cpu1 = CpuSnapshot()
+        cpu = cpu1.seconds_since(self.cpu0)
+        return dict(seconds=seconds, cpu_seconds=cpu, other_cpu_seconds=cpu1.others_since(self.cpu0, cpu),
+                    host_rss_mb=host_memory_mb(), **gpu_memory(self.device))
+
+
 def run_loader(cfg: dict, args, db: str) -> dict:
     loader = make_loader(args.loader, db, cfg, args)
     batches = endless(loader)
     try:
         for _ in range(args.warmup):
             next(batches)
-        _sync(args.device)
-        cpu0, t0 = CpuSnapshot(), time.perf_counter()
+        window = TimedSteps(args.device)
+        window.start()
         for _ in range(args.steps):
             batch = next(batches)
-        _sync(args.device)
-        seconds = time.perf_counter() - t0
-        cpu1 = CpuSnapshot()
-        cpu = cpu1.seconds_since(cpu0)
-        memory = host_memory_mb()
-        device_memory = gpu_memory(args.device)   # while the loader (and DALI's pools) is alive
-        on_device = batch["view1"].device.type
+        measured = window.stop()
     finally:
         batches.close()
         loader.close()
-    result = dict(seconds=seconds, cpu_seconds=cpu, other_cpu_seconds=cpu1.others_since(cpu0, cpu),
-                  host_rss_mb=memory, output_device=on_device,
-                  workers=workers_for(args.loader, args, cfg), steps_per_epoch=loader.steps_per_epoch,
-                  **device_memory)
+    result = dict(measured, output_device=batch["view1"].device.type,
+                  workers=workers_for(args.loader, args, cfg), steps_per_epoch=loader.steps_per_epoch)
     if args.soak_epochs:
         result.update(soak(cfg, args, db))
     return result
@@ -157,18 +170,12 @@ def run_model(cfg: dict, args) -> dict:
     skipped = 0
     for _ in range(args.warmup):
         trainer.train_step(batch, FIXED_LR)
-    _sync(args.device)
-    cpu0, t0 = CpuSnapshot(), time.perf_counter()
+    window = TimedSteps(args.device)
+    window.start()
     for _ in range(args.steps):
         _, grad_norm = trainer.train_step(batch, FIXED_LR)  # ends in a host sync (finite check)
         skipped += math.isnan(grad_norm)
-    _sync(args.device)
-    seconds = time.perf_counter() - t0
-    cpu1 = CpuSnapshot()
-    cpu = cpu1.seconds_since(cpu0)
-    return dict(seconds=seconds, cpu_seconds=cpu, other_cpu_seconds=cpu1.others_since(cpu0, cpu),
-                host_rss_mb=host_memory_mb(), skipped_steps=skipped,
-                **gpu_memory(args.device))
+    return dict(window.stop(), skipped_steps=skipped)
 
 
 def run_e2e(cfg: dict, args, db: str) -> dict:
@@ -183,28 +190,21 @@ def run_e2e(cfg: dict, args, db: str) -> dict:
     try:
         for _ in range(args.warmup):
             trainer.train_step(next(batches), FIXED_LR)
-        _sync(args.device)
-        cpu0, t0 = CpuSnapshot(), time.perf_counter()
+        window = TimedSteps(args.device)
+        window.start()
         for _ in range(args.steps):
             asked = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - asked
             _, grad_norm = trainer.train_step(batch, FIXED_LR)
             skipped += math.isnan(grad_norm)
-        _sync(args.device)
-        seconds = time.perf_counter() - t0
-        cpu1 = CpuSnapshot()
-        cpu = cpu1.seconds_since(cpu0)
-        memory = host_memory_mb()
-        device_memory = gpu_memory(args.device)   # while the loader (and DALI's pools) is alive
+        measured = window.stop()
     finally:
         batches.close()
         loader.close()
-    return dict(seconds=seconds, cpu_seconds=cpu, other_cpu_seconds=cpu1.others_since(cpu0, cpu),
-                host_rss_mb=memory, data_wait_seconds=wait,
-                data_wait_fraction=wait / seconds, skipped_steps=skipped,
-                workers=workers_for(args.loader, args, cfg), steps_per_epoch=loader.steps_per_epoch,
-                **device_memory)
+    return dict(measured, data_wait_seconds=wait, data_wait_fraction=wait / measured["seconds"],
+                skipped_steps=skipped, workers=workers_for(args.loader, args, cfg),
+                steps_per_epoch=loader.steps_per_epoch)
 
 
 

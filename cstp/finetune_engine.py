@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import save_checkpoint
+from .checkpoint import atomic_save, save_checkpoint
 from .classifier import VideoClassifier
 from .metrics import VideoAverager
 from .run_logs import open_metrics, open_tensorboard
@@ -68,15 +67,6 @@ def validation_split(labels, fraction: float, seed: int) -> tuple[list[int], lis
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def atomic_save(state: dict, path: Path):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class NonFiniteLossError(RuntimeError):
