@@ -136,7 +136,6 @@ def parse_args(argv=None):
     return args
 
 
-
 def gpu_check_command(argv: list[str]) -> int:
     """scripts/gpu_check.sh's summary: gpu-check-summary WORK OUT."""
     if len(argv) != 2:

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,15 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int = 3) 
         for old in list_checkpoints(out_dir)[:-keep]:
             old.unlink(missing_ok=True)
     return final
+
+
+def save_from_rank0(make_state, out_dir: str | Path, step: int, keep: int = 3) -> None:
+    """save_checkpoint(make_state()) on rank 0 only (the state is built there only), then
+    every rank waits at a barrier until the file is written."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_checkpoint(make_state(), out_dir, step, keep=keep)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import atomic_save, save_checkpoint
+from .checkpoint import atomic_save, save_from_rank0
 from .classifier import VideoClassifier
 from .metrics import VideoAverager
 from .run_logs import open_metrics, open_tensorboard
@@ -385,8 +385,4 @@ class FinetuneTrainer:
         return open_metrics(self.out_dir, self.position.step, keep)
 
     def save(self):
-        if is_rank0():
-            save_checkpoint(self.state_dict(), self.out_dir, self.position.step,
-                            keep=self.cfg["run"]["keep_checkpoints"])
-        if self.world_size > 1:
-            dist.barrier()
+        save_from_rank0(self.state_dict, self.out_dir, self.position.step, keep=self.cfg["run"]["keep_checkpoints"])
