@@ -59,9 +59,8 @@ def make_clip(path: Path, seconds: float, short_side: int, fps: int, seed: int) 
     width = (short_side * 16 // 9) // 2 * 2
     source = f"testsrc2=size={width}x{short_side}:rate={fps}:duration={seconds}"
     # Temporal noise: frames that do not compress to nothing, like camera footage.
-    subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-f", "lavfi", "-i",
-                    source,
-                    "-vf", f"noise=alls=12:allf=t+u:all_seed={seed},hue=H={seed}*0.7",
+    subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-f", "lavfi",
+                    "-i", source, "-vf", f"noise=alls=12:allf=t+u:all_seed={seed},hue=H={seed}*0.7",
                     "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p",
                     "-movflags", "+faststart", str(path)], check=True)
 
@@ -122,9 +121,9 @@ def extract_one(job) -> None:
     width, height = (int(x) for x in probe.stdout.strip().split(",")[:2])
     scale = f"-1:{short_side}" if width >= height else f"{short_side}:-1"
     os.makedirs(out_dir, exist_ok=True)
-    subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", video, "-r",
-                    str(fps),
-                    "-q:v", "2", "-vf", f"scale={scale}", os.path.join(out_dir, "%05d.jpg")], check=True)
+    subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", video,
+                    "-r", str(fps), "-q:v", "2", "-vf", f"scale={scale}", os.path.join(out_dir, "%05d.jpg")],
+                   check=True)
     Path(out_dir, "done").touch()
 
 
@@ -214,10 +213,9 @@ def fidelity_psnr(db: Path, clips: list[Path], short_side: int, fps: int, every:
             jpegs = msgpack.loads(txn.get(b"%09d" % index), raw=False)
             first = Image.open(io.BytesIO(jpegs[0]))
             width, height = first.size
-            raw = subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-i",
-                                  str(clip),
-                                  "-vf", f"fps={fps},scale={width}:{height}", "-pix_fmt", "rgb24", "-f", "rawvideo",
-                                  "-"], capture_output=True, check=True).stdout
+            raw = subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin",
+                                  "-i", str(clip), "-vf", f"fps={fps},scale={width}:{height}", "-pix_fmt", "rgb24",
+                                  "-f", "rawvideo", "-"], capture_output=True, check=True).stdout
             truth = np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
             for i in range(0, min(len(jpegs), len(truth)), every):
                 stored = np.asarray(Image.open(io.BytesIO(jpegs[i])).convert("RGB"), dtype=np.float64)

@@ -47,8 +47,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def ffprobe_json(path: Path, *entries: str) -> dict:
     out = subprocess.run([executable("ffprobe"), "-v", "error", *entries, "-of", "json", str(path)],
-                          capture_output=True,
-                         text=True, check=True)
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 

@@ -137,9 +137,8 @@ def write_video(path, frames, ext):
 
 def decoded_frames(path) -> np.ndarray:
     """Every frame of a video as ffmpeg decodes it to RGB: what the file really holds."""
-    raw = subprocess.run([executable("ffmpeg"), "-loglevel", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt",
-                          "rgb24",
-                          "-"], capture_output=True, check=True).stdout
+    raw = subprocess.run([executable("ffmpeg"), "-loglevel", "error", "-i", str(path), "-f", "rawvideo",
+                          "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
     return np.frombuffer(raw, np.uint8).reshape(-1, HEIGHT, WIDTH, 3)
 
 
