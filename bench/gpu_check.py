@@ -9,7 +9,6 @@ from pathlib import Path
 from bench.report import fmt
 from bench.system import dali_version, parse_gpu_utilisation, utilisation_between
 
-#
 # gpu_check.sh writes one JSON per benchmark run into its work folder, named
 #   all_lmdb_b<B>            --all on the LMDB (loader dali + reference, model, e2e)
 #   video_loader_b<B>, video_e2e_b<B>    the video-file path (NVDEC on a GPU)

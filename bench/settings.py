@@ -15,7 +15,6 @@ class BenchmarkError(RuntimeError):
     """A problem the user can fix; printed as one line, exit status 2."""
 
 
-
 def data_source(args) -> str:
     """lmdb or video: what the DALI runs read."""
     given = explicit_data_path(args)
