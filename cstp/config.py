@@ -17,18 +17,25 @@ from pathlib import Path
 
 import yaml
 
-DEFAULTS: dict = {
-    "run": {
-        "out": "runs/cstp",
+def run_defaults(out: str, epochs: int, keep_checkpoints: int) -> dict:
+    """The `run` section that pretraining and finetuning share (cstp/finetune_config.py)."""
+    return {
+        "out": out,
         "seed": 1,
-        "epochs": 300,
+        "epochs": epochs,
         "max_steps": 0,             # stop after this many optimizer steps (0 = run all epochs)
         "log_every": 10,            # steps between JSONL records
         "checkpoint_every": 0,      # steps between checkpoints (0 = only at epoch ends)
-        "keep_checkpoints": 3,
+        "keep_checkpoints": keep_checkpoints,
         "max_bad_steps": 20,        # consecutive non-finite losses before aborting (checked at log records)
         "progress": True,
         "tensorboard": True,        # OUT/tensorboard on rank 0 (skipped with a warning without the package)
+    }
+
+
+DEFAULTS: dict = {
+    "run": {
+        **run_defaults("runs/cstp", epochs=300, keep_checkpoints=3),
         "data_timeout_s": 300.0,    # warn (naming the batch) when a rank waits longer for data; 0 = off
         # test hooks, for the fault-tolerance tests only: the highest rank dies before this
         # step on torchrun's first attempt (0 = off); its loss is NaN at these steps
@@ -196,21 +203,28 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, d
     return cfg
 
 
-def validate(cfg: dict):
-    def need(cond, msg):
-        if not cond:
-            raise ConfigError(msg)
+def need(condition: bool, message: str):
+    """A validator's check: ConfigError(message) unless `condition`."""
+    if not condition:
+        raise ConfigError(message)
 
+
+def validate_shared(cfg: dict):
+    """The checks that pretraining and finetuning configs share."""
     need(cfg["data"]["device"] in ("auto", "cpu", "gpu"), "data.device must be auto, cpu or gpu")
     need(cfg["data"]["batch_size"] >= 1, "data.batch_size must be >= 1")
-    need(cfg["data"]["decode"] in ("roi", "full"), "data.decode must be roi or full")
     need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
+    need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
+
+
+def validate(cfg: dict):
+    validate_shared(cfg)
+    need(cfg["data"]["decode"] in ("roi", "full"), "data.decode must be roi or full")
     need(0 <= cfg["optim"]["warmup_epochs"] <= cfg["run"]["epochs"],
          "optim.warmup_epochs must be between 0 and run.epochs")
     need(cfg["optim"]["schedule_unit"] in ("epoch", "step"), "optim.schedule_unit must be epoch or step")
     need(cfg["optim"]["lr_scaling"] in ("none", "linear"), "optim.lr_scaling must be none or linear")
     need(cfg["optim"]["reference_batch"] >= 1, "optim.reference_batch must be >= 1")
-    need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     need(cfg["model"]["target_init"] in ("independent", "copy"), "model.target_init must be independent or copy")
     need(0 < cfg["model"]["width"] <= 4, "model.width must be in (0, 4]")
     need(0 <= cfg["model"]["ema_tau"] <= 1, "model.ema_tau must be in [0, 1]")

@@ -5,21 +5,10 @@
 
 from __future__ import annotations
 
-from .config import ConfigError, load_config
+from .config import load_config, need, run_defaults, validate_shared
 
 FINETUNE_DEFAULTS: dict = {
-    "run": {
-        "out": "runs/finetune",
-        "seed": 1,
-        "epochs": 100,
-        "max_steps": 0,             # stop after this many optimizer steps (0 = run all epochs)
-        "log_every": 10,            # steps between JSONL records
-        "checkpoint_every": 0,      # steps between checkpoints (0 = only at epoch ends)
-        "keep_checkpoints": 2,
-        "max_bad_steps": 20,
-        "progress": True,
-        "tensorboard": True,        # OUT/tensorboard on rank 0 (skipped with a warning without the package)
-    },
+    "run": run_defaults("runs/finetune", epochs=100, keep_checkpoints=2),
     "data": {
         "train": "",                # LMDB (or .json video index) of the training list
         "train_list": "",           # reference-format list file selecting and labelling data.train's videos
@@ -70,16 +59,9 @@ def load_finetune_config(path: str | None = None, overrides=()) -> dict:
 
 
 def validate(cfg: dict):
-    def need(cond, msg):
-        if not cond:
-            raise ConfigError(msg)
-
-    need(cfg["data"]["device"] in ("auto", "cpu", "gpu"), "data.device must be auto, cpu or gpu")
-    need(cfg["data"]["batch_size"] >= 1, "data.batch_size must be >= 1")
+    validate_shared(cfg)
     need(0 < cfg["data"]["val_fraction"] < 1, "data.val_fraction must be in (0, 1)")
     need(cfg["data"]["val_every"] >= 1, "data.val_every must be >= 1")
-    need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
     need(cfg["model"]["mode"] in ("all", "linear"), "model.mode must be all or linear")
     need(0 <= cfg["model"]["width"] <= 4, "model.width must be in [0, 4] (0 = from the checkpoint)")
-    need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     need(0 < cfg["optim"]["plateau_factor"] < 1, "optim.plateau_factor must be in (0, 1)")

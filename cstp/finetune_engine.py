@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import save_checkpoint
+from .checkpoint import atomic_save, save_from_rank0
 from .classifier import VideoClassifier
 from .metrics import VideoAverager
 from .run_logs import open_metrics, open_tensorboard
@@ -68,15 +67,6 @@ def validation_split(labels, fraction: float, seed: int) -> tuple[list[int], lis
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def atomic_save(state: dict, path: Path):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -395,8 +385,4 @@ class FinetuneTrainer:
         return open_metrics(self.out_dir, self.position.step, keep)
 
     def save(self):
-        if is_rank0():
-            save_checkpoint(self.state_dict(), self.out_dir, self.position.step,
-                            keep=self.cfg["run"]["keep_checkpoints"])
-        if self.world_size > 1:
-            dist.barrier()
+        save_from_rank0(self.state_dict, self.out_dir, self.position.step, keep=self.cfg["run"]["keep_checkpoints"])

@@ -173,6 +173,23 @@ class ReferencePretrainDataset(SourceBackedDataset):
         return item
 
 
+def epoch_batches(dataset: SourceBackedDataset, epoch: int, *, batch_size: int, first_sample: int = 0,
+                  workers: int = 0, prefetch: int = 2, target: torch.device | None = None):
+    """One epoch of `dataset` from `first_sample` on, as dict batches from a torch
+    DataLoader, moved to `target` (a CUDA device) when given. Workers are forked per
+    epoch (persistent_workers=False) after set_epoch, as in the reference project, so
+    each inherits the dataset at the right epoch."""
+    dataset.set_epoch(epoch)
+    extra = dict(multiprocessing_context="fork", prefetch_factor=prefetch) if workers else {}
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=range(first_sample, len(dataset)), shuffle=False,
+                        drop_last=True, num_workers=workers, persistent_workers=False,
+                        pin_memory=target is not None, **extra)
+    for batch in loader:
+        if target is not None:
+            batch = {k: v.to(target, non_blocking=True) for k, v in batch.items()}
+        yield batch
+
+
 # ---------------------------------------------------------------- loader
 
 
@@ -215,26 +232,14 @@ class ReferencePretrainLoader:
         skipped = self.start_sample // self.batch_size if epoch == self.start_epoch else 0
         return self.steps_per_epoch - skipped
 
-    def _data_loader(self, epoch: int) -> DataLoader:
-        # A resumed first epoch starts at `start_sample`, as PretrainLmdbSource does.
-        first = self.start_sample if epoch == self.start_epoch else 0
-        workers = self.settings.workers
-        extra = dict(multiprocessing_context="fork", prefetch_factor=self.settings.prefetch) if workers else {}
-        # Workers are forked per epoch (persistent_workers=False), after set_epoch, so
-        # each inherits the dataset with the right epoch.
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=range(first, len(self.dataset)),
-                          shuffle=False, drop_last=True, num_workers=workers, persistent_workers=False,
-                          pin_memory=self._target is not None, **extra)
-
     def __iter__(self):
-        """One epoch of batches."""
+        """One epoch of batches; a resumed first epoch starts at `start_sample`, as
+        PretrainLmdbSource does."""
         epoch = self._epoch
         self._epoch += 1
-        self.dataset.set_epoch(epoch)
-        for batch in self._data_loader(epoch):
-            if self._target is not None:
-                batch = {k: v.to(self._target, non_blocking=True) for k, v in batch.items()}
-            yield batch
+        yield from epoch_batches(self.dataset, epoch, batch_size=self.batch_size,
+                                 first_sample=self.start_sample if epoch == self.start_epoch else 0,
+                                 workers=self.settings.workers, prefetch=self.settings.prefetch, target=self._target)
 
     def close(self):
         # Workers end with each epoch's DataLoader; nothing long-lived to free but the dataset.

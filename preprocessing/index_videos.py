@@ -20,13 +20,14 @@ from pipelines.video_source import VIDEO_INDEX_FORMAT
 
 from .build_lmdb import plan_build
 from .ffmpeg_io import VideoError, probe_video, summarize_stderr
+from .ffmpeg_tools import executable
 
 COUNT_TIMEOUT_S = 600
 
 
 def count_decoded_frames(path: str, stream_index: int) -> int:
     """Frames ffmpeg decodes from the stream; VideoError if decoding reports errors."""
-    args = ["ffprobe", "-v", "error", "-select_streams", str(stream_index), "-count_frames",
+    args = [executable("ffprobe"), "-v", "error", "-select_streams", str(stream_index), "-count_frames",
             "-show_entries", "stream=nb_read_frames", "-of", "json", str(Path(path).absolute())]
     try:
         proc = subprocess.run(args, capture_output=True, text=True, timeout=COUNT_TIMEOUT_S)

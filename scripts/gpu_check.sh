@@ -149,7 +149,7 @@ json.dump(i, open(p, "w"), indent=1)' "$dir/h264.json" && VIDEOS="$dir/h264.json
 
 if [ -n "$PREPARE" ]; then
   step "prepare the data for a GPU machine (step 2 only) in $PREPARE"
-  command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || {
+  "$PYTHON" -m preprocessing.ffmpeg_tools >/dev/null 2>&1 || {   # on PATH or in the venv
     echo "gpu_check.sh: --prepare needs ffmpeg and ffprobe"; exit 2; }
   SHORT_SIDE=256 CLIP_LIST=0
   make_data "$PREPARE" || { echo "gpu_check.sh: preparing the data failed"; exit 1; }
@@ -187,7 +187,7 @@ step "data"
 [ -z "$DATA" ] || [ -e "$DATA" ] || { echo "gpu_check.sh: --data $DATA does not exist"; exit 2; }
 [ -z "$VIDEOS" ] || [ -f "$VIDEOS" ] || { echo "gpu_check.sh: --videos $VIDEOS does not exist"; exit 2; }
 HAVE_FF=0
-command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 && HAVE_FF=1
+"$PYTHON" -m preprocessing.ffmpeg_tools >/dev/null 2>&1 && HAVE_FF=1   # on PATH or in the venv
 if [ -z "$DATA$VIDEOS" ] && [ "$HAVE_FF" = 1 ]; then
   make_data "$WORK/data"
 elif [ -z "$DATA$VIDEOS" ]; then
@@ -202,13 +202,13 @@ if [ -n "$DATA" ]; then
   NEED_DECODE=$(( (WARMUP + DECODE_STEPS + 2) * FIRST_BATCH ))
   run "$PYTHON" - "$DATA" "$WORK/repeated.lmdb" $(( NEED_ALL > NEED_DECODE ? NEED_ALL : NEED_DECODE )) <<'EOF' &&
 import sys
-import benchmark
+from bench.data import db_bytes, write_repeated_db
 from pipelines.lmdb_store import read_metadata
 source, target, need = sys.argv[1], sys.argv[2], int(sys.argv[3])
 videos = len(read_metadata(source)[0])
 copies = max(1, -(-need // videos))
-benchmark.write_repeated_db(source, target, copies)
-print(f"{source}: {videos} videos, stored {copies}x in {target} ({benchmark._db_bytes(target) / 2**30:.2f} GiB)")
+write_repeated_db(source, target, copies)
+print(f"{source}: {videos} videos, stored {copies}x in {target} ({db_bytes(target) / 2**30:.2f} GiB)")
 EOF
     LMDB_ARGS=(--data "$WORK/repeated.lmdb" --repeat 1
                --data-origin "LMDB $(basename "$DATA") (short side $SHORT_SIDE), each video stored several times")
