@@ -49,12 +49,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.settings import BenchmarkError, int_at_least
+
 PAGE = mmap.PAGESIZE
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "k400.yaml"
-
-
-class SourceBenchError(RuntimeError):
-    """A problem the user can fix; printed as one line, exit status 2."""
 
 
 @dataclass
@@ -130,7 +128,7 @@ def make_source(data: str, plan_cfg, seed: int, batch_size: int):
     from pipelines.video_source import PretrainVideoSource, is_video_index, read_video_index
 
     if not os.path.exists(data):
-        raise SourceBenchError(f"--data {data}: not found")
+        raise BenchmarkError(f"--data {data}: not found")
     if is_video_index(data):
         metas, _, files = read_video_index(data)
         source = PretrainVideoSource(data, metas, files, plan_cfg, seed=seed, batch_size=batch_size, shuffle=True)
@@ -201,7 +199,7 @@ def measure(data: str, plan_cfg, *, samples: int, warm_rounds: int, seed: int, b
     paths = data_files(data, files)
     per_epoch = source.per_rank
     if per_epoch < 1:
-        raise SourceBenchError(f"{data}: {len(metas)} videos make no batch of {batch_size}")
+        raise BenchmarkError(f"{data}: {len(metas)} videos make no batch of {batch_size}")
     cold_n = min(samples, per_epoch)
     positions = list(range(cold_n))
     hand_over = HandOver()
@@ -254,52 +252,6 @@ def measure(data: str, plan_cfg, *, samples: int, warm_rounds: int, seed: int, b
     return result
 
 
-# ---------------------------------------------------------------- a larger database
-
-def repeat_lmdb(src: str, dst: str, times: int) -> str:
-    """A copy of `src` that lists every video `times` times under new keys and names,
-    each copy its own entry (its own pages), in the source's layout."""
-    import lmdb
-
-    from pipelines import lmdb_store as fmt
-
-    metas, classes = fmt.read_metadata(src)
-    info_raw = None
-    env = lmdb.open(dst, map_size=max(1 << 30, 2 * times * os.path.getsize(data_files(src, None)[0])))
-    copies, hinted = [], []
-    with fmt.shared_env(src).begin(buffers=True) as read:
-        info_raw = read.get(fmt.INFO_KEY)
-        info_raw = bytes(info_raw) if info_raw is not None else None
-        for copy in range(times):
-            with env.begin(write=True) as txn:
-                for video, meta in enumerate(metas):
-                    entry = meta.key if meta.key >= 0 else video
-                    entries = fmt.stored_video_entries(read, entry, len(copies))
-                    for key, value in entries:
-                        txn.put(key, value)
-                    hinted.append((len(copies), len(entries) - 1) if len(entries) > 1 else None)
-                    copies.append(fmt.VideoMeta(**{**meta.to_dict(), "name": f"{meta.name}#{copy}"}))
-    with env.begin(write=True) as txn:
-        txn.put(fmt.KEYS_KEY, fmt.pack([fmt.video_key(i) for i in range(len(copies))]))
-        txn.put(fmt.LEN_KEY, fmt.pack(len(copies)))
-        txn.put(fmt.ORDER_KEY, fmt.pack([m.name for m in copies]))
-        txn.put(fmt.VLEN_KEY, fmt.pack([m.frames for m in copies]))
-        txn.put(fmt.META_KEY, fmt.pack([m.to_dict() for m in copies]))
-        txn.put(fmt.CLASSES_KEY, fmt.pack(classes))
-        if info_raw is not None:
-            txn.put(fmt.INFO_KEY, info_raw)
-    def put(pairs):
-        with env.begin(write=True) as txn:
-            for key, value in pairs:
-                txn.put(key, value)
-    for item in hinted:   # version 2 copies get read hints, as build-lmdb writes them
-        if item is not None:
-            fmt.hint_entry(put, env, dst, *item)
-    env.sync(True)
-    env.close()
-    return dst
-
-
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,12 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an LMDB or a video index; repeat to compare data paths or layouts in one run")
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="recipe of the plan sizes (default: configs/k400.yaml)")
-    p.add_argument("--samples", type=int, default=48, help="samples of the cold pass, distinct videos (default: 48)")
-    p.add_argument("--warm-rounds", type=int, default=5, help="times the warm pass repeats them (default: 5)")
-    p.add_argument("--batch", type=int, default=1, help="batch size the epoch is cut into (default: 1)")
-    p.add_argument("--repeat", type=int, default=1, metavar="N",
+    p.add_argument("--samples", type=int_at_least(1), default=48, help="samples of the cold pass, distinct videos (default: 48)")
+    p.add_argument("--warm-rounds", type=int_at_least(1), default=5, help="times the warm pass repeats them (default: 5)")
+    p.add_argument("--batch", type=int_at_least(1), default=1, help="batch size the epoch is cut into (default: 1)")
+    p.add_argument("--repeat", type=int_at_least(1), default=1, metavar="N",
                    help="read an LMDB through a temporary copy that lists every video N times (default: 1)")
-    p.add_argument("--gop", type=int, default=16,
+    p.add_argument("--gop", type=int_at_least(1), default=16,
                    help="video path: the files' GOP length in frames, for the share of frames in the GOPs a "
                         "sample spans (default: 16, what `preprocessing transcode` writes)")
     p.add_argument("--seed", type=int, default=0)
@@ -342,27 +294,29 @@ def format_table(results: list[dict]) -> list[str]:
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    from bench.data import write_repeated_db
     from cstp.config import ConfigError, load_config
-
-    from benchmark import plan_config
+    from pipelines.plan import plan_config_from
 
     try:
         cfg = load_config(args.config, args.words)
     except ConfigError as err:
         print(f"benchmark.py source: {err}", flush=True)
         return 2
-    plan_cfg = plan_config(cfg)
+    plan_cfg = plan_config_from(cfg["plan"])
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="cstp_source_") as tmp:
             for i, data in enumerate(args.data):
                 if args.repeat > 1 and not data.endswith(".json"):
                     if not os.path.exists(data):
-                        raise SourceBenchError(f"--data {data}: not found")
-                    data = repeat_lmdb(data, os.path.join(tmp, f"repeated{i}.lmdb"), args.repeat)
+                        raise BenchmarkError(f"--data {data}: not found")
+                    repeated = Path(tmp) / f"repeated{i}.lmdb"
+                    write_repeated_db(data, repeated, args.repeat)
+                    data = str(repeated)
                 results.append(measure(data, plan_cfg, samples=args.samples, warm_rounds=args.warm_rounds,
                                        seed=args.seed, batch_size=args.batch, profile=args.profile, gop=args.gop))
-    except SourceBenchError as err:
+    except BenchmarkError as err:
         print(f"benchmark.py source: {err}")
         return 2
     print(f"T={plan_cfg.frames} per view, 2 views; cold pass {results[0]['cold_samples']} samples, "

@@ -15,7 +15,7 @@ Sharding:
   Every item is read exactly once with valid = True over all ranks.
 
 A video that cannot be read is replaced by another item, chosen deterministically
-(sources.MAX_SUBSTITUTIONS in a row means the database is broken), and flagged
+(sample_source.MAX_SUBSTITUTIONS in a row means the database is broken), and flagged
 `substituted`. In val/test a replacement is also flagged invalid: it is another
 video's clip, and counting it would weigh that video twice.
 """
@@ -23,7 +23,6 @@ video's clip, and counting it would weigh that video twice.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
@@ -32,8 +31,8 @@ from .clip_plan import JITTER_KEYS, MODES, ClipPlan, ClipPlanConfig, jitter_arra
 from .lmdb_store import VideoMeta
 from .sample_source import EpochSampleSource
 from .sharding import samples_per_rank
-from .sources import MAX_SUBSTITUTIONS, BadSampleError, read_checked_jpegs
-from .video_source import MAX_VIDEO_BYTES
+from .sources import read_checked_jpegs
+from .video_source import read_video_file, video_stamps
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +107,9 @@ class ClipLmdbSource(EpochSampleSource):
             # epoch's first (DALI cannot start on an empty epoch).
             self.start_epoch, self.start_sample = start_epoch + 1, 0
 
+    # A clip plan raises ValueError for a video without frames, IndexError past its end.
+    SUBSTITUTED_ERRORS = (*EpochSampleSource.SUBSTITUTED_ERRORS, ValueError, IndexError)
+
     @property
     def num_outputs(self) -> int:
         return self.cfg.frames + len(CLIP_PARAM_OUTPUTS)
@@ -138,25 +140,25 @@ class ClipLmdbSource(EpochSampleSource):
         """(plan, payload, substituted, valid) at `position` of `epoch`; the one place
         both executors take their samples from."""
         video, clip, crop, valid = self.item_for(epoch, position)
-        for attempt in range(MAX_SUBSTITUTIONS):
-            try:
-                plan = self.plan(epoch, video, clip, crop)
-                payload = self.read_payload(plan)
-            except (BadSampleError, ValueError, IndexError) as err:   # ValueError: a video without frames
-                self._report_once(video, err)
-                video, clip, crop = self.replacement(epoch, position, attempt)
-                continue
-            replaced = attempt > 0
-            # val/test: a replacement is another video's clip; it must not count twice
-            return plan, payload, int(replaced), valid and not (replaced and self.items is not None)
-        raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable videos in a row in {self.path}; the database "
-                           "looks broken (rebuild it with `python -m preprocessing build-lmdb`)")
+        (plan, payload), attempt = self.first_readable(epoch, position, (video, clip, crop),
+                                                       lambda *item: self.read_item(epoch, *item))
+        replaced = attempt > 0
+        # val/test: a replacement is another video's clip; it must not count twice
+        return plan, payload, int(replaced), valid and not (replaced and self.items is not None)
+
+    def read_item(self, epoch: int, video: int, clip: int, crop: int) -> tuple:
+        """(plan, payload) of one (video, clip, crop)."""
+        plan = self.plan(epoch, video, clip, crop)
+        return plan, self.read_payload(plan)
 
     def __call__(self, sample_info):
         self._guard_if_worker()
         epoch, position = self.position(sample_info)
         if position >= self.per_rank:
             raise StopIteration
+        return self.sample_outputs(epoch, position)
+
+    def sample_outputs(self, epoch: int, position: int) -> tuple:
         return self.outputs(*self.sample(epoch, position))
 
     def read_payload(self, plan: ClipPlan) -> list[bytes]:
@@ -193,22 +195,16 @@ class ClipVideoSource(ClipLmdbSource):
                  mode: str, **kwargs):
         super().__init__(index_path, metas, cfg, mode, **kwargs)
         self.files = files
+        self.stamps = video_stamps(index_path)
 
     @property
     def num_outputs(self) -> int:
         return 1 + len(VIDEO_CLIP_PARAM_OUTPUTS)
 
     def read_payload(self, plan: ClipPlan) -> np.ndarray:
-        """The encoded file, or BadSampleError for a missing or absurd file. A file
-        damaged inside still fails in the decoder: validate datasets offline
-        (`preprocessing index-videos` decodes every frame once)."""
-        try:
-            size = os.path.getsize(self.files[plan.video])
-            if size == 0 or size > MAX_VIDEO_BYTES:
-                raise OSError(f"file size {size} bytes is out of range")
-            return np.fromfile(self.files[plan.video], dtype=np.uint8)
-        except OSError as err:
-            raise BadSampleError(f"{type(err).__name__}: {err}") from None
+        """The encoded file, or BadSampleError for a missing, absurd or changed file. A
+        file damaged inside fails in the decoder: the loader's recovery replaces it."""
+        return read_video_file(self.files[plan.video], self.stamps[plan.video])
 
     def outputs(self, plan: ClipPlan, encoded: np.ndarray, substituted: int, valid: bool) -> tuple:
         frames, order = np.unique(plan.frames, return_inverse=True)

@@ -8,7 +8,7 @@ batches (dicts of torch tensors on the training device) built on a DALI pipeline
             ...
 
 Build it before `torch.distributed.init_process_group` when DALI workers are
-forked (dali-under-torchrun.md §1): forked workers must not inherit the process
+forked (docs/architecture.md#forked-workers): forked workers must not inherit the process
 group's sockets.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .faults import RecoverablePipeline, blocked_videos
 from .lmdb_store import read_metadata
 from .plan import PlanConfig
 from .pretrain_pipeline import PRETRAIN_OUTPUTS, check_decode, cstp_pretrain_pipeline, cstp_pretrain_video_pipeline
@@ -39,12 +40,11 @@ class LoaderSettings:
 class PretrainLoader:
     def __init__(self, db_path: str, plan_cfg: PlanConfig, settings: LoaderSettings, *,
                  device: str = "cpu", local_rank: int = 0, rank: int = 0, world_size: int = 1,
-                 start_epoch: int = 0, start_sample: int = 0, list_path: str | None = None):
+                 start_epoch: int = 0, start_sample: int = 0, list_path: str | None = None,
+                 blocklist: str | None = None):
         # list_path: a reference-format list (pipelines/reference_lmdb.py) through which a
         # reference-project LMDB is read: its videos, in its order, with its labels.
-        # Imported here so that `import pipelines` works without DALI (e.g. for plans).
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
+        # blocklist: videos not to read (data.blocklist, faults.py): each is replaced.
         videos = is_video_index(db_path)
         if videos and list_path:
             raise ValueError("a list file selects videos of an LMDB; a video index lists its videos itself")
@@ -53,6 +53,7 @@ class PretrainLoader:
             refuse_undecodable(self.metas, files, device)
         else:
             self.metas, self.classes = read_metadata(db_path, list_path)
+            files = None
         if not self.metas:
             raise ValueError(f"{db_path} holds no videos")
         self.batch_size = settings.batch_size
@@ -71,30 +72,34 @@ class PretrainLoader:
             self.source = PretrainLmdbSource(db_path, self.metas, plan_cfg, **common)
             make_pipeline = cstp_pretrain_pipeline
             extra["decode"] = check_decode(settings.decode)
-        self.pipeline = make_pipeline(
-            source=self.source, device=device, parallel=parallel,
-            batch_size=settings.batch_size, num_threads=settings.num_threads,
-            device_id=local_rank if device == "gpu" else None,
-            prefetch_queue_depth=settings.prefetch, **extra)
-        self.pipeline.build()
-        self._iterator = DALIGenericIterator([self.pipeline], list(PRETRAIN_OUTPUTS), auto_reset=False,
-                                             last_batch_policy=LastBatchPolicy.DROP,
-                                             prepare_first_batch=False)
+        self.source.blocked = blocked_videos(blocklist, self.metas, files)
+        # Rebuilt from the failed batch when a sample does not decode (faults.py).
+        self._dali = RecoverablePipeline(
+            self.source, make_pipeline,
+            dict(device=device, parallel=parallel, batch_size=settings.batch_size, num_threads=settings.num_threads,
+                 device_id=local_rank if device == "gpu" else None, prefetch_queue_depth=settings.prefetch,
+                 **extra),
+            PRETRAIN_OUTPUTS, device=device, local_rank=local_rank)
+        self._epoch, self._start_sample = start_epoch, start_sample
         self._first_epoch_steps = self.steps_per_epoch - start_sample // settings.batch_size
 
     def steps_in_epoch(self, epoch: int) -> int:
         return self._first_epoch_steps if epoch == self.start_epoch else self.steps_per_epoch
 
+    @property
+    def pipeline(self):
+        return self._dali.pipeline
+
     def __iter__(self):
         """One epoch of batches."""
-        for outputs in self._iterator:
+        epoch, self._epoch = self._epoch, self._epoch + 1
+        first = self._start_sample if epoch == self.start_epoch else 0
+        for outputs in self._dali.epoch(epoch, first):
             batch = outputs[0]
             for name in PRETRAIN_OUTPUTS[2:]:
                 batch[name] = batch[name].long()
             yield batch
-        self._iterator.reset()
 
     def close(self):
-        # Deleting the iterator frees the pipeline and its worker processes.
-        self._iterator = None
-        self.pipeline = None
+        # Dropping the iterator frees the pipeline and its worker processes.
+        self._dali.close()

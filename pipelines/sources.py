@@ -14,14 +14,10 @@ import numpy as np
 
 from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem
 from .plan import PlanConfig, PretrainPlan, ViewPlan, make_pretrain_plan
-from .sample_source import EpochSampleSource
+from .sample_source import BadSampleError, EpochSampleSource
 from .sharding import samples_per_rank
 
 log = logging.getLogger(__name__)
-
-
-class BadSampleError(RuntimeError):
-    """A video whose planned frames cannot be read or would break the decoder."""
 
 # Per view, the parameters of its appearance augmentation (plan.Appearance), neutral
 # when it is off: view 1's, then view 2's.
@@ -36,10 +32,6 @@ PRETRAIN_PARAM_OUTPUTS = (
     *APPEARANCE_OUTPUTS,  # (after the labels, so that the label outputs keep their positions)
     "substituted",
 )
-
-# A sample whose video cannot be read is replaced by another, chosen deterministically;
-# this many bad videos in a row means the database itself is broken.
-MAX_SUBSTITUTIONS = 16
 
 
 class PretrainLmdbSource(EpochSampleSource):
@@ -74,18 +66,17 @@ class PretrainLmdbSource(EpochSampleSource):
         epoch, position = self.position(sample_info)
         if position >= self.per_rank:
             raise StopIteration
-        video = self.video_for(epoch, position)
-        for attempt in range(MAX_SUBSTITUTIONS):
-            try:
-                plan, payload = self.read_sample(epoch, video)
-                break
-            except BadSampleError as err:
-                self._report_once(video, err)
-                video = self.replacement_video(epoch, position, attempt)
-        else:
-            raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable videos in a row in {self.reader.path}; "
-                               "the database looks broken (rebuild it with `python -m preprocessing build-lmdb`)")
-        return self.outputs(plan, payload, attempt)
+        return self.sample_outputs(epoch, position)
+
+    def sample_outputs(self, epoch: int, position: int) -> tuple:
+        return self.outputs(*self.sample(epoch, position))
+
+    def sample(self, epoch: int, position: int):
+        """(plan, payload, attempt) at `position` of `epoch`: attempt > 0 when unreadable
+        or undecodable videos were replaced (the one place both executors take samples from)."""
+        (plan, payload), attempt = self.first_readable(epoch, position, (self.video_for(epoch, position),),
+                                                       lambda video: self.read_sample(epoch, video))
+        return plan, payload, attempt
 
     def outputs(self, plan: PretrainPlan, jpegs: list[bytes], substituted: int) -> tuple:
         buffers = [np.frombuffer(j, dtype=np.uint8) for j in jpegs]
@@ -104,6 +95,8 @@ class PretrainLmdbSource(EpochSampleSource):
         rng = np.random.default_rng([self.seed, epoch, position, attempt, 0xBAD])
         return int(rng.integers(0, len(self.metas)))
 
+    def replacement(self, epoch: int, position: int, attempt: int) -> tuple[int]:
+        return (self.replacement_video(epoch, position, attempt),)
 
 
 def read_checked_jpegs(reader: LmdbFrameReader, video: int, frames, meta: VideoMeta) -> list:
@@ -126,7 +119,7 @@ def read_checked_jpegs(reader: LmdbFrameReader, video: int, frames, meta: VideoM
 def plan_to_arrays(plan: PretrainPlan) -> tuple[np.ndarray, ...]:
     """The plan's parameters as the arrays the DALI graph consumes (see
     PRETRAIN_PARAM_OUTPUTS). Scalars are 0-d arrays: parallel external_source
-    rejects numpy scalars (dali-facts.md §2.1)."""
+    rejects numpy scalars (docs/architecture.md#external-source)."""
     def xy(box):
         return np.array([box.x, box.y], np.float32), np.array([box.w, box.h], np.float32)
 

@@ -6,7 +6,8 @@ views are cut from that one decode.
 
 Index format: {"format": VIDEO_INDEX_FORMAT, "version": 1, "root": folder,
 "classes": [...], "videos": [{name, file (relative to root), label, frames,
-height, width, fps, codec}, ...]}.
+height, width, fps, codec, size, mtime_ns}, ...]}. size and mtime_ns (the file's, when
+indexed; absent in older indexes) let readers refuse files that changed since.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .faults import check_video_files, stamp_problem
 from .lmdb_store import VideoMeta
 from .plan import PlanConfig, PretrainPlan
-from .sources import APPEARANCE_OUTPUTS, BadSampleError, PretrainLmdbSource, appearance_arrays, view_angle
+from .sample_source import BadSampleError
+from .sources import APPEARANCE_OUTPUTS, PretrainLmdbSource, appearance_arrays, view_angle
 
 VIDEO_INDEX_FORMAT = "cstp-dali-video-index"
-# What DALI 2.4 decodes on the CPU; H.264, HEVC, AV1 and MPEG-4 need NVDEC (dali-facts.md §1).
+# What DALI 2.4 decodes on the CPU; H.264, HEVC, AV1 and MPEG-4 need NVDEC (docs/data.md#video-index).
 CPU_DECODABLE_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 MAX_VIDEO_BYTES = 4 << 30  # refuse absurd files rather than read them into memory
 
@@ -61,7 +64,32 @@ def read_video_index(path: str) -> tuple[list[VideoMeta], list[str], list[str]]:
                                height=int(v["height"]), width=int(v["width"]), fps=float(v.get("fps", 0.0)),
                                source=v.get("codec", "")))
         files.append(str(root / v["file"]))
+    check_video_files(path, files, video_stamps(index))
     return metas, list(index.get("classes", [])), files
+
+
+def video_stamps(index: dict | str) -> list[dict | None]:
+    """Per video, {size, mtime_ns} of its file when it was indexed (None: not recorded)."""
+    if not isinstance(index, dict):
+        index = json.loads(Path(index).read_text())
+    return [{"size": int(v["size"]), "mtime_ns": int(v.get("mtime_ns", 0)) or None} if "size" in v else None
+            for v in index["videos"]]
+
+
+def read_video_file(file: str, stamp: dict | None) -> np.ndarray:
+    """The encoded bytes of an indexed file, or BadSampleError for a missing, absurd or
+    changed file (one stat per sample: a file cut after indexing must not reach the
+    decoder, which would fill the missing frames)."""
+    try:
+        size = os.path.getsize(file)
+        if size == 0 or size > MAX_VIDEO_BYTES:
+            raise OSError(f"file size {size} bytes is out of range")
+        changed = stamp_problem(file, stamp)
+        if changed:
+            raise OSError(f"the file {changed}; re-index the videos (python -m preprocessing index-videos)")
+        return np.fromfile(file, dtype=np.uint8)
+    except (OSError, ValueError) as err:
+        raise BadSampleError(f"{type(err).__name__}: {err}") from None
 
 
 def refuse_undecodable(metas: list[VideoMeta], files: list[str], device: str):
@@ -79,7 +107,7 @@ def refuse_undecodable(metas: list[VideoMeta], files: list[str], device: str):
 
 def union_and_orders(plan: PretrainPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sorted distinct frames of both views and, per view, where its frames sit in
-    that list. Sorted: a decoder that seeks backwards is ~5x slower (dali-facts.md §1.3)."""
+    that list. Sorted: a decoder that seeks backwards is ~5x slower (docs/data.md#video-index)."""
     both = np.concatenate([plan.view1.frames, plan.view2.frames])
     frames, inverse = np.unique(both, return_inverse=True)
     t = len(plan.view1.frames)
@@ -92,22 +120,21 @@ class PretrainVideoSource(PretrainLmdbSource):
     def __init__(self, index_path: str, metas: list[VideoMeta], files: list[str], plan_cfg: PlanConfig, **kwargs):
         super().__init__(index_path, metas, plan_cfg, **kwargs)
         self.files = files
+        self.stamps = video_stamps(index_path)
 
     @property
     def num_outputs(self) -> int:
         return 1 + len(VIDEO_PARAM_OUTPUTS)
 
     def read_sample(self, epoch: int, video: int):
-        """(plan, encoded file bytes), or BadSampleError for a missing or absurd file.
-        A file that is damaged inside still fails in the decoder: validate datasets
-        offline (`preprocessing index-videos` decodes every frame once)."""
+        """(plan, encoded file bytes), or BadSampleError for a missing, absurd or changed
+        file. A file damaged inside fails in the decoder (or delivers too few frames,
+        an error with pad_mode='none'): the loader's recovery (faults.py) replaces it."""
         try:
-            size = os.path.getsize(self.files[video])
-            if size == 0 or size > MAX_VIDEO_BYTES:
-                raise OSError(f"file size {size} bytes is out of range")
-            return self.plan(epoch, video), np.fromfile(self.files[video], dtype=np.uint8)
-        except (OSError, ValueError) as err:
+            plan = self.plan(epoch, video)
+        except (ValueError, IndexError) as err:
             raise BadSampleError(f"{type(err).__name__}: {err}") from None
+        return plan, read_video_file(self.files[video], self.stamps[video])
 
     def outputs(self, plan: PretrainPlan, encoded: np.ndarray, substituted: int) -> tuple:
         frames, order1, order2 = union_and_orders(plan)

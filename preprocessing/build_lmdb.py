@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 import lmdb
 from tqdm import tqdm
 
+from pipelines.faults import parse_blocklist
 from pipelines.lmdb_store import (
     CLASSES_KEY, FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY,
     VLEN_KEY, WHOLE_VIDEO_VERSION, VideoMeta, hint_entry, jpeg_size, layout_entries, pack, unpack, video_key,
@@ -232,23 +233,19 @@ def read_blocklist(path, videos_dir) -> dict[str, str]:
     line, `path<TAB>reason` (a line without a TAB is just a path). Blank lines and
     lines starting with '#' are ignored. Absolute paths under videos_dir are made
     relative to it, so they match the build's list."""
-    blocked: dict[str, str] = {}
     root = Path(videos_dir).absolute()
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise BuildError(f"cannot read the blocklist {path}: {err}") from None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        source, _, reason = line.partition("\t")
-        source = source.strip().replace("\\", "/")
+    blocked: dict[str, str] = {}
+    for source, reason in parse_blocklist(text).items():   # the format train.py's data.blocklist reads too
         if os.path.isabs(source):
             try:
                 source = Path(source).relative_to(root).as_posix()
             except ValueError:
                 pass  # outside --videos: it cannot match a job, and is reported as unused
-        blocked[source] = " ".join(reason.split()) or "listed"
+        blocked[source] = reason
     return blocked
 
 
@@ -540,19 +537,21 @@ def load_progress(writer: LmdbWriter, plan: BuildPlan) -> Progress:
     return progress
 
 
-def open_partial(partial: Path, fingerprint: dict, map_size: int, overwrite: bool) -> tuple[LmdbWriter, bool]:
-    """The writer on `partial`, continuing an unfinished build with the same fingerprint.
-    Returns (writer, resumed). A partial from other settings is refused, or with
-    `overwrite` deleted."""
+def open_partial(partial: Path, fingerprint: dict, map_size: int, overwrite: bool, *, what: str = "build",
+                 error: type = BuildError, mismatch=None) -> tuple[LmdbWriter, bool]:
+    """The writer on `partial`, continuing an unfinished build (or `what`: e.g. a
+    conversion) with the same fingerprint. Returns (writer, resumed). A partial from
+    other settings is refused with `error`, or with `overwrite` deleted; `mismatch(then,
+    now)` says how the fingerprints differ (default: the build settings that changed)."""
     if partial.exists() and not (partial.is_dir() and {p.name for p in partial.iterdir()} <= LMDB_FILES):
-        raise BuildError(f"{partial} is in the way and is not an LMDB folder; remove it or choose another --out")
+        raise error(f"{partial} is in the way and is not an LMDB folder; remove it or choose another --out")
     writer = LmdbWriter(partial, map_size)
     raw_state = writer.get(BUILD_STATE_KEY)
     if raw_state is not None and unpack(raw_state) == fingerprint:
         return writer, True
     if raw_state is not None or not writer.is_empty():
         if raw_state is not None:
-            reason = _mismatch(unpack(raw_state), fingerprint)
+            reason = (mismatch or _mismatch)(unpack(raw_state), fingerprint)
         elif writer.get(LEN_KEY) is not None:
             reason = (f"it looks complete: the build stopped while renaming it; rename it to "
                       f"{partial.name[:-len('.partial')]} yourself")
@@ -560,10 +559,10 @@ def open_partial(partial: Path, fingerprint: dict, map_size: int, overwrite: boo
             reason = "no build record in it"
         writer.env.close()
         if not overwrite:
-            raise BuildError(f"{partial} holds an unfinished build that cannot be continued with these settings "
-                             f"({reason}). Rerun with the earlier settings to continue it, or pass --overwrite "
-                             "(or delete it) to start over")
-        logger.warning("discarding the unfinished build in %s (%s)", partial, reason)
+            raise error(f"{partial} holds an unfinished {what} that cannot be continued with these settings "
+                        f"({reason}). Rerun with the earlier settings to continue it, or pass --overwrite "
+                        "(or delete it) to start over")
+        logger.warning("discarding the unfinished %s in %s (%s)", what, partial, reason)
         _remove_lmdb_dir(partial)
         writer = LmdbWriter(partial, map_size)
     writer.write([(BUILD_STATE_KEY, pack(fingerprint))])

@@ -32,8 +32,8 @@ from pipelines.lmdb_store import (
 )
 
 from .build_lmdb import (
-    BUILD_PREFIX, BUILD_STATE_KEY, JOB_RECORD_PREFIX, LMDB_FILES, BuildError, LmdbWriter, _db_bytes,
-    _move_into_place, _remove_lmdb_dir, check_output, job_record_key, partial_path,
+    BUILD_PREFIX, JOB_RECORD_PREFIX, BuildError, LmdbWriter, _db_bytes, _move_into_place, check_output,
+    job_record_key, open_partial, partial_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def convert_lmdb(db_path, out_path, progress: bool = True, overwrite: bool = Fal
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
-    writer, resumed = _open_partial(partial, source.fingerprint, _db_bytes(db) + (64 << 20), overwrite)
+    writer, resumed = open_partial(partial, source.fingerprint, _db_bytes(db) + (64 << 20), overwrite,
+                                   what="conversion", error=ConvertError, mismatch=_other_source)
     try:
         done, failed = _load_progress(writer, len(source.keys))
         if resumed:
@@ -120,23 +121,8 @@ def convert_lmdb(db_path, out_path, progress: bool = True, overwrite: bool = Fal
                 seconds=round(time.monotonic() - started, 3))
 
 
-def _open_partial(partial: Path, fingerprint: dict, map_size: int, overwrite: bool) -> tuple[LmdbWriter, bool]:
-    if partial.exists() and not (partial.is_dir() and {p.name for p in partial.iterdir()} <= LMDB_FILES):
-        raise ConvertError(f"{partial} is in the way and is not an LMDB folder; remove it or choose another --out")
-    writer = LmdbWriter(partial, map_size)
-    raw_state = writer.get(BUILD_STATE_KEY)
-    if raw_state is not None and unpack(raw_state) == fingerprint:
-        return writer, True
-    if raw_state is not None or not writer.is_empty():
-        writer.env.close()
-        if not overwrite:
-            raise ConvertError(f"{partial} holds an unfinished conversion of another database (or of this one "
-                               "before it changed); pass --overwrite (or delete it) to start over")
-        logger.warning("discarding the unfinished conversion in %s", partial)
-        _remove_lmdb_dir(partial)
-        writer = LmdbWriter(partial, map_size)
-    writer.write([(BUILD_STATE_KEY, pack(fingerprint))])
-    return writer, False
+def _other_source(then: dict, now: dict) -> str:
+    return "it converts another database, or this one before it changed"
 
 
 def _load_progress(writer: LmdbWriter, total: int) -> tuple[int, list]:

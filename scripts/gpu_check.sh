@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of CSTP-DALI in one run, for a lent GPU session (one H100/H200, DALI
-# installed into /tmp/site as in ../shared/device/README.md; lmdb and ffmpeg-python come
+# installed into /tmp/site as docs/gpu.md describes; lmdb and ffmpeg-python come
 # with it). Frugal: planned for ~5 minutes on an H100 after the DALI install (not yet timed
 # on one); past GPU_CHECK_BUDGET_S seconds (default 420) the remaining benchmark runs are
 # skipped and the summary still comes. Real clips: carry a copy of ../shared/data/real-clips
@@ -149,7 +149,7 @@ json.dump(i, open(p, "w"), indent=1)' "$dir/h264.json" && VIDEOS="$dir/h264.json
 
 if [ -n "$PREPARE" ]; then
   step "prepare the data for a GPU machine (step 2 only) in $PREPARE"
-  command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || {
+  "$PYTHON" -m preprocessing.ffmpeg_tools >/dev/null 2>&1 || {   # on PATH or in the venv
     echo "gpu_check.sh: --prepare needs ffmpeg and ffprobe"; exit 2; }
   SHORT_SIDE=256 CLIP_LIST=0
   make_data "$PREPARE" || { echo "gpu_check.sh: preparing the data failed"; exit 1; }
@@ -171,7 +171,7 @@ else
   printf 'name\n(no nvidia-smi on this machine)\n' | tee "$OUTDIR/gpu.csv"
 fi
 echo "CPU cores: $(nproc)"
-"$PYTHON" - <<'EOF' || { echo "gpu_check.sh: python cannot import what the project needs (see ../shared/device/README.md)"; exit 2; }
+"$PYTHON" - <<'EOF' || { echo "gpu_check.sh: python cannot import what the project needs (see docs/gpu.md)"; exit 2; }
 import platform
 import torch, numpy, lmdb, msgpack, yaml, PIL
 import nvidia.dali as dali
@@ -187,7 +187,7 @@ step "data"
 [ -z "$DATA" ] || [ -e "$DATA" ] || { echo "gpu_check.sh: --data $DATA does not exist"; exit 2; }
 [ -z "$VIDEOS" ] || [ -f "$VIDEOS" ] || { echo "gpu_check.sh: --videos $VIDEOS does not exist"; exit 2; }
 HAVE_FF=0
-command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 && HAVE_FF=1
+"$PYTHON" -m preprocessing.ffmpeg_tools >/dev/null 2>&1 && HAVE_FF=1   # on PATH or in the venv
 if [ -z "$DATA$VIDEOS" ] && [ "$HAVE_FF" = 1 ]; then
   make_data "$WORK/data"
 elif [ -z "$DATA$VIDEOS" ]; then
@@ -202,13 +202,13 @@ if [ -n "$DATA" ]; then
   NEED_DECODE=$(( (WARMUP + DECODE_STEPS + 2) * FIRST_BATCH ))
   run "$PYTHON" - "$DATA" "$WORK/repeated.lmdb" $(( NEED_ALL > NEED_DECODE ? NEED_ALL : NEED_DECODE )) <<'EOF' &&
 import sys
-import benchmark
+from bench.data import db_bytes, write_repeated_db
 from pipelines.lmdb_store import read_metadata
 source, target, need = sys.argv[1], sys.argv[2], int(sys.argv[3])
 videos = len(read_metadata(source)[0])
 copies = max(1, -(-need // videos))
-benchmark.write_repeated_db(source, target, copies)
-print(f"{source}: {videos} videos, stored {copies}x in {target} ({benchmark._db_bytes(target) / 2**30:.2f} GiB)")
+write_repeated_db(source, target, copies)
+print(f"{source}: {videos} videos, stored {copies}x in {target} ({db_bytes(target) / 2**30:.2f} GiB)")
 EOF
     LMDB_ARGS=(--data "$WORK/repeated.lmdb" --repeat 1
                --data-origin "LMDB $(basename "$DATA") (short side $SHORT_SIDE), each video stored several times")

@@ -30,7 +30,6 @@ proves nothing about the GPU.
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -38,12 +37,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmark import find_ffmpeg
 from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
 from pipelines.clip_plan import ClipPlanConfig
 from pipelines.loader import LoaderSettings, PretrainLoader
 from pipelines.plan import PlanConfig, make_pretrain_plan
 from pipelines.video_source import VIDEO_INDEX_FORMAT
+from preprocessing.ffmpeg_tools import locate, missing_tools
 from tests.lmdb_fixtures import coded_frame, coded_video, write_lmdb
 from tests.test_pretrain_pipeline import EXACT, HEIGHT, WIDTH, expected_view
 
@@ -176,7 +175,7 @@ def real_lmdb(tmp_path_factory):
     if PREPARED_REAL_LMDB.is_dir():
         return PREPARED_REAL_LMDB
     folder = next((d for d in REAL_CLIP_DIRS if all((d / c).exists() for c in REAL_CLIPS)), None)
-    if folder is None or shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+    if folder is None or bool(missing_tools()):
         pytest.skip(f"needs ffmpeg, ffprobe and {REAL_CLIPS} in one of {[str(d) for d in REAL_CLIP_DIRS]}")
     tmp = tmp_path_factory.mktemp("real")
     listing = tmp / "list.txt"
@@ -201,7 +200,7 @@ MJPEG = ("mjpeg", "avi", ["-c:v", "mjpeg", "-q:v", "1", "-pix_fmt", "yuvj444p"])
 def video_pair(tmp_path_factory):
     """(video index, LMDB of the same files' frames as ffmpeg decodes them, lengths):
     coded videos (geometry) and smooth ones (pixels), H.264 on GPU."""
-    ffmpeg = find_ffmpeg()
+    ffmpeg = locate("ffmpeg")
     if ffmpeg is None:
         pytest.skip("needs ffmpeg (or the imageio-ffmpeg wheel) to write H.264 files")
     codec, ext, args = H264 if DEVICE == "gpu" else MJPEG
