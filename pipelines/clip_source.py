@@ -22,8 +22,6 @@ video's clip, and counting it would weigh that video twice.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from .clip_plan import JITTER_KEYS, MODES, ClipPlan, ClipPlanConfig, jitter_arrays, num_test_clips, test_clip_plan, \
@@ -33,8 +31,6 @@ from .sample_source import EpochSampleSource
 from .sharding import samples_per_rank
 from .sources import read_checked_jpegs
 from .video_source import read_video_file, video_stamps
-
-log = logging.getLogger(__name__)
 
 # The batch keys every clip loader yields (both executors, both data paths).
 # crop_index (last, so the older keys keep their positions): which spatial crop of a
@@ -77,6 +73,9 @@ class ClipLmdbSource(EpochSampleSource):
     in CLIP_PARAM_OUTPUTS (ROI anchor/shape in (x, y) order for decoders.image_slice,
     the jitter parameters, the labels)."""
 
+    # A clip plan raises ValueError for a video without frames, IndexError past its end.
+    SUBSTITUTED_ERRORS = (*EpochSampleSource.SUBSTITUTED_ERRORS, ValueError, IndexError)
+
     def __init__(self, db_path: str, metas: list[VideoMeta], cfg: ClipPlanConfig, mode: str, *, seed: int,
                  batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  start_epoch: int = 0, start_sample: int = 0, videos=None):
@@ -106,9 +105,6 @@ class ClipLmdbSource(EpochSampleSource):
             # A checkpoint taken after the epoch's last step: the next sample is the next
             # epoch's first (DALI cannot start on an empty epoch).
             self.start_epoch, self.start_sample = start_epoch + 1, 0
-
-    # A clip plan raises ValueError for a video without frames, IndexError past its end.
-    SUBSTITUTED_ERRORS = (*EpochSampleSource.SUBSTITUTED_ERRORS, ValueError, IndexError)
 
     @property
     def num_outputs(self) -> int:

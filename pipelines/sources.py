@@ -6,7 +6,6 @@ sample of any epoch and produce exactly what an uninterrupted run would have.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import msgpack
@@ -16,8 +15,6 @@ from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_proble
 from .plan import PlanConfig, PretrainPlan, ViewPlan, make_pretrain_plan
 from .sample_source import BadSampleError, EpochSampleSource
 from .sharding import samples_per_rank
-
-log = logging.getLogger(__name__)
 
 # Per view, the parameters of its appearance augmentation (plan.Appearance), neutral
 # when it is off: view 1's, then view 2's.
