@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from .clip_plan import ClipPlanConfig
 from .clip_source import CLIP_OUTPUTS, ClipLmdbSource, ClipVideoSource
+from .dali_start import DeferredDaliIterator
 from .lmdb_store import read_metadata
 from .video_source import is_video_index, read_video_index, refuse_undecodable
 
@@ -111,8 +112,6 @@ class ClipLoader:
 
     def _build_dali(self, settings: ClipLoaderSettings, from_videos: bool, local_rank: int):
         # Imported here so that plans and the reference executor work without DALI.
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
         from .clip_pipeline import clip_lmdb_pipeline, clip_video_pipeline
 
         parallel = settings.workers > 0
@@ -122,9 +121,13 @@ class ClipLoader:
             source=self.source, device=self.device, parallel=parallel, batch_size=settings.batch_size,
             num_threads=settings.num_threads, device_id=local_rank if self.device == "gpu" else None,
             prefetch_queue_depth=settings.prefetch, **extra)
-        self.pipeline.build()
-        self._iterator = DALIGenericIterator([self.pipeline], list(CLIP_OUTPUTS), auto_reset=False,
-                                             last_batch_policy=LastBatchPolicy.DROP, prepare_first_batch=False)
+        # Workers fork now, the pipeline builds at the first batch (dali_start.py).
+        self._iterator = DeferredDaliIterator(self.pipeline, CLIP_OUTPUTS)
+
+    @property
+    def build_seconds(self) -> float | None:
+        """Seconds the DALI pipeline took to build (at the first batch); None until then."""
+        return getattr(self._iterator, "build_seconds", None)
 
     @property
     def num_items(self) -> int:

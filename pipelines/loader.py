@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .dali_start import DeferredDaliIterator
 from .lmdb_store import read_metadata
 from .plan import PlanConfig
 from .pretrain_pipeline import PRETRAIN_OUTPUTS, check_decode, cstp_pretrain_pipeline, cstp_pretrain_video_pipeline
@@ -42,9 +43,6 @@ class PretrainLoader:
                  start_epoch: int = 0, start_sample: int = 0, list_path: str | None = None):
         # list_path: a reference-format list (pipelines/reference_lmdb.py) through which a
         # reference-project LMDB is read: its videos, in its order, with its labels.
-        # Imported here so that `import pipelines` works without DALI (e.g. for plans).
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
         videos = is_video_index(db_path)
         if videos and list_path:
             raise ValueError("a list file selects videos of an LMDB; a video index lists its videos itself")
@@ -76,11 +74,14 @@ class PretrainLoader:
             batch_size=settings.batch_size, num_threads=settings.num_threads,
             device_id=local_rank if device == "gpu" else None,
             prefetch_queue_depth=settings.prefetch, **extra)
-        self.pipeline.build()
-        self._iterator = DALIGenericIterator([self.pipeline], list(PRETRAIN_OUTPUTS), auto_reset=False,
-                                             last_batch_policy=LastBatchPolicy.DROP,
-                                             prepare_first_batch=False)
+        # Workers fork now, the pipeline builds at the first batch (dali_start.py).
+        self._iterator = DeferredDaliIterator(self.pipeline, PRETRAIN_OUTPUTS)
         self._first_epoch_steps = self.steps_per_epoch - start_sample // settings.batch_size
+
+    @property
+    def build_seconds(self) -> float | None:
+        """Seconds the DALI pipeline took to build (at the first batch); None until then."""
+        return getattr(self._iterator, "build_seconds", None)
 
     def steps_in_epoch(self, epoch: int) -> int:
         return self._first_epoch_steps if epoch == self.start_epoch else self.steps_per_epoch

@@ -390,15 +390,13 @@ def parse_args(argv=None):
 
 
 def resolve_device(requested: str) -> str:
-    if requested == "cpu":
-        return "cpu"
-    import torch
+    """Without initialising CUDA (gpu_guard): the loader's workers fork after this."""
+    import gpu_guard
 
-    if torch.cuda.is_available():
-        return "gpu"
-    if requested == "gpu":
-        raise ValueError("device gpu requested but no CUDA GPU is visible; use --device cpu")
-    return "cpu"
+    try:
+        return gpu_guard.resolve_device(requested)
+    except gpu_guard.DeviceError as err:
+        raise ValueError(f"{err}; use --device cpu") from None
 
 
 def main(argv=None) -> int:
