@@ -26,6 +26,12 @@ PRETRAIN_OUTPUTS = ("view1", "view2", "spatial_label", "temporal_label", "speed_
                     "video_index", "substituted")
 
 
+# nvJPEG (the `mixed` decoders) upsamples 4:2:0 chroma without interpolation unless told
+# otherwise; libjpeg-turbo on the CPU always interpolates ("fancy" upsampling). Every LMDB
+# this project builds is 4:2:0, so the GPU is told to match the CPU (the CPU ignores it).
+JPEG_FANCY_UPSAMPLING = dict(jpeg_fancy_upsampling=True)
+
+
 def decoder_device(device: str) -> str:
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -56,11 +62,11 @@ def execute_view(encoded_frames, anchor, shape, angle, flip, crop_size: int, dev
     if check_decode(decode) == "roi":
         frames = [fn.decoders.image_slice(buf, anchor, shape, device=decoder_device(device), axis_names="WH",
                                           normalized_anchor=False, normalized_shape=False,
-                                          output_type=types.RGB)
+                                          output_type=types.RGB, **JPEG_FANCY_UPSAMPLING)
                   for buf in encoded_frames]
         clip = fn.stack(*frames, axis_name="F")
     else:
-        frames = [fn.decoders.image(buf, device=decoder_device(device), output_type=types.RGB)
+        frames = [fn.decoders.image(buf, device=decoder_device(device), output_type=types.RGB, **JPEG_FANCY_UPSAMPLING)
                   for buf in encoded_frames]
         # the clip is FHWC, so the box's (x, y) order becomes axis_names "WH", as for image_slice
         clip = fn.slice(fn.stack(*frames, axis_name="F"), anchor, shape, axis_names="WH",
