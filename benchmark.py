@@ -425,6 +425,10 @@ SYNTHETIC_VIDEO_CODECS = {
 }
 
 
+# what the index records of either file's stream (both 8-bit 4:2:0; checked on a GPU)
+SYNTHETIC_STREAM = dict(chroma="4:2:0", bit_depth=8, profile="")
+
+
 def write_synthetic_videos(index_path: Path, cfg: dict, videos: int, device: str) -> str:
     """One video file of the synthetic LMDB's colour-coded frames (plus noise, so that
     the encoder has texture to code), listed `videos` times in a video index."""
@@ -453,8 +457,9 @@ def write_synthetic_videos(index_path: Path, cfg: dict, videos: int, device: str
     if proc.returncode != 0:
         raise BenchmarkError(f"ffmpeg could not write the synthetic video: {proc.stderr.decode()[-300:]}")
     entries = [dict(name=f"synthetic/video{v:05d}", file=video.name, label=0, frames=length, height=height,
-                    width=width, fps=25.0, codec=codec) for v in range(videos)]
-    index_path.write_text(json.dumps({"format": VIDEO_INDEX_FORMAT, "version": 1, "root": ".",
+                    width=width, fps=25.0, codec=codec,
+                    pix_fmt=codec_args[codec_args.index("-pix_fmt") + 1], **SYNTHETIC_STREAM) for v in range(videos)]
+    index_path.write_text(json.dumps({"format": VIDEO_INDEX_FORMAT, "version": 2, "root": ".",
                                       "classes": ["synthetic"], "videos": entries}))
     return f"synthetic colour-coded {codec} video: 1 file of {length} frames, {width}×{height}, listed {videos}×"
 

@@ -220,9 +220,10 @@ def video_pair(tmp_path_factory):
         assert len(got) == n, (path, len(got))
         decoded.append(list(got))
         entries.append(dict(name=f"c/clip{i}", file=path.name, label=i % 2, frames=n, height=HEIGHT, width=WIDTH,
-                            fps=25.0, codec=codec))
+                            fps=25.0, codec=codec, pix_fmt=args[args.index("-pix_fmt") + 1], chroma="4:2:0" if
+                            codec == "h264" else "4:4:4", bit_depth=8, profile=""))
     index = root / "index.json"
-    index.write_text(json.dumps({"format": VIDEO_INDEX_FORMAT, "version": 1, "root": ".", "classes": ["c0", "c1"],
+    index.write_text(json.dumps({"format": VIDEO_INDEX_FORMAT, "version": 2, "root": ".", "classes": ["c0", "c1"],
                                  "videos": entries}))
     db = write_lmdb(root / "same.lmdb", decoded, names=[e["name"] for e in entries],
                     labels=[e["label"] for e in entries], classes=["c0", "c1"])
