@@ -347,7 +347,7 @@ def prepare_data(args, cfg: dict, work: Path, *, for_reference: bool = False) ->
     from pipelines.lmdb_store import LmdbFormatError, read_metadata
 
     try:
-        metas, _ = read_metadata(given)
+        metas, _ = read_metadata(given, cfg["data"]["list"] or None)   # data.list: a logical repetition
     except (FileNotFoundError, LmdbFormatError, OSError) as err:
         raise BenchmarkError(f"cannot read the data: {err}") from None
     if not metas:
@@ -585,14 +585,17 @@ def make_loader(kind: str, db: str, cfg: dict, args):
     d = cfg["data"]
     settings = LoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"],
                               workers=workers_for(kind, args, cfg), prefetch=d["prefetch"],
-                              shuffle=d["shuffle"], seed=cfg["run"]["seed"], decode=d["decode"])
+                              shuffle=d["shuffle"], seed=cfg["run"]["seed"], decode=d["decode"],
+                              graph=d["graph"])
     from pipelines.lmdb_store import LmdbFormatError
+    # data.list: an LMDB's videos through a list, e.g. repeated logically (bench/gpu_data.py repeat-list)
+    listed = cfg["data"]["list"] or None if not db.endswith(".json") else None
     try:
         if kind == "dali":
             from pipelines.loader import PretrainLoader
-            return PretrainLoader(db, plan_config(cfg), settings, device=args.device)
+            return PretrainLoader(db, plan_config(cfg), settings, device=args.device, list_path=listed)
         from pipelines.reference_executor import ReferencePretrainLoader
-        return ReferencePretrainLoader(db, plan_config(cfg), settings, device=args.device)
+        return ReferencePretrainLoader(db, plan_config(cfg), settings, device=args.device, list_path=listed)
     except (FileNotFoundError, LmdbFormatError, ValueError) as err:  # VideoIndexError is a ValueError
         raise BenchmarkError(f"cannot use the data: {err}") from None
 

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     plan_cfg = plan_config_from(p)
     settings = LoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"], workers=d["workers"],
                               prefetch=d["prefetch"], shuffle=d["shuffle"], seed=cfg["run"]["seed"],
-                              decode=d["decode"])
+                              decode=d["decode"], graph=d["graph"])
     # The pipeline (and its forked workers) comes before the process group: forked
     # workers must not inherit the group's sockets (dali-under-torchrun.md §1).
     try:

@@ -45,6 +45,7 @@ DEFAULTS: dict = {
         "prefetch": 2,
         "shuffle": True,
         "decode": "roi",            # LMDB JPEGs: roi (decode only the crop box) | full (whole frame, then slice)
+        "graph": "views",           # LMDB: views (a decoder per frame position) | frames (one over B·2·T frames)
     },
     "plan": {
         "frames": 16,
@@ -203,6 +204,7 @@ def validate(cfg: dict):
     need(cfg["data"]["device"] in ("auto", "cpu", "gpu"), "data.device must be auto, cpu or gpu")
     need(cfg["data"]["batch_size"] >= 1, "data.batch_size must be >= 1")
     need(cfg["data"]["decode"] in ("roi", "full"), "data.decode must be roi or full")
+    need(cfg["data"]["graph"] in ("views", "frames"), "data.graph must be views or frames")
     need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
     need(0 <= cfg["optim"]["warmup_epochs"] <= cfg["run"]["epochs"],
          "optim.warmup_epochs must be between 0 and run.epochs")

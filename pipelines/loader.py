@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .dali_start import DeferredDaliIterator
+from .frames_graph import (FRAMES_OUTPUTS, PretrainFramesSource, check_graph, cstp_pretrain_frames_pipeline,
+                           frames_to_views)
 from .lmdb_store import read_metadata
 from .plan import PlanConfig
 from .pretrain_pipeline import PRETRAIN_OUTPUTS, check_decode, cstp_pretrain_pipeline, cstp_pretrain_video_pipeline
@@ -35,6 +37,7 @@ class LoaderSettings:
     shuffle: bool = True
     seed: int = 1
     decode: str = "roi"           # LMDB path: "roi" | "full" (pretrain_pipeline.DECODE_MODES); videos ignore it
+    graph: str = "views"          # LMDB path: "views" (2·T decoders) | "frames" (one; frames_graph.py)
 
 
 class PretrainLoader:
@@ -69,13 +72,19 @@ class PretrainLoader:
             self.source = PretrainLmdbSource(db_path, self.metas, plan_cfg, **common)
             make_pipeline = cstp_pretrain_pipeline
             extra["decode"] = check_decode(settings.decode)
+        # the frames graph (LMDB only): batches of B·2·T frames, turned back into views in __iter__
+        self.frames_per_view = plan_cfg.frames if check_graph(settings.graph) == "frames" and not videos else 0
+        graph_source, graph_batch, outputs = self.source, settings.batch_size, PRETRAIN_OUTPUTS
+        if self.frames_per_view:
+            make_pipeline, graph_source = cstp_pretrain_frames_pipeline, PretrainFramesSource(self.source)
+            graph_batch, outputs = settings.batch_size * 2 * plan_cfg.frames, FRAMES_OUTPUTS
         self.pipeline = make_pipeline(
-            source=self.source, device=device, parallel=parallel,
-            batch_size=settings.batch_size, num_threads=settings.num_threads,
+            source=graph_source, device=device, parallel=parallel,
+            batch_size=graph_batch, num_threads=settings.num_threads,
             device_id=local_rank if device == "gpu" else None,
             prefetch_queue_depth=settings.prefetch, **extra)
         # Workers fork now, the pipeline builds at the first batch (dali_start.py).
-        self._iterator = DeferredDaliIterator(self.pipeline, PRETRAIN_OUTPUTS)
+        self._iterator = DeferredDaliIterator(self.pipeline, outputs)
         self._first_epoch_steps = self.steps_per_epoch - start_sample // settings.batch_size
 
     @property
@@ -90,6 +99,8 @@ class PretrainLoader:
         """One epoch of batches."""
         for outputs in self._iterator:
             batch = outputs[0]
+            if self.frames_per_view:
+                batch = frames_to_views(batch, self.frames_per_view)
             for name in PRETRAIN_OUTPUTS[2:]:
                 batch[name] = batch[name].long()
             yield batch

@@ -1,5 +1,6 @@
 """Every GPU graph of the project, proven on a CPU: constructed with device="gpu" and
-device_id=None, serialised, and every operator's device checked against the backends
+device_id=None (LMDB roi and full, pretraining video, clip LMDB, clip video, the frames
+graph roi and full), serialised, and every operator's device checked against the backends
 its schema is registered for.
 
 Construction and serialisation catch unknown arguments and GPU data fed to a CPU input
@@ -22,6 +23,7 @@ from nvidia.dali import fn, pipeline_def
 from pipelines.clip_pipeline import clip_lmdb_pipeline, clip_video_pipeline
 from pipelines.clip_plan import ClipPlanConfig
 from pipelines.clip_source import ClipLmdbSource, ClipVideoSource
+from pipelines.frames_graph import PretrainFramesSource, cstp_pretrain_frames_pipeline
 from pipelines.lmdb_store import VideoMeta
 from pipelines.plan import PlanConfig
 from pipelines.pretrain_pipeline import cstp_pretrain_pipeline, cstp_pretrain_video_pipeline
@@ -67,10 +69,16 @@ def gpu_graphs():
         ("pretraining video", cstp_pretrain_video_pipeline(source=video, **build), "decoders__Video", 1),
         ("clip lmdb", clip_lmdb_pipeline(source=clip_lmdb, **build), "decoders__ImageSlice", T),
         ("clip video", clip_video_pipeline(source=clip_video, **build), "decoders__Video", 1),
+        ("lmdb frames roi", cstp_pretrain_frames_pipeline(source=PretrainFramesSource(lmdb), decode="roi",
+                                                          **{**build, "batch_size": 2 * 2 * T}),
+         "decoders__ImageSlice", 1),
+        ("lmdb frames full", cstp_pretrain_frames_pipeline(source=PretrainFramesSource(lmdb), decode="full",
+                                                           **{**build, "batch_size": 2 * 2 * T}),
+         "decoders__Image", 1),
     ]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(7))
 def test_every_gpu_graph_serialises_with_each_operator_on_a_registered_backend(index):
     name, pipe, decoder, decoders = gpu_graphs()[index]
     assert len(pipe.serialize()) > 1000, name
