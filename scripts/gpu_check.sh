@@ -105,9 +105,8 @@ if [ -n "$PREPARE" ]; then
   # the index names its folder relative to itself, so the folder can travel
   "$PYTHON" -c 'import json, sys; p = sys.argv[1]; i = json.load(open(p)); i["root"] = "h264"
 json.dump(i, open(p, "w"), indent=1)' "$PREPARE/h264.json"
-  encoder=turbo
-  "$PYTHON" -c 'import simplejpeg' 2>/dev/null || encoder=ffmpeg
-  "$PYTHON" -m preprocessing build-lmdb --videos "$PREPARE/h264" --out "$PREPARE/h264.lmdb" --encoder "$encoder" \
+  # ffmpeg's JPEG encoder (the reference's route): ~1.5x smaller than turbo at equal fidelity
+  "$PYTHON" -m preprocessing build-lmdb --videos "$PREPARE/h264" --out "$PREPARE/h264.lmdb" --encoder ffmpeg \
       --workers "$(nproc)" --quiet
   "$PYTHON" -c 'import sys; from pathlib import Path; from benchmark import find_ffmpeg
 from tests.test_gpu import write_video_pair; write_video_pair(Path(sys.argv[1]), find_ffmpeg(), "gpu")' \
