@@ -108,8 +108,9 @@ def graph_facts(args) -> list[dict]:
     # every loader is measured in a process of its own (gpu_check.sh runs one graph per call):
     # after the first GPU build, CUDA is initialised and a second loader's workers cannot fork
     if args.graph == "lmdb":
-        facts.append(measure_loader(f"LMDB pretraining ({d['graph']} graph, {d['decode']} decode)", lambda: PretrainLoader(
-            args.data, plan_cfg, settings, device=device, list_path=d["list"] or None)))
+        name = f"LMDB pretraining ({d['graph']} graph, {d['decode']} decode)"
+        facts.append(measure_loader(name, lambda: PretrainLoader(args.data, plan_cfg, settings, device=device,
+                                                                 list_path=d["list"] or None)))
     elif args.graph == "clip":
         clip_cfg = ClipPlanConfig(frames=plan_cfg.frames, crop_size=plan_cfg.crop_size)
         clip_settings = ClipLoaderSettings(batch_size=args.batch, num_threads=d["num_threads"], workers=d["workers"],
@@ -162,7 +163,8 @@ def summary_lines(work: Path) -> list[str]:
         batch = path.stem.rsplit("_b", 1)[1]
         try:
             frames = json.loads(path.read_text())["samples_per_s"]
-            views = json.loads((work / f"all_lmdb_b{batch}.json").read_text())["results"]["loader_dali"]["samples_per_s"]
+            views = json.loads((work / f"all_lmdb_b{batch}.json").read_text())
+            views = views["results"]["loader_dali"]["samples_per_s"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         found = True
@@ -218,8 +220,8 @@ def main(argv=None) -> int:
         elif args.command == "graph-facts":
             found = graph_facts(args)
             Path(args.out).write_text(json.dumps(found, indent=1) + "\n")
-            for line in summary_lines_for(found):
-                print(line)
+            for facts in found:
+                print(json.dumps(facts))
         else:
             print("\n".join(summary_lines(Path(args.work))))
     except (OSError, ValueError) as err:
@@ -227,9 +229,6 @@ def main(argv=None) -> int:
         return 2
     return 0
 
-
-def summary_lines_for(facts: list[dict]) -> list[str]:
-    return [json.dumps(f) for f in facts]
 
 
 if __name__ == "__main__":

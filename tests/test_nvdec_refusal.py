@@ -48,7 +48,8 @@ def indexes(tmp_path_factory):
 
 def test_the_index_records_pixel_format_chroma_bit_depth_and_profile(indexes):
     want = {"h264_420": ("yuv420p", "4:2:0", 8, "High"), "h264_422": ("yuv422p", "4:2:2", 8, "High 4:2:2"),
-            "h264_10bit": ("yuv420p10le", "4:2:0", 10, "High 10"), "hevc_10bit": ("yuv420p10le", "4:2:0", 10, "Main 10")}
+            "h264_10bit": ("yuv420p10le", "4:2:0", 10, "High 10"),
+            "hevc_10bit": ("yuv420p10le", "4:2:0", 10, "Main 10")}
     for name, index in indexes.items():
         data = json.loads(index.read_text())
         assert data["version"] == 2
