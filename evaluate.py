@@ -8,7 +8,7 @@ r"""Evaluate a finetuned classifier or a backbone: the reference test protocol p
   python evaluate.py --checkpoint best.pt --data ucf101.lmdb --list testlist01_nframe.txt \
       --train-data ucf101.lmdb --train-list trainlist01_nframe.txt --spatial-crops 3 --json r.json
 
-Test protocol (spec §8): every video is cut into back-to-back clips (T frames,
+Test protocol (docs/method.md#test-protocol): every video is cut into back-to-back clips (T frames,
 stride s) plus one clip aligned to its end; short side test_short_side, one centre
 crop; the clips' raw logits are averaged per video. Reports top-1, top-5 and
 per-class accuracy, a confusion matrix (JSON and PNG). --spatial-crops 3 reads every
@@ -57,6 +57,9 @@ def parse_args(argv=None):
                              "(a reference-project LMDB)")
     parser.add_argument("--train-data", help="training LMDB: the retrieval / kNN gallery")
     parser.add_argument("--train-list", metavar="PATH", help="reference-format list file for --train-data")
+    parser.add_argument("--blocklist", metavar="FILE",
+                        help="videos not to read (path<TAB>reason lines, as `preprocessing verify --decode` writes): "
+                             "each is replaced by another item flagged invalid, so it is not scored")
     parser.add_argument("--spatial-crops", type=int, choices=(1, 3),
                         help="crops per test clip: 1 = centre (the reference), 3 = start/centre/end of the "
                              "long side; default: the checkpoint's clip setting (1)")
@@ -209,9 +212,10 @@ def main(argv=None) -> int:
         return fail(f"--device {args.device}: {err}")
     settings = ClipLoaderSettings(batch_size=args.batch_size, num_threads=args.num_threads, workers=args.workers,
                                   seed=args.seed)
-    common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor)
+    common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor,
+                  blocklist=args.blocklist)
     # Both loaders before any CUDA work: each forks its workers when constructed and builds
-    # its pipeline at its first batch (pipelines/dali_start.py).
+    # its pipeline at its first batch (pipelines/faults.py RecoverablePipeline).
     try:
         test_loader = ClipLoader(args.data, "test", clip_cfg, settings, list_path=args.list_path, **common)
         train_loader = ClipLoader(args.train_data, "test", clip_cfg, settings, list_path=args.train_list,

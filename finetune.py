@@ -85,12 +85,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(cfg["train"]["threads"])
     device = resolve_device(d["device"])
     try:
-        resume_path, resume_state = find_resume_state(args.resume, out_dir)
+        resume_path, resume_state = find_resume_state(
+            args.resume, out_dir, FINETUNE_FORMAT,
+            "--resume continues a finetuning run; a pretrained backbone goes to model.init")
     except CheckpointError as err:
         return fail(str(err))
-    if resume_state is not None and resume_state.get("format") != FINETUNE_FORMAT:
-        return fail(f"{resume_path} is not a finetuning checkpoint (format {resume_state.get('format')!r}); "
-                    "--resume continues a finetuning run; a pretrained backbone goes to model.init")
     if resume_state is None and list_checkpoints(out_dir):
         return fail(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run "
                     "or choose another --out")
@@ -114,11 +113,11 @@ def main(argv=None) -> int:
     settings = ClipLoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"], workers=d["workers"],
                                   prefetch=d["prefetch"], seed=cfg["run"]["seed"])
     common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor,
-                  list_path=d["train_list"] or None)
+                  list_path=d["train_list"] or None, blocklist=d["blocklist"] or None)
     # Loaders (and their forked workers) come before the process group and before any CUDA
     # work: each forks its workers when constructed and builds its pipeline at its first
     # batch, so the val loader's fork is not after the train pipeline's CUDA set-up
-    # (pipelines/dali_start.py, docs/gpu.md).
+    # (docs/gpu.md, docs/architecture.md#forked-workers).
     try:
         from pipelines.lmdb_store import read_metadata
         from pipelines.video_source import is_video_index, read_video_index

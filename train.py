@@ -55,15 +55,28 @@ def resolve_device(requested: str) -> str:
         raise SystemExit(f"data.device={requested}: {err}; use data.device=cpu") from None
 
 
-def find_resume_state(resume: str | None, out_dir: Path):
-    from cstp.checkpoint import latest_checkpoint, load_checkpoint
+def find_resume_state(resume: str | None, out_dir: Path, expected_format: str | None = None, hint: str = ""):
+    """(path, state) to resume from, or (None, None). CheckpointError, with a one-line
+    message, for a file that does not load or is not a checkpoint of `expected_format`
+    (shared by train.py and finetune.py)."""
+    from cstp.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
     if not resume:
         return None, None
     if resume == "auto":
         found = latest_checkpoint(out_dir)
-        return found if found else (None, None)
-    return Path(resume), load_checkpoint(resume)
+        path, state = found if found else (None, None)
+    else:
+        path, state = Path(resume), load_checkpoint(resume)
+    if state is not None and expected_format is not None and state.get("format") != expected_format:
+        raise CheckpointError(f"{path} is not a {expected_format} checkpoint (format {state.get('format')!r})"
+                              + (f"; {hint}" if hint else ""))
+    return path, state
+
+
+def fail(message: str) -> int:
+    print(f"train.py: {message}", file=sys.stderr)
+    return 2
 
 
 def print_summary(summary: dict, baseline: dict):
@@ -104,8 +117,8 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from cstp.checkpoint import list_checkpoints
-    from cstp.engine import NonFiniteLossError, Position, Trainer
+    from cstp.checkpoint import CheckpointError, list_checkpoints
+    from cstp.engine import CHECKPOINT_FORMAT, NonFiniteLossError, Position, Trainer
     from pipelines.lmdb_store import LmdbFormatError
     from pipelines.loader import LoaderSettings, PretrainLoader
     from pipelines.plan import majority_label_rates, plan_config_from
@@ -113,7 +126,12 @@ def main(argv=None) -> int:
     if cfg["train"]["threads"]:
         torch.set_num_threads(cfg["train"]["threads"])
     device = resolve_device(cfg["data"]["device"])
-    resume_path, resume_state = find_resume_state(args.resume, out_dir)
+    try:
+        resume_path, resume_state = find_resume_state(
+            args.resume, out_dir, CHECKPOINT_FORMAT,
+            "--resume continues a pretraining run of train.py (finetuning runs resume with finetune.py)")
+    except CheckpointError as err:
+        return fail(f"--resume: {err}")
     if resume_state is None and list_checkpoints(out_dir):
         print(f"train.py: {out_dir} already holds checkpoints; pass --resume auto to continue that run "
               "or choose another --out", file=sys.stderr)
@@ -129,11 +147,11 @@ def main(argv=None) -> int:
                               prefetch=d["prefetch"], shuffle=d["shuffle"], seed=cfg["run"]["seed"],
                               decode=d["decode"], graph=d["graph"])
     # The pipeline (and its forked workers) comes before the process group: forked
-    # workers must not inherit the group's sockets (dali-under-torchrun.md §1).
+    # workers must not inherit the group's sockets (docs/architecture.md#forked-workers).
     try:
         loader = PretrainLoader(d["path"], plan_cfg, settings, device=device, local_rank=local_rank, rank=rank,
                                 world_size=world_size, start_epoch=position.epoch, start_sample=position.sample,
-                                list_path=d["list"] or None)
+                                list_path=d["list"] or None, blocklist=d["blocklist"] or None)
     except (FileNotFoundError, LmdbFormatError, ValueError) as err:
         print(f"train.py: cannot read the data: {err}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@
       the loaders read it through `data.list`, so a short LMDB is repeated logically
       (the same LMDB entries listed again), with nothing written but the list;
   python -m bench.gpu_data synthetic DB [config args]
-      a small synthetic LMDB (8 colour-coded videos, benchmark.py's) for a machine without
+      a small synthetic LMDB (8 colour-coded videos, bench/data.py's) for a machine without
       prepared data: with repeat-list it stands in for any number of samples;
   python -m bench.gpu_data graph-facts --device gpu --out FILE.json [--data DB] [config args]
       per data graph (LMDB views, clip LMDB; a video index when given): decoder operators,
@@ -212,11 +212,10 @@ def main(argv=None) -> int:
             print(f"{args.db}: {videos} videos, each listed {copies}x in {args.list} (logical repetition: "
                   "nothing copied)")
         elif args.command == "synthetic":
-            import benchmark
+            from bench.data import write_synthetic_db
             from cstp.config import load_config
 
-            print(benchmark.write_synthetic_db(Path(args.db), load_config(args.config, args.overrides),
-                                               SYNTHETIC_VIDEOS))
+            print(write_synthetic_db(Path(args.db), load_config(args.config, args.overrides), SYNTHETIC_VIDEOS))
         elif args.command == "graph-facts":
             found = graph_facts(args)
             Path(args.out).write_text(json.dumps(found, indent=1) + "\n")

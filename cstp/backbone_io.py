@@ -5,7 +5,7 @@ Accepted kinds (always read with `torch.load(weights_only=True)`):
 
 - "pretraining checkpoint": our `ckpt_*.pt` (format `cstp-dali-checkpoint`); the
   ONLINE backbone is taken (`model["online.backbone.*"]`), as the reference does
-  (spec §7 "Weight loading"); the EMA target is ignored.
+  (docs/method.md#finetuning); the EMA target is ignored.
 - "exported backbone": our `backbone.pt` (format `cstp-dali-backbone`), written at
   the end of pretraining.
 - "finetune checkpoint": our finetuning checkpoints (format `cstp-dali-finetune`);

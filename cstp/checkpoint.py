@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +30,36 @@ def checkpoint_path(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / f"ckpt_{step:09d}.pt"
 
 
-def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int = 3) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(out_dir, step)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+def atomic_save(state: dict, path: str | Path) -> Path:
+    """torch.save to a temporary file beside `path`, flushed to disk, then renamed over
+    it: a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, final)
+    os.replace(tmp, path)
+    return path
+
+
+def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int = 3) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = atomic_save(state, checkpoint_path(out_dir, step))
     if keep > 0:
         for old in list_checkpoints(out_dir)[:-keep]:
             old.unlink(missing_ok=True)
     return final
+
+
+def save_from_rank0(make_state, out_dir: str | Path, step: int, keep: int = 3) -> None:
+    """save_checkpoint(make_state()) on rank 0 only (the state is built there only), then
+    every rank waits at a barrier until the file is written."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_checkpoint(make_state(), out_dir, step, keep=keep)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -1,9 +1,9 @@
-"""The finetuning / test model: the R(2+1)D backbone and the reference head (spec §3, §7).
+"""The finetuning / test model: the R(2+1)D backbone and the reference head (docs/method.md#finetuning).
 
     clip ─ backbone ─ y (feature_dim) ─ L2-normalise ─ BatchNorm1d ─ Linear ─ logits
 
 No dropout, no projector. The head is newly initialised with the reference's
-Glorot init (BN γ of random sign included, spec §11.3), as is a backbone that is
+Glorot init (BN γ of random sign included, docs/method.md#initialisation), as is a backbone that is
 trained from scratch.
 
 `frozen=True` is the linear probe: the backbone's parameters do not train and

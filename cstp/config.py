@@ -6,7 +6,7 @@ command line with `key=value` (nanoGPT style, no framework).
 A key may be written in full (`optim.lr`) or by its last part when that is unique
 (`lr`, `max_steps`). Unknown keys and wrongly typed values are refused with a
 message that names the closest known key. Defaults are the reference recipe
-(cstp-method-spec.md §2, §6, §12).
+(docs/method.md#the-sampling-plan, #optimisation, #recipes).
 """
 
 from __future__ import annotations
@@ -17,18 +17,25 @@ from pathlib import Path
 
 import yaml
 
-DEFAULTS: dict = {
-    "run": {
-        "out": "runs/cstp",
+def run_defaults(out: str, epochs: int, keep_checkpoints: int) -> dict:
+    """The `run` section that pretraining and finetuning share (cstp/finetune_config.py)."""
+    return {
+        "out": out,
         "seed": 1,
-        "epochs": 300,
+        "epochs": epochs,
         "max_steps": 0,             # stop after this many optimizer steps (0 = run all epochs)
         "log_every": 10,            # steps between JSONL records
         "checkpoint_every": 0,      # steps between checkpoints (0 = only at epoch ends)
-        "keep_checkpoints": 3,
+        "keep_checkpoints": keep_checkpoints,
         "max_bad_steps": 20,        # consecutive non-finite losses before aborting (checked at log records)
         "progress": True,
         "tensorboard": True,        # OUT/tensorboard on rank 0 (skipped with a warning without the package)
+    }
+
+
+DEFAULTS: dict = {
+    "run": {
+        **run_defaults("runs/cstp", epochs=300, keep_checkpoints=3),
         "data_timeout_s": 300.0,    # warn (naming the batch) when a rank waits longer for data; 0 = off
         # test hooks, for the fault-tolerance tests only: the highest rank dies before this
         # step on torchrun's first attempt (0 = off); its loss is NaN at these steps
@@ -38,6 +45,7 @@ DEFAULTS: dict = {
     "data": {
         "path": "",                 # LMDB of JPEG frames, or a video index (.json)
         "list": "",                 # optional reference-format list: read a reference-project LMDB through it
+        "blocklist": "",            # optional: videos not to read (path<TAB>reason lines, `preprocessing verify --decode`)
         "device": "auto",           # auto | cpu | gpu: where DALI decodes and augments
         "batch_size": 16,           # per rank
         "num_threads": 2,
@@ -58,7 +66,7 @@ DEFAULTS: dict = {
         "min_ratio": 0.75,
         "max_ratio": 1.3333333333333333,
         "flip_prob": 0.5,
-        # appearance, per view (spec §5.1): with strong_prob the "base" pipeline, i.e. a
+        # appearance, per view (docs/method.md#appearance): with strong_prob the "base" pipeline, i.e. a
         # small rotation, then jitter/grey/blur each with its own probability
         "strong_prob": 0.3,
         "small_angle_range": [-10.0, 10.0],     # degrees
@@ -196,22 +204,29 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, d
     return cfg
 
 
-def validate(cfg: dict):
-    def need(cond, msg):
-        if not cond:
-            raise ConfigError(msg)
+def need(condition: bool, message: str):
+    """A validator's check: ConfigError(message) unless `condition`."""
+    if not condition:
+        raise ConfigError(message)
 
+
+def validate_shared(cfg: dict):
+    """The checks that pretraining and finetuning configs share."""
     need(cfg["data"]["device"] in ("auto", "cpu", "gpu"), "data.device must be auto, cpu or gpu")
     need(cfg["data"]["batch_size"] >= 1, "data.batch_size must be >= 1")
+    need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
+    need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
+
+
+def validate(cfg: dict):
+    validate_shared(cfg)
     need(cfg["data"]["decode"] in ("roi", "full"), "data.decode must be roi or full")
     need(cfg["data"]["graph"] in ("views", "frames"), "data.graph must be views or frames")
-    need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
     need(0 <= cfg["optim"]["warmup_epochs"] <= cfg["run"]["epochs"],
          "optim.warmup_epochs must be between 0 and run.epochs")
     need(cfg["optim"]["schedule_unit"] in ("epoch", "step"), "optim.schedule_unit must be epoch or step")
     need(cfg["optim"]["lr_scaling"] in ("none", "linear"), "optim.lr_scaling must be none or linear")
     need(cfg["optim"]["reference_batch"] >= 1, "optim.reference_batch must be >= 1")
-    need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     need(cfg["model"]["target_init"] in ("independent", "copy"), "model.target_init must be independent or copy")
     need(0 < cfg["model"]["width"] <= 4, "model.width must be in (0, 4]")
     need(0 <= cfg["model"]["ema_tau"] <= 1, "model.ema_tau must be in [0, 1]")

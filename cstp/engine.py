@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import save_checkpoint
+from .checkpoint import atomic_save, save_from_rank0
 from .losses import CSTPLossWeights, cstp_loss
 from .models.cstp_model import CSTPModel
 from .run_logs import open_metrics, open_tensorboard
@@ -474,16 +474,10 @@ class Trainer:
                  "step": self.position.step,
                  "state_dict": {k: v.detach().cpu().contiguous()
                                 for k, v in self.model.online_backbone_state_dict().items()}}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        atomic_save(state, path)
 
     def save(self):
-        if is_rank0():
-            save_checkpoint(self.state_dict(), self.out_dir, self.position.step,
-                            keep=self.cfg["run"]["keep_checkpoints"])
-        if self.world_size > 1:
-            dist.barrier()
+        save_from_rank0(self.state_dict, self.out_dir, self.position.step, keep=self.cfg["run"]["keep_checkpoints"])
 
 
 class _Window:

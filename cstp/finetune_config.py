@@ -1,28 +1,18 @@
-"""Finetuning configuration: the reference's supervised recipe (cstp-method-spec.md §5.2,
-§7, §8) as plain nested values, with the same `key=value` overrides as pretraining
+"""Finetuning configuration: the reference's supervised recipe (docs/method.md#finetuning,
+#test-protocol) as plain nested values, with the same `key=value` overrides as pretraining
 (see cstp/config.py: full `optim.lr` or a unique last part such as `lr`).
 """
 
 from __future__ import annotations
 
-from .config import ConfigError, load_config
+from .config import load_config, need, run_defaults, validate_shared
 
 FINETUNE_DEFAULTS: dict = {
-    "run": {
-        "out": "runs/finetune",
-        "seed": 1,
-        "epochs": 100,
-        "max_steps": 0,             # stop after this many optimizer steps (0 = run all epochs)
-        "log_every": 10,            # steps between JSONL records
-        "checkpoint_every": 0,      # steps between checkpoints (0 = only at epoch ends)
-        "keep_checkpoints": 2,
-        "max_bad_steps": 20,
-        "progress": True,
-        "tensorboard": True,        # OUT/tensorboard on rank 0 (skipped with a warning without the package)
-    },
+    "run": run_defaults("runs/finetune", epochs=100, keep_checkpoints=2),
     "data": {
         "train": "",                # LMDB (or .json video index) of the training list
         "train_list": "",           # reference-format list file selecting and labelling data.train's videos
+        "blocklist": "",            # optional: videos not to read (path<TAB>reason lines, `preprocessing verify --decode`)
                                     # (an LMDB built by the reference project); "" = the LMDB's own metadata
         "device": "auto",           # auto | cpu | gpu: where DALI decodes and augments
         "batch_size": 30,           # per rank (the reference: 2 GPUs x 30)
@@ -30,7 +20,7 @@ FINETUNE_DEFAULTS: dict = {
         "workers": 0,
         "prefetch": 2,
         # Model selection and the plateau scheduler read a validation split carved from
-        # the training list (the reference used the test split, spec §11.11).
+        # the training list (the reference used the test split: docs/deviations.md#finetuning-validation-split).
         "val_fraction": 0.1,        # per class, at least one video of every class with >= 2
         "val_every": 1,             # epochs between validations
     },
@@ -69,16 +59,9 @@ def load_finetune_config(path: str | None = None, overrides=()) -> dict:
 
 
 def validate(cfg: dict):
-    def need(cond, msg):
-        if not cond:
-            raise ConfigError(msg)
-
-    need(cfg["data"]["device"] in ("auto", "cpu", "gpu"), "data.device must be auto, cpu or gpu")
-    need(cfg["data"]["batch_size"] >= 1, "data.batch_size must be >= 1")
+    validate_shared(cfg)
     need(0 < cfg["data"]["val_fraction"] < 1, "data.val_fraction must be in (0, 1)")
     need(cfg["data"]["val_every"] >= 1, "data.val_every must be >= 1")
-    need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
     need(cfg["model"]["mode"] in ("all", "linear"), "model.mode must be all or linear")
     need(0 <= cfg["model"]["width"] <= 4, "model.width must be in [0, 4] (0 = from the checkpoint)")
-    need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     need(0 < cfg["optim"]["plateau_factor"] < 1, "optim.plateau_factor must be in (0, 1)")

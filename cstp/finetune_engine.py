@@ -1,4 +1,4 @@
-"""The finetuning loop (spec §7, with the reference's bugs fixed): SGD on a
+"""The finetuning loop (docs/method.md#finetuning, with the reference's bugs fixed): SGD on a
 VideoClassifier, ReduceLROnPlateau on the validation loss, the best checkpoint
 chosen on a validation split carved from the training list.
 
@@ -9,7 +9,7 @@ dicts (`clip` (B,3,T,S,S), `label`, `video_index`, `valid`, optionally
 Under DDP, validation sums the loss and the per-video logits over all ranks
 before anything decides on them, so every rank steps the plateau scheduler with
 the same number and keeps the same learning rate (the reference stepped it on
-rank 0 only, spec §11.11).
+rank 0 only: docs/deviations.md#finetuning-validation-split).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import save_checkpoint
+from .checkpoint import atomic_save, save_from_rank0
 from .classifier import VideoClassifier
 from .metrics import VideoAverager
 from .run_logs import open_metrics, open_tensorboard
@@ -68,15 +67,6 @@ def validation_split(labels, fraction: float, seed: int) -> tuple[list[int], lis
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def atomic_save(state: dict, path: Path):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -395,8 +385,4 @@ class FinetuneTrainer:
         return open_metrics(self.out_dir, self.position.step, keep)
 
     def save(self):
-        if is_rank0():
-            save_checkpoint(self.state_dict(), self.out_dir, self.position.step,
-                            keep=self.cfg["run"]["keep_checkpoints"])
-        if self.world_size > 1:
-            dist.barrier()
+        save_from_rank0(self.state_dict, self.out_dir, self.position.step, keep=self.cfg["run"]["keep_checkpoints"])

@@ -1,4 +1,4 @@
-"""The CSTP pretraining loss (spec §2.3–§2.5).
+"""The CSTP pretraining loss (docs/method.md#loss).
 
     L = w_byol·mean_b[byol(q1, z'2) + byol(q2, z'1)]
       + w_spatial·CE_spatial + w_temporal·CE_temporal
@@ -6,7 +6,7 @@
       + w_rotation·(CE_rot,view1 + CE_rot,view2)
 
 Speed and rotation are summed over the two views, not averaged, as in the
-reference (`main_byol.py:70-73`, spec §11.7); the logged terms are the
+reference (its `main_byol.py`; docs/method.md#loss); the logged terms are the
 per-view averages, as the reference prints them.
 """
 

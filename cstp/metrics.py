@@ -40,7 +40,7 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
 
 class VideoAverager:
     """Sums clip outputs per video, then averages: the reference's logit averaging
-    (spec §8). Under DDP each clip is seen by exactly one rank, so summing the
+    (docs/method.md#test-protocol). Under DDP each clip is seen by exactly one rank, so summing the
     sums and counts over ranks gives every rank the exact per-video mean."""
 
     def __init__(self, num_videos: int, dim: int, device="cpu"):

@@ -1,4 +1,4 @@
-"""The reference learning-rate curve (cstp-method-spec.md §6): linear warm-up from
+"""The reference learning-rate curve (docs/method.md#optimisation): linear warm-up from
 min_lr to the peak over `warmup_epochs`, then a half cosine back to min_lr.
 
 The reference steps it once per epoch (epoch 1 runs at min_lr, epoch W+1 at the

@@ -27,7 +27,7 @@ LMDB); video_index still indexes the full `metas`.
 executor="reference" runs the same plans with numpy/PIL in a torch DataLoader
 (clip_reference.py): the tests' oracle and the benchmark's baseline. Build a DALI
 loader before `torch.distributed.init_process_group` when workers are forked
-(dali-under-torchrun.md §1).
+(docs/architecture.md#forked-workers).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from .clip_plan import ClipPlanConfig
 from .clip_source import CLIP_OUTPUTS, ClipLmdbSource, ClipVideoSource
-from .dali_start import DeferredDaliIterator
+from .faults import RecoverablePipeline, blocked_videos
 from .lmdb_store import read_metadata
 from .video_source import is_video_index, read_video_index, refuse_undecodable
 
@@ -58,7 +58,8 @@ class ClipLoader:
     def __init__(self, path: str, mode: str, clip_cfg: ClipPlanConfig, settings: ClipLoaderSettings, *,
                  device: str = "cpu", local_rank: int = 0, rank: int = 0, world_size: int = 1,
                  start_epoch: int = 0, start_sample: int = 0, videos=None, executor: str = "dali",
-                 list_path: str | None = None):
+                 list_path: str | None = None, blocklist: str | None = None):
+        # blocklist: videos not to read (data.blocklist, faults.py): each is replaced.
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if executor not in EXECUTORS:
@@ -78,6 +79,7 @@ class ClipLoader:
         else:
             # With a list: metas[i].key is the LMDB entry of video i (the source reads it there).
             self.metas, self.classes = read_metadata(path, str(list_path) if list_path else None)
+            files = None
         if not self.metas:
             raise ValueError(f"{path} holds no videos")
         self.num_classes = len(self.classes) or max(m.label for m in self.metas) + 1
@@ -94,6 +96,7 @@ class ClipLoader:
             self.source = ClipVideoSource(path, self.metas, files, clip_cfg, mode, **common)
         else:
             self.source = ClipLmdbSource(path, self.metas, clip_cfg, mode, **common)
+        self.source.blocked = blocked_videos(blocklist, self.metas, files)
         self.samples_per_rank = self.source.per_rank
         self.steps_per_epoch = self.samples_per_rank // settings.batch_size
         self._epoch = start_epoch
@@ -102,10 +105,10 @@ class ClipLoader:
 
             from .clip_reference import ReferenceClipBatches
             target = torch.device(f"cuda:{local_rank}") if device == "gpu" else None
+            self._dali = None
             self._reference = ReferenceClipBatches(self.source, batch_size=settings.batch_size,
                                                    workers=settings.workers, prefetch=settings.prefetch,
                                                    target=target)
-            self._iterator = None
         else:
             self._reference = None
             self._build_dali(settings, from_videos, local_rank)
@@ -117,17 +120,23 @@ class ClipLoader:
         parallel = settings.workers > 0
         extra = dict(py_num_workers=settings.workers, py_start_method=settings.start_method) if parallel else {}
         make_pipeline = clip_video_pipeline if from_videos else clip_lmdb_pipeline
-        self.pipeline = make_pipeline(
-            source=self.source, device=self.device, parallel=parallel, batch_size=settings.batch_size,
-            num_threads=settings.num_threads, device_id=local_rank if self.device == "gpu" else None,
-            prefetch_queue_depth=settings.prefetch, **extra)
-        # Workers fork now, the pipeline builds at the first batch (dali_start.py).
-        self._iterator = DeferredDaliIterator(self.pipeline, CLIP_OUTPUTS)
+        # Workers start now, the pipeline builds at the first batch; rebuilt from the failed
+        # batch when a sample does not decode (faults.py).
+        self._dali = RecoverablePipeline(
+            self.source, make_pipeline,
+            dict(device=self.device, parallel=parallel, batch_size=settings.batch_size,
+                 num_threads=settings.num_threads, device_id=local_rank if self.device == "gpu" else None,
+                 prefetch_queue_depth=settings.prefetch, **extra),
+            CLIP_OUTPUTS, device=self.device, local_rank=local_rank)
+
+    @property
+    def pipeline(self):
+        return self._dali.pipeline if self._dali is not None else None
 
     @property
     def build_seconds(self) -> float | None:
         """Seconds the DALI pipeline took to build (at the first batch); None until then."""
-        return getattr(self._iterator, "build_seconds", None)
+        return self._dali.build_seconds if self._dali is not None else None
 
     @property
     def num_items(self) -> int:
@@ -148,15 +157,15 @@ class ClipLoader:
             first = self.source.start_sample if epoch == self.source.start_epoch else 0
             yield from self._reference.epoch(epoch, first)
             return
-        for outputs in self._iterator:
+        first = self.start_sample if epoch == self.start_epoch else 0
+        for outputs in self._dali.epoch(epoch, first):
             batch = outputs[0]
             for name in CLIP_OUTPUTS[1:]:
                 batch[name] = batch[name].bool() if name == "valid" else batch[name].long()
             yield batch
-        self._iterator.reset()
 
     def close(self):
         # Dropping the iterator frees the pipeline and its worker processes.
-        self._iterator = None
-        self.pipeline = None
+        if self._dali is not None:
+            self._dali.close()
         self._reference = None

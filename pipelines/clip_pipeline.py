@@ -51,6 +51,7 @@ def clip_video_pipeline(source, device: str = "cpu", parallel: bool = False):
     encoded, *params = fn.external_source(source=source, num_outputs=source.num_outputs, batch=False,
                                           parallel=parallel)
     p = dict(zip(VIDEO_CLIP_PARAM_OUTPUTS, params))
-    decoded = fn.decoders.video(encoded, frames=p["frames"], device=decoder_device(device))
+    decoded = fn.decoders.video(encoded, frames=p["frames"], device=decoder_device(device),
+                                pad_mode="none")  # a frame it cannot deliver is an error, never a black fill
     clip = finish_clip(cut_view(decoded, p["order"], p["anchor"], p["shape"]), p, source.cfg.crop_size)
     return (clip, *_labels(p, device))

@@ -1,5 +1,5 @@
-"""Clip plans for supervised finetuning, validation and testing (cstp-method-spec.md
-§5.2, §5.3, §7, §8): which frames one clip takes, which box of the source frame
+"""Clip plans for supervised finetuning, validation and testing (docs/method.md
+#finetuning, #test-protocol): which frames one clip takes, which box of the source frame
 becomes the S×S crop, and its colour jitter, decided up front in plain numpy.
 
 Like the pretraining plan (plan.py), a clip plan is executed twice, by DALI
@@ -125,7 +125,7 @@ def clip_indices(start: int, num_frames: int, cfg: ClipPlanConfig) -> np.ndarray
 
 
 def test_clip_starts(num_frames: int, cfg: ClipPlanConfig) -> list[int]:
-    """First frame (0-indexed) of every test clip of an N-frame video (spec §8).
+    """First frame (0-indexed) of every test clip of an N-frame video (docs/method.md#test-protocol).
 
     The reference (test.py, frames 1-indexed, clip_range R = (T-1)·s = 60) takes, for
     N > R, the starts 1, 1+R, 1+2R, ... that are < N-R+1, i.e. back-to-back clips whose
@@ -153,7 +153,7 @@ def val_clip_start(num_frames: int, cfg: ClipPlanConfig) -> int:
     """The validation clip: the middle one of the test clips (index len//2), the same
     in every epoch, so the validation loss that drives the plateau scheduler and the
     checkpoint choice is not noisy from one epoch to the next. (The reference draws a
-    random start per epoch, spec §7, and selects on the test split: both changed.)"""
+    random start per epoch and selects on the test split: both changed, docs/deviations.md.)"""
     starts = test_clip_starts(num_frames, cfg)
     return starts[len(starts) // 2]
 
@@ -204,7 +204,7 @@ def test_boxes(width: int, height: int, cfg: ClipPlanConfig) -> list[Box]:
 
 
 def train_box(rng: np.random.Generator, width: int, height: int, cfg: ClipPlanConfig) -> Box:
-    """RandomResizedCrop of the full frame (spec §5.2): area U(min_area, max_area)·W·H,
+    """RandomResizedCrop of the full frame (docs/method.md#finetuning): area U(min_area, max_area)·W·H,
     ratio U(min_ratio, max_ratio), w and h swapped with p = 0.5, max_box_attempts tries.
 
     Fallback after the tries (plan.sample_first_box, torchvision's): the largest centred

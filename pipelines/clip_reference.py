@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from .clip_plan import ClipPlan
 from .clip_source import CLIP_OUTPUTS, ClipLmdbSource
-from .reference_executor import SourceBackedDataset, apply_appearance, crop_and_resize
+from .reference_executor import DECODE_ERRORS, SourceBackedDataset, apply_appearance, crop_and_resize, epoch_batches
 
 
 def execute_clip_reference(jpegs: list[bytes], plan: ClipPlan) -> np.ndarray:
@@ -45,8 +44,14 @@ class ReferenceClipDataset(SourceBackedDataset):
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         self.check_position(position)
-        plan, jpegs, substituted, valid = self.source.sample(self.epoch, position)
-        item = {"clip": torch.from_numpy(execute_clip_reference(jpegs, plan))}
+        while True:
+            plan, jpegs, substituted, valid = self.source.sample(self.epoch, position)
+            try:
+                item = {"clip": torch.from_numpy(execute_clip_reference(jpegs, plan))}
+                break
+            except DECODE_ERRORS as err:   # replaced as the DALI loader replaces what its decoder fails on
+                self.source.mark_undecodable(self.epoch, position, self.source.last_attempt,
+                                             f"PIL: {type(err).__name__}: {err}")
         values = (plan.label, plan.video, plan.clip_index, valid, substituted, plan.crop_index)
         item.update({key: torch.tensor(value, dtype=torch.bool if key == "valid" else torch.int64)
                      for key, value in zip(CLIP_OUTPUTS[1:], values, strict=True)})
@@ -66,12 +71,5 @@ class ReferenceClipBatches:
         self.target = target
 
     def epoch(self, epoch: int, first_sample: int = 0):
-        self.dataset.set_epoch(epoch)
-        extra = dict(multiprocessing_context="fork", prefetch_factor=self.prefetch) if self.workers else {}
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=range(first_sample, len(self.dataset)),
-                            shuffle=False, drop_last=True, num_workers=self.workers, persistent_workers=False,
-                            pin_memory=self.target is not None, **extra)
-        for batch in loader:
-            if self.target is not None:
-                batch = {k: v.to(self.target, non_blocking=True) for k, v in batch.items()}
-            yield batch
+        yield from epoch_batches(self.dataset, epoch, batch_size=self.batch_size, first_sample=first_sample,
+                                 workers=self.workers, prefetch=self.prefetch, target=self.target)

@@ -28,10 +28,11 @@ import numpy as np
 
 from .clip_plan import JITTER_KEYS, MODES, ClipPlan, ClipPlanConfig, jitter_arrays, num_test_clips, test_clip_plan, \
     train_clip_plan, val_clip_plan
+from .faults import DecodeFailedError, SubstitutesUndecodable
 from .lmdb_store import LmdbFrameReader, VideoMeta, lmdb_keys
 from .sharding import samples_per_rank, shard_indices
 from .sources import MAX_SUBSTITUTIONS, BadSampleError, _guard_worker_process, read_checked_jpegs
-from .video_source import MAX_VIDEO_BYTES
+from .video_source import read_video_file, video_stamps
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def eval_samples_per_rank(num_items: int, world_size: int, batch_size: int) -> i
     return max(1, -(-largest // batch_size)) * batch_size
 
 
-class ClipLmdbSource:
+class ClipLmdbSource(SubstitutesUndecodable):
     """Sample source of the clip pipeline over an LMDB of JPEG frames.
 
     Returns, per sample: the T JPEG buffers of the plan's frames, then the arrays named
@@ -169,13 +170,15 @@ class ClipLmdbSource:
         video, clip, crop, valid = self.item_for(epoch, position)
         for attempt in range(MAX_SUBSTITUTIONS):
             try:
+                self.check_not_failed(epoch, position, attempt, video)
                 plan = self.plan(epoch, video, clip, crop)
                 payload = self.read_payload(plan)
-            except (BadSampleError, ValueError, IndexError) as err:   # ValueError: a video without frames
+            except (BadSampleError, DecodeFailedError, ValueError, IndexError) as err:  # ValueError: no frames
                 self._report_once(video, err)
                 video, clip, crop = self.replacement(epoch, position, attempt)
                 continue
             replaced = attempt > 0
+            self.last_attempt, self.last_video = attempt, video
             # val/test: a replacement is another video's clip; it must not count twice
             return plan, payload, int(replaced), valid and not (replaced and self.items is not None)
         raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable videos in a row in {self.path}; the database "
@@ -186,6 +189,9 @@ class ClipLmdbSource:
         epoch, position = self.position(sample_info)
         if position >= self.per_rank:
             raise StopIteration
+        return self.sample_outputs(epoch, position)
+
+    def sample_outputs(self, epoch: int, position: int) -> tuple:
         return self.outputs(*self.sample(epoch, position))
 
     def read_payload(self, plan: ClipPlan) -> list[bytes]:
@@ -228,22 +234,16 @@ class ClipVideoSource(ClipLmdbSource):
                  mode: str, **kwargs):
         super().__init__(index_path, metas, cfg, mode, **kwargs)
         self.files = files
+        self.stamps = video_stamps(index_path)
 
     @property
     def num_outputs(self) -> int:
         return 1 + len(VIDEO_CLIP_PARAM_OUTPUTS)
 
     def read_payload(self, plan: ClipPlan) -> np.ndarray:
-        """The encoded file, or BadSampleError for a missing or absurd file. A file
-        damaged inside still fails in the decoder: validate datasets offline
-        (`preprocessing index-videos` decodes every frame once)."""
-        try:
-            size = os.path.getsize(self.files[plan.video])
-            if size == 0 or size > MAX_VIDEO_BYTES:
-                raise OSError(f"file size {size} bytes is out of range")
-            return np.fromfile(self.files[plan.video], dtype=np.uint8)
-        except OSError as err:
-            raise BadSampleError(f"{type(err).__name__}: {err}") from None
+        """The encoded file, or BadSampleError for a missing, absurd or changed file. A
+        file damaged inside fails in the decoder: the loader's recovery replaces it."""
+        return read_video_file(self.files[plan.video], self.stamps[plan.video])
 
     def outputs(self, plan: ClipPlan, encoded: np.ndarray, substituted: int, valid: bool) -> tuple:
         frames, order = np.unique(plan.frames, return_inverse=True)

@@ -83,6 +83,8 @@ class LmdbFormatError(RuntimeError):
 def open_readonly(path: str) -> lmdb.Environment:
     if not os.path.exists(path):
         raise FileNotFoundError(f"LMDB not found: {path} (build one with `python -m preprocessing build-lmdb`)")
+    from .faults import check_lmdb_complete
+    check_lmdb_complete(path)  # a partial copy would die of SIGBUS at its first read past the end
     return lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
                      readahead=False, meminit=False, max_readers=512)
 

@@ -8,7 +8,7 @@ batches (dicts of torch tensors on the training device) built on a DALI pipeline
             ...
 
 Build it before `torch.distributed.init_process_group` when DALI workers are
-forked (dali-under-torchrun.md §1): forked workers must not inherit the process
+forked (docs/architecture.md#forked-workers): forked workers must not inherit the process
 group's sockets.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .dali_start import DeferredDaliIterator
+from .faults import RecoverablePipeline, blocked_videos
 from .frames_graph import (FRAMES_OUTPUTS, PretrainFramesSource, check_graph, cstp_pretrain_frames_pipeline,
                            frames_to_views)
 from .lmdb_store import read_metadata
@@ -43,9 +43,11 @@ class LoaderSettings:
 class PretrainLoader:
     def __init__(self, db_path: str, plan_cfg: PlanConfig, settings: LoaderSettings, *,
                  device: str = "cpu", local_rank: int = 0, rank: int = 0, world_size: int = 1,
-                 start_epoch: int = 0, start_sample: int = 0, list_path: str | None = None):
+                 start_epoch: int = 0, start_sample: int = 0, list_path: str | None = None,
+                 blocklist: str | None = None):
         # list_path: a reference-format list (pipelines/reference_lmdb.py) through which a
         # reference-project LMDB is read: its videos, in its order, with its labels.
+        # blocklist: videos not to read (data.blocklist, faults.py): each is replaced.
         videos = is_video_index(db_path)
         if videos and list_path:
             raise ValueError("a list file selects videos of an LMDB; a video index lists its videos itself")
@@ -54,6 +56,7 @@ class PretrainLoader:
             refuse_undecodable(self.metas, files, device)
         else:
             self.metas, self.classes = read_metadata(db_path, list_path)
+            files = None
         if not self.metas:
             raise ValueError(f"{db_path} holds no videos")
         self.batch_size = settings.batch_size
@@ -72,41 +75,51 @@ class PretrainLoader:
             self.source = PretrainLmdbSource(db_path, self.metas, plan_cfg, **common)
             make_pipeline = cstp_pretrain_pipeline
             extra["decode"] = check_decode(settings.decode)
-        # the frames graph (LMDB only): batches of B·2·T frames, turned back into views in __iter__
+        self.source.blocked = blocked_videos(blocklist, self.metas, files)
+        # the frames graph (LMDB only): batches of B·2·T frames, turned back into views in __iter__;
+        # a fault is located with the views graph (same decoder and boxes per frame, one sample at a time)
         self.frames_per_view = plan_cfg.frames if check_graph(settings.graph) == "frames" and not videos else 0
-        graph_source, graph_batch, outputs = self.source, settings.batch_size, PRETRAIN_OUTPUTS
+        graph = dict(make_pipeline=make_pipeline, graph_source=None, batch_size=settings.batch_size,
+                     outputs=PRETRAIN_OUTPUTS)
         if self.frames_per_view:
-            make_pipeline, graph_source = cstp_pretrain_frames_pipeline, PretrainFramesSource(self.source)
-            graph_batch, outputs = settings.batch_size * 2 * plan_cfg.frames, FRAMES_OUTPUTS
-        self.pipeline = make_pipeline(
-            source=graph_source, device=device, parallel=parallel,
-            batch_size=graph_batch, num_threads=settings.num_threads,
-            device_id=local_rank if device == "gpu" else None,
-            prefetch_queue_depth=settings.prefetch, **extra)
-        # Workers fork now, the pipeline builds at the first batch (dali_start.py).
-        self._iterator = DeferredDaliIterator(self.pipeline, outputs)
+            graph = dict(make_pipeline=cstp_pretrain_frames_pipeline, graph_source=PretrainFramesSource,
+                         batch_size=settings.batch_size * 2 * plan_cfg.frames, outputs=FRAMES_OUTPUTS)
+        # Workers start now, the pipeline builds at the first batch; rebuilt from the failed
+        # batch when a sample does not decode (faults.py).
+        self._dali = RecoverablePipeline(
+            self.source, graph["make_pipeline"],
+            dict(device=device, parallel=parallel, batch_size=graph["batch_size"], num_threads=settings.num_threads,
+                 device_id=local_rank if device == "gpu" else None, prefetch_queue_depth=settings.prefetch,
+                 **extra),
+            graph["outputs"], device=device, local_rank=local_rank, graph_source=graph["graph_source"],
+            samples_per_batch=settings.batch_size, make_probe=make_pipeline)
+        self._epoch, self._start_sample = start_epoch, start_sample
         self._first_epoch_steps = self.steps_per_epoch - start_sample // settings.batch_size
 
     @property
     def build_seconds(self) -> float | None:
         """Seconds the DALI pipeline took to build (at the first batch); None until then."""
-        return getattr(self._iterator, "build_seconds", None)
+        return self._dali.build_seconds
 
     def steps_in_epoch(self, epoch: int) -> int:
         return self._first_epoch_steps if epoch == self.start_epoch else self.steps_per_epoch
 
+    @property
+    def pipeline(self):
+        return self._dali.pipeline
+
     def __iter__(self):
         """One epoch of batches."""
-        for outputs in self._iterator:
+        epoch, self._epoch = self._epoch, self._epoch + 1
+        first = self._start_sample if epoch == self.start_epoch else 0
+        for outputs in self._dali.epoch(epoch, first):
             batch = outputs[0]
             if self.frames_per_view:
                 batch = frames_to_views(batch, self.frames_per_view)
             for name in PRETRAIN_OUTPUTS[2:]:
                 batch[name] = batch[name].long()
             yield batch
-        self._iterator.reset()
 
     def close(self):
-        # Deleting the iterator frees the pipeline and its worker processes.
-        self._iterator = None
-        self.pipeline = None
+        # Dropping the iterator frees the pipeline and its worker processes.
+        self._dali.close()

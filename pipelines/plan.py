@@ -1,5 +1,5 @@
 """The CSTP sampling plan: every random decision of one pretraining sample, made up
-front in plain numpy (cstp-method-spec.md §2).
+front in plain numpy (docs/method.md#the-sampling-plan).
 
 A plan is a pure function of (seed, epoch, sample index, video size). The DALI
 executor applies it on the GPU or CPU; tests and the reference executor apply the
@@ -7,7 +7,7 @@ same plan with numpy, so labels are exact by construction and runs reproduce
 across devices, thread counts and restarts.
 
 Conventions: frames are 0-indexed; a box is (x, y, w, h) in pixels of the
-*un-rotated* source frame (DESIGN.md: boxes are placed in the un-rotated frame and
+*un-rotated* source frame (docs/method.md#spatial-overlap-label: boxes are placed in the un-rotated frame and
 the crops rotated afterwards, so the spatial-overlap label describes shared
 content); a rotation k means k·90° counter-clockwise (PIL's ROTATE_90, np.rot90);
 label 0 of an overlap class means full overlap (rate 1.0).
@@ -39,7 +39,7 @@ class PlanConfig:
     rotations: int = 4                                 # 0/90/180/270
     flip_prob: float = 0.5
     max_box_attempts: int = 100                        # bounded rejection sampling
-    # Appearance ("base" pipeline, spec §5.1): per view, with probability strong_prob,
+    # Appearance ("base" pipeline, docs/method.md#appearance): per view, with probability strong_prob,
     # a small rotation, then colour jitter (p=jitter_prob), per-frame channel grey
     # (p=grey_prob), Gaussian blur (p=blur_prob); the flip comes after, as before.
     strong_prob: float = 0.3
@@ -97,7 +97,7 @@ class Box:
 
 @dataclass(frozen=True)
 class Appearance:
-    """The "base" (strong) augmentation of one view, spec §5.1; the defaults are the
+    """The "base" (strong) augmentation of one view (docs/method.md); the defaults are the
     "null" pipeline (nothing). Applied after the k·90° rotation, before the flip, in
     this order: small rotation, colour jitter, channel grey, blur.
 
@@ -172,7 +172,7 @@ def plan_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def max_speed_label(num_frames: int, cfg: PlanConfig) -> int:
-    """Highest stride class a video of `num_frames` allows (spec §2.1:
+    """Highest stride class a video of `num_frames` allows (docs/method.md#playback-rate-label:
     int(log2(N / (T-1))), capped by the number of strides, never negative)."""
     if num_frames <= 0:
         return 0
@@ -209,7 +209,7 @@ def sample_temporal(rng: np.random.Generator, num_frames: int, cfg: PlanConfig):
 
 def window_indices(start: int, stride: int, num_frames: int, cfg: PlanConfig) -> np.ndarray:
     """Frame indices of one window; for videos shorter than a window they wrap
-    back to frame 0 (spec §2.1 short-video case), so every index is in range."""
+    back to frame 0 (docs/method.md#short-videos), so every index is in range."""
     idx = start + stride * np.arange(cfg.frames, dtype=np.int64)
     return idx % max(num_frames, 1)
 
@@ -218,7 +218,7 @@ def window_indices(start: int, stride: int, num_frames: int, cfg: PlanConfig) ->
 
 
 def sample_first_box(rng: np.random.Generator, width: int, height: int, cfg: PlanConfig) -> Box:
-    """RandomResizedCrop of view 1 (spec §2.2), with bounded attempts."""
+    """RandomResizedCrop of view 1 (docs/method.md#spatial-overlap-label), with bounded attempts."""
     area = width * height
     for _ in range(cfg.max_box_attempts):
         target = rng.uniform(cfg.min_area, cfg.max_area) * area
@@ -239,7 +239,7 @@ def sample_first_box(rng: np.random.Generator, width: int, height: int, cfg: Pla
 
 def second_box_candidate(first: Box, rate: float, corner: int, overlap_w: int) -> Box | None:
     """Box of the same size as `first`, shifted diagonally towards `corner` so that
-    the overlap is `overlap_w` wide and ~rate·area/overlap_w tall (spec §2.2)."""
+    the overlap is `overlap_w` wide and ~rate·area/overlap_w tall (docs/method.md#spatial-overlap-label)."""
     if overlap_w <= 0:
         return None
     overlap_h = int(rate * first.w * first.h / overlap_w)
@@ -271,7 +271,7 @@ def sample_second_box(rng: np.random.Generator, first: Box, width: int, height: 
 
 
 def sample_appearance(rng: np.random.Generator, cfg: PlanConfig) -> Appearance:
-    """One view's strong augmentation (spec §5.1). Every value is drawn whatever the
+    """One view's strong augmentation (docs/method.md). Every value is drawn whatever the
     coin flips say (a fixed number of draws per view), so changing a probability
     changes which augmentations apply, not the values of the others."""
     u_strong, u_jitter, u_grey, u_blur = rng.random(4)
@@ -326,7 +326,7 @@ def make_pretrain_plan(seed: int, epoch: int, index: int, num_frames: int, heigh
 def majority_label_rates(plans: list[PretrainPlan]) -> dict[str, float]:
     """Share of the most frequent label of each task: the accuracy a model reaches
     by always guessing it. Rejection sampling makes the labels far from uniform
-    (spec §11.6), so this, not 1/classes, is the bar a pretext head must clear."""
+    (docs/method.md#label-distributions), so this, not 1/classes, is the bar a pretext head must clear."""
     tasks = {
         "spatial": [p.spatial_label for p in plans],
         "temporal": [p.temporal_label for p in plans],

@@ -82,7 +82,7 @@ def augment_view(clip, angle, flip, crop_size: int, look=None, sequence: bool = 
     sample, as the frames graph has them (frames_graph.py); the same ops, per frame."""
     clip = fn.resize(clip, size=[crop_size, crop_size], interp_type=types.INTERP_CUBIC, antialias=True)
     # Rotation after the crop: the box was placed in the un-rotated frame, so the
-    # spatial-overlap label counts shared content (DESIGN.md). 90° steps of a
+    # spatial-overlap label counts shared content (docs/method.md#spatial-overlap-label). 90° steps of a
     # square are exact with nearest-neighbour sampling; the strong augmentation's
     # small angle is included (90k+δ), corners outside the crop become black.
     clip = fn.rotate(clip, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_NN)
@@ -93,7 +93,7 @@ def augment_view(clip, angle, flip, crop_size: int, look=None, sequence: bool = 
 
 
 def appearance(clip, look, sequence: bool = True):
-    """The strong augmentation after the rotation (spec §5.1), uint8 FHWC in and out:
+    """The strong augmentation after the rotation (docs/method.md#appearance), uint8 FHWC in and out:
     colour jitter, per-frame channel grey, Gaussian blur.
 
     Each step runs only for the views whose plan switches it on: DALI conditionals
@@ -213,7 +213,8 @@ def cstp_pretrain_video_pipeline(source, device: str = "cpu", parallel: bool = F
     encoded, *params = fn.external_source(source=source, num_outputs=source.num_outputs, batch=False,
                                           parallel=parallel)
     p = dict(zip(VIDEO_PARAM_OUTPUTS, params))
-    decoded = fn.decoders.video(encoded, frames=p["frames"], device=decoder_device(device))
+    decoded = fn.decoders.video(encoded, frames=p["frames"], device=decoder_device(device),
+                                pad_mode="none")  # a frame it cannot deliver is an error, never a black fill
     size = source.plan_cfg.crop_size
     view1 = augment_view(cut_view(decoded, p["order1"], p["anchor1"], p["shape1"]), p["angle1"], p["flip1"], size,
                          view_look(p, 1))

@@ -1,5 +1,5 @@
 """The reference executor: the same sampling plans as the DALI pipeline, applied with
-numpy/PIL in a torch DataLoader (DESIGN.md, "a sampling plan, executed twice").
+numpy/PIL in a torch DataLoader (docs/architecture.md#one-plan-two-executors).
 
 It loads data the way the reference project does (every JPEG frame decoded whole by
 PIL in DataLoader worker processes), which makes it two things at once:
@@ -8,7 +8,7 @@ PIL in DataLoader worker processes), which makes it two things at once:
   video and applies the same plan, so DALI and reference batches line up one to one;
 - the baseline the benchmark measures DALI against.
 
-Per view (cstp-method-spec.md §5.1, plan order): crop the planned box of each
+Per view (docs/method.md#appearance, plan order): crop the planned box of each
 planned frame, bicubic resize to S×S, rotate k·90° counter-clockwise, then for a
 "strong" view the base pipeline (small rotation, colour jitter, channel grey,
 Gaussian blur), flip horizontally, "tf" normalisation x/255·2−1, output (3, T, S, S).
@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
+from .faults import blocked_videos
 from .lmdb_store import read_metadata
 from .plan import Appearance, Box, PlanConfig, ViewPlan
 from .sharding import samples_per_rank
@@ -36,7 +37,10 @@ if TYPE_CHECKING:  # pipelines.loader imports DALI; the reference executor must 
 
 # Same keys, in the same order, as the DALI loader's batches (pretrain_pipeline.PRETRAIN_OUTPUTS).
 LABEL_KEYS = ("spatial_label", "temporal_label", "speed_label", "rot1", "rot2", "video_index")
-BATCH_KEYS = ("view1", "view2", *LABEL_KEYS)
+BATCH_KEYS = ("view1", "view2", *LABEL_KEYS, "substituted")
+# What PIL raises for a frame it cannot decode (damaged bytes behind intact markers):
+# the sample is replaced, as the DALI loader replaces one its decoder fails on.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 # ---------------------------------------------------------------- one view
@@ -109,7 +113,7 @@ def execute_view_reference(jpegs: list[bytes], view: ViewPlan, crop_size: int) -
         clip = np.stack([apply_appearance(frame, look, c) for frame, c in zip(clip, channels)])
     if view.flip:
         clip = clip[:, :, ::-1]  # horizontal, applied last
-    scaled = clip.astype(np.float32) / 255.0 * 2.0 - 1.0  # "tf" normalisation (spec §5.1)
+    scaled = clip.astype(np.float32) / 255.0 * 2.0 - 1.0  # "tf" normalisation (docs/method.md)
     return np.ascontiguousarray(scaled.transpose(3, 0, 1, 2))
 
 
@@ -150,18 +154,40 @@ class ReferencePretrainDataset(SourceBackedDataset):
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         self.check_position(position)
-        video = self.source.video_for(self.epoch, position)
-        plan = self.source.plan(self.epoch, video)
-        # One read for both views, as the DALI source does (a read unpacks the whole video).
-        jpegs = self.source.reader.frames(video, np.concatenate([plan.view1.frames, plan.view2.frames]))
-        t = len(plan.view1.frames)
-        size = self.plan_cfg.crop_size
-        item = {"view1": torch.from_numpy(execute_view_reference(jpegs[:t], plan.view1, size)),
-                "view2": torch.from_numpy(execute_view_reference(jpegs[t:], plan.view2, size))}
+        while True:
+            # One read for both views, as the DALI source does; the source substitutes
+            # unreadable videos and those marked below, deterministically.
+            plan, jpegs, attempt = self.source.sample(self.epoch, position)
+            t = len(plan.view1.frames)
+            size = self.plan_cfg.crop_size
+            try:
+                item = {"view1": torch.from_numpy(execute_view_reference(jpegs[:t], plan.view1, size)),
+                        "view2": torch.from_numpy(execute_view_reference(jpegs[t:], plan.view2, size))}
+                break
+            except DECODE_ERRORS as err:
+                self.source.mark_undecodable(self.epoch, position, attempt, f"PIL: {type(err).__name__}: {err}")
         labels = (plan.spatial_label, plan.temporal_label, plan.speed_label,
-                  plan.view1.rotation, plan.view2.rotation, plan.video_index)
-        item.update({key: torch.tensor(value, dtype=torch.int64) for key, value in zip(LABEL_KEYS, labels)})
+                  plan.view1.rotation, plan.view2.rotation, plan.video_index, attempt)
+        item.update({key: torch.tensor(value, dtype=torch.int64)
+                     for key, value in zip(BATCH_KEYS[2:], labels, strict=True)})
         return item
+
+
+def epoch_batches(dataset: SourceBackedDataset, epoch: int, *, batch_size: int, first_sample: int = 0,
+                  workers: int = 0, prefetch: int = 2, target: torch.device | None = None):
+    """One epoch of `dataset` from `first_sample` on, as dict batches from a torch
+    DataLoader, moved to `target` (a CUDA device) when given. Workers are forked per
+    epoch (persistent_workers=False) after set_epoch, as in the reference project, so
+    each inherits the dataset at the right epoch."""
+    dataset.set_epoch(epoch)
+    extra = dict(multiprocessing_context="fork", prefetch_factor=prefetch) if workers else {}
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=range(first_sample, len(dataset)), shuffle=False,
+                        drop_last=True, num_workers=workers, persistent_workers=False,
+                        pin_memory=target is not None, **extra)
+    for batch in loader:
+        if target is not None:
+            batch = {k: v.to(target, non_blocking=True) for k, v in batch.items()}
+        yield batch
 
 
 # ---------------------------------------------------------------- loader
@@ -177,7 +203,8 @@ class ReferencePretrainLoader:
 
     def __init__(self, db_path: str, plan_cfg: PlanConfig, settings: "LoaderSettings", *,
                  device: str = "cpu", local_rank: int = 0, rank: int = 0, world_size: int = 1,
-                 start_epoch: int = 0, start_sample: int = 0, list_path: str | None = None):
+                 start_epoch: int = 0, start_sample: int = 0, list_path: str | None = None,
+                 blocklist: str | None = None):
         if start_sample % settings.batch_size:
             raise ValueError(f"start_sample {start_sample} must be a multiple of the batch size "
                              f"{settings.batch_size}")
@@ -199,31 +226,20 @@ class ReferencePretrainLoader:
                                                 batch_size=settings.batch_size, rank=rank,
                                                 world_size=world_size, shuffle=settings.shuffle,
                                                 epoch=start_epoch, metas=self.metas)
+        self.dataset.source.blocked = blocked_videos(blocklist, self.metas)
 
     def steps_in_epoch(self, epoch: int) -> int:
         skipped = self.start_sample // self.batch_size if epoch == self.start_epoch else 0
         return self.steps_per_epoch - skipped
 
-    def _data_loader(self, epoch: int) -> DataLoader:
-        # A resumed first epoch starts at `start_sample`, as PretrainLmdbSource does.
-        first = self.start_sample if epoch == self.start_epoch else 0
-        workers = self.settings.workers
-        extra = dict(multiprocessing_context="fork", prefetch_factor=self.settings.prefetch) if workers else {}
-        # Workers are forked per epoch (persistent_workers=False), after set_epoch, so
-        # each inherits the dataset with the right epoch.
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=range(first, len(self.dataset)),
-                          shuffle=False, drop_last=True, num_workers=workers, persistent_workers=False,
-                          pin_memory=self._target is not None, **extra)
-
     def __iter__(self):
-        """One epoch of batches."""
+        """One epoch of batches; a resumed first epoch starts at `start_sample`, as
+        PretrainLmdbSource does."""
         epoch = self._epoch
         self._epoch += 1
-        self.dataset.set_epoch(epoch)
-        for batch in self._data_loader(epoch):
-            if self._target is not None:
-                batch = {k: v.to(self._target, non_blocking=True) for k, v in batch.items()}
-            yield batch
+        yield from epoch_batches(self.dataset, epoch, batch_size=self.batch_size,
+                                 first_sample=self.start_sample if epoch == self.start_epoch else 0,
+                                 workers=self.settings.workers, prefetch=self.settings.prefetch, target=self._target)
 
     def close(self):
         # Workers end with each epoch's DataLoader; nothing long-lived to free but the dataset.

@@ -1,5 +1,5 @@
 """Reading LMDBs built by the reference project (`utils_dir/make_lmdb_kin.py`,
-cstp-method-spec.md §4.4) through the reference's own list files (§4.2).
+docs/data.md#reference-lmdb-layout) through the reference's own list files (docs/data.md#list-formats).
 
 Such a database has only `__keys__`, `__len__`, `__order__` and `__vlen__`: video i
 is entry `%09d` % i, named `__order__[i]` ("<class>/<video>", no extension), in an
@@ -10,7 +10,7 @@ not used). Labels and frame counts live in the list files:
     Kinetics-400      "val/<class>/<id>.mp4  <label>  <frames>"     two spaces
 
 The reference loader strips the extension but keeps a "train/"/"val/" prefix
-that `__order__` lacks (spec §4.4, naming inconsistency); here a name matches
+that `__order__` lacks (docs/data.md#reference-lmdb-layout); here a name matches
 with or without that prefix. Reading a video's metadata touches only the msgpack
 header and the first frame's JPEG header, never the whole entry: a Kinetics LMDB
 holds 240k videos and ~350 GB.

@@ -1,7 +1,7 @@
 """Which samples each DDP rank reads in each epoch.
 
 Every rank must run the same number of steps (unequal shards hang or crash DDP,
-dali-under-torchrun.md §2), so each rank gets `samples_per_rank` samples, a multiple
+docs/architecture.md#sharding-across-ranks), so each rank gets `samples_per_rank` samples, a multiple
 of the batch size. Shards are disjoint; the few samples left over change every
 epoch because the order is reshuffled per epoch with a seed shared by all ranks.
 """

@@ -15,6 +15,7 @@ import signal
 import msgpack
 import numpy as np
 
+from .faults import DecodeFailedError, SubstitutesUndecodable
 from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem, lmdb_keys
 from .plan import PlanConfig, PretrainPlan, ViewPlan, make_pretrain_plan
 from .sharding import samples_per_rank, shard_indices
@@ -46,7 +47,7 @@ MAX_SUBSTITUTIONS = 16
 
 def _guard_worker_process():
     """In a DALI worker process: die with the parent rank and leave SIGTERM/SIGINT to
-    it (dali-under-torchrun.md §4): otherwise a SIGKILLed rank leaves orphans that
+    it (docs/architecture.md#signals-and-orphans): otherwise a SIGKILLed rank leaves orphans that
     hold its sockets, and a preempted rank loses its workers before it can save."""
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -56,7 +57,7 @@ def _guard_worker_process():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class PretrainLmdbSource:
+class PretrainLmdbSource(SubstitutesUndecodable):
     """Sample source of the CSTP pretraining pipeline over an LMDB of JPEG frames.
 
     Returns, per sample: view 1's T JPEG buffers, view 2's T JPEG buffers, then the
@@ -117,18 +118,28 @@ class PretrainLmdbSource:
         epoch, position = self.position(sample_info)
         if position >= self.per_rank:
             raise StopIteration
+        return self.sample_outputs(epoch, position)
+
+    def sample_outputs(self, epoch: int, position: int) -> tuple:
+        return self.outputs(*self.sample(epoch, position))
+
+    def sample(self, epoch: int, position: int):
+        """(plan, payload, attempt) at `position` of `epoch`: attempt > 0 when unreadable
+        or undecodable videos were replaced (the one place both executors take samples from)."""
         video = self.video_for(epoch, position)
         for attempt in range(MAX_SUBSTITUTIONS):
             try:
+                self.check_not_failed(epoch, position, attempt, video)
                 plan, payload = self.read_sample(epoch, video)
                 break
-            except BadSampleError as err:
+            except (BadSampleError, DecodeFailedError) as err:
                 self._report_once(video, err)
                 video = self.replacement_video(epoch, position, attempt)
         else:
             raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable videos in a row in {self.reader.path}; "
                                "the database looks broken (rebuild it with `python -m preprocessing build-lmdb`)")
-        return self.outputs(plan, payload, attempt)
+        self.last_attempt, self.last_video = attempt, video
+        return plan, payload, attempt
 
     def outputs(self, plan: PretrainPlan, jpegs: list[bytes], substituted: int) -> tuple:
         buffers = [np.frombuffer(j, dtype=np.uint8) for j in jpegs]
@@ -172,7 +183,7 @@ def read_checked_jpegs(reader: LmdbFrameReader, video: int, frames, meta: VideoM
 def plan_to_arrays(plan: PretrainPlan) -> tuple[np.ndarray, ...]:
     """The plan's parameters as the arrays the DALI graph consumes (see
     PRETRAIN_PARAM_OUTPUTS). Scalars are 0-d arrays: parallel external_source
-    rejects numpy scalars (dali-facts.md §2.1)."""
+    rejects numpy scalars (docs/architecture.md#external-source)."""
     def xy(box):
         return np.array([box.x, box.y], np.float32), np.array([box.w, box.h], np.float32)
 

@@ -6,10 +6,11 @@ views are cut from that one decode.
 
 Index format: {"format": VIDEO_INDEX_FORMAT, "version": 2, "root": folder,
 "classes": [...], "videos": [{name, file (relative to root), label, frames,
-height, width, fps, codec, pix_fmt, chroma, bit_depth, profile}, ...]}. Version 1
-indexes lack the last four (the stream format): they still work on the CPU; on a GPU
-they are refused with the command that re-indexes them, because NVDEC's limits are
-checked from those fields before training.
+height, width, fps, codec, size, mtime_ns, pix_fmt, chroma, bit_depth, profile}, ...]}.
+size and mtime_ns (the file's, when indexed; absent in older indexes) let readers refuse
+files that changed since. Version 1 indexes lack the last four (the stream format): they
+still work on the CPU; on a GPU they are refused with the command that re-indexes them,
+because NVDEC's limits are checked from those fields before training.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .faults import check_video_files, stamp_problem
 from .lmdb_store import VideoMeta
 from .plan import PlanConfig, PretrainPlan
 from .sources import APPEARANCE_OUTPUTS, BadSampleError, PretrainLmdbSource, appearance_arrays, view_angle
 
 VIDEO_INDEX_FORMAT = "cstp-dali-video-index"
-# What DALI 2.4 decodes on the CPU; H.264, HEVC, AV1 and MPEG-4 need NVDEC (dali-facts.md §1).
+# What DALI 2.4 decodes on the CPU; H.264, HEVC, AV1 and MPEG-4 need NVDEC (docs/data.md#video-index).
 CPU_DECODABLE_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 MAX_VIDEO_BYTES = 4 << 30  # refuse absurd files rather than read them into memory
 # What DALI's `mixed` video decoder (NVDEC) takes, per codec: 4:2:0 chroma and at most this
@@ -82,6 +84,7 @@ def read_video_index(path: str) -> tuple[list[VideoMeta], list[str], list[VideoF
         if all(field in v for field in STREAM_FORMAT_FIELDS):
             file.stream = {"codec": v.get("codec", ""), **{field: v[field] for field in STREAM_FORMAT_FIELDS}}
         files.append(file)
+    check_video_files(path, files, video_stamps(index))
     return metas, list(index.get("classes", [])), files
 
 
@@ -120,6 +123,30 @@ def refuse_for_nvdec(files: list[VideoFile]):
                 f"python -m preprocessing build-lmdb --videos {root} --out DB)")
 
 
+def video_stamps(index: dict | str) -> list[dict | None]:
+    """Per video, {size, mtime_ns} of its file when it was indexed (None: not recorded)."""
+    if not isinstance(index, dict):
+        index = json.loads(Path(index).read_text())
+    return [{"size": int(v["size"]), "mtime_ns": int(v.get("mtime_ns", 0)) or None} if "size" in v else None
+            for v in index["videos"]]
+
+
+def read_video_file(file: str, stamp: dict | None) -> np.ndarray:
+    """The encoded bytes of an indexed file, or BadSampleError for a missing, absurd or
+    changed file (one stat per sample: a file cut after indexing must not reach the
+    decoder, which would fill the missing frames)."""
+    try:
+        size = os.path.getsize(file)
+        if size == 0 or size > MAX_VIDEO_BYTES:
+            raise OSError(f"file size {size} bytes is out of range")
+        changed = stamp_problem(file, stamp)
+        if changed:
+            raise OSError(f"the file {changed}; re-index the videos (python -m preprocessing index-videos)")
+        return np.fromfile(file, dtype=np.uint8)
+    except (OSError, ValueError) as err:
+        raise BadSampleError(f"{type(err).__name__}: {err}") from None
+
+
 def refuse_undecodable(metas: list[VideoMeta], files: list[str], device: str):
     """On CPU, DALI cannot decode H.264/HEVC/MPEG-4/AV1; on GPU, NVDEC takes 4:2:0 of a
     limited bit depth only: say so before anything starts."""
@@ -137,7 +164,7 @@ def refuse_undecodable(metas: list[VideoMeta], files: list[str], device: str):
 
 def union_and_orders(plan: PretrainPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sorted distinct frames of both views and, per view, where its frames sit in
-    that list. Sorted: a decoder that seeks backwards is ~5x slower (dali-facts.md §1.3)."""
+    that list. Sorted: a decoder that seeks backwards is ~5x slower (docs/data.md#video-index)."""
     both = np.concatenate([plan.view1.frames, plan.view2.frames])
     frames, inverse = np.unique(both, return_inverse=True)
     t = len(plan.view1.frames)
@@ -150,22 +177,21 @@ class PretrainVideoSource(PretrainLmdbSource):
     def __init__(self, index_path: str, metas: list[VideoMeta], files: list[str], plan_cfg: PlanConfig, **kwargs):
         super().__init__(index_path, metas, plan_cfg, **kwargs)
         self.files = files
+        self.stamps = video_stamps(index_path)
 
     @property
     def num_outputs(self) -> int:
         return 1 + len(VIDEO_PARAM_OUTPUTS)
 
     def read_sample(self, epoch: int, video: int):
-        """(plan, encoded file bytes), or BadSampleError for a missing or absurd file.
-        A file that is damaged inside still fails in the decoder: validate datasets
-        offline (`preprocessing index-videos` decodes every frame once)."""
+        """(plan, encoded file bytes), or BadSampleError for a missing, absurd or changed
+        file. A file damaged inside fails in the decoder (or delivers too few frames,
+        an error with pad_mode='none'): the loader's recovery (faults.py) replaces it."""
         try:
-            size = os.path.getsize(self.files[video])
-            if size == 0 or size > MAX_VIDEO_BYTES:
-                raise OSError(f"file size {size} bytes is out of range")
-            return self.plan(epoch, video), np.fromfile(self.files[video], dtype=np.uint8)
-        except (OSError, ValueError) as err:
+            plan = self.plan(epoch, video)
+        except (ValueError, IndexError) as err:
             raise BadSampleError(f"{type(err).__name__}: {err}") from None
+        return plan, read_video_file(self.files[video], self.stamps[video])
 
     def outputs(self, plan: PretrainPlan, encoded: np.ndarray, substituted: int) -> tuple:
         frames, order1, order2 = union_and_orders(plan)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .ffmpeg_io import INSTALL_HINT, missing_ffmpeg_tools
-from .tools_cli import add_tool_commands, require_videos_and_list
-
-PROG = "python -m preprocessing"
+from .ffmpeg_io import INSTALL_HINT
+from .ffmpeg_tools import missing_tools
+from .cli_args import (PROG, add_command, crf, even_short_side, fps, human_bytes, non_negative_int, positive_int,
+                       quality, require_videos_and_list, short_side)
+from .tools_cli import add_tool_commands
 
 BUILD_LMDB_HELP = """\
 Decode every video into JPEG frames (one ffmpeg process per video, several in
@@ -75,49 +76,6 @@ examples:
   python -m preprocessing demo-data --out /tmp/demo --videos-per-class 20 --seed 1 --workers 4"""
 
 
-def _positive_int(text: str) -> int:
-    value = _parse(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _parse(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def _short_side(text: str) -> int:
-    value = _parse(int, text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 pixels, got {text}")
-    return value
-
-
-def _fps(text: str) -> float:
-    value = _parse(float, text)
-    if not 0 < value <= 1000:
-        raise argparse.ArgumentTypeError(f"must be a frame rate in (0, 1000], got {text}")
-    return value
-
-
-def _quality(text: str) -> int:
-    value = _parse(int, text)
-    if not 1 <= value <= 100:  # the range per encoder is checked once the encoder is known
-        raise argparse.ArgumentTypeError(f"must be 1 to 100 (--encoder turbo) or 2 to 31 (--encoder ffmpeg), "
-                                         f"got {text}")
-    return value
-
-
-def _parse(kind, text: str):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Offline data tools for CSTP-DALI: probe and validate videos, build LMDBs of JPEG frames, "
@@ -133,30 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_build_lmdb(commands) -> None:
-    cmd = commands.add_parser("build-lmdb", help="convert a folder of videos into an LMDB of JPEG frames",
-                              description=BUILD_LMDB_HELP, epilog=BUILD_LMDB_EXAMPLES,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd = add_command(commands, "build-lmdb", "convert a folder of videos into an LMDB of JPEG frames",
+                      BUILD_LMDB_HELP, BUILD_LMDB_EXAMPLES)
     cmd.add_argument("--videos", required=True, metavar="DIR", help="folder holding the videos (searched recursively)")
     cmd.add_argument("--out", required=True, metavar="DB", help="the LMDB to create (a folder)")
     cmd.add_argument("--list", metavar="FILE", help="list of videos to convert, relative to --videos, "
                                                     "with optional labels (default: all videos, sorted)")
-    cmd.add_argument("--short-side", type=_short_side, metavar="N",
+    cmd.add_argument("--short-side", type=short_side, metavar="N",
                      help="resize so the shorter side is N pixels, keeping the aspect (default: original size)")
-    cmd.add_argument("--fps", type=_fps, metavar="F", help="resample to F frames per second (default: keep every frame)")
+    cmd.add_argument("--fps", type=fps, metavar="F", help="resample to F frames per second (default: keep every frame)")
     cmd.add_argument("--encoder", choices=("turbo", "ffmpeg"), default="turbo",
                      help="JPEG encoder: turbo = libjpeg-turbo in the worker on ffmpeg's raw frames (builds "
                           "~1.6x faster than the reference's route, database ~1.5x larger at equal fidelity); "
                           "ffmpeg = ffmpeg's MJPEG encoder, as the reference (default: %(default)s)")
-    cmd.add_argument("--quality", type=_quality, metavar="Q",
+    cmd.add_argument("--quality", type=quality, metavar="Q",
                      help="JPEG quality: with --encoder turbo libjpeg quality 1-100 (default 94, at least as "
                           "faithful as the reference's -q:v 2); with --encoder ffmpeg its -q:v, 2 (best, the "
                           "reference's choice) to 31 (default 2)")
-    cmd.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+    cmd.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                      help="videos decoded in parallel (default: number of CPUs, %(default)s here)")
     cmd.add_argument("--blocklist", metavar="FILE",
                      help="videos not to convert: one path (relative to --videos) per line, optionally "
                           "followed by a TAB and the reason, as `validate` writes it")
-    cmd.add_argument("--map-size-mb", type=_positive_int, metavar="MB",
+    cmd.add_argument("--map-size-mb", type=positive_int, metavar="MB",
                      help="initial LMDB map size in MiB; it doubles whenever full "
                           "(default: 8x the source videos' size + 256)")
     cmd.add_argument("--overwrite", action="store_true",
@@ -167,15 +124,14 @@ def _add_build_lmdb(commands) -> None:
 
 
 def _add_demo_data(commands) -> None:
-    cmd = commands.add_parser("demo-data", help="write a small synthetic action dataset (6 classes, mp4)",
-                              description=DEMO_DATA_HELP, epilog=DEMO_DATA_EXAMPLES,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd = add_command(commands, "demo-data", "write a small synthetic action dataset (6 classes, mp4)",
+                      DEMO_DATA_HELP, DEMO_DATA_EXAMPLES)
     cmd.add_argument("--out", required=True, metavar="DIR", help="folder to write the dataset into")
-    cmd.add_argument("--videos-per-class", type=_positive_int, default=12, metavar="N",
+    cmd.add_argument("--videos-per-class", type=positive_int, default=12, metavar="N",
                      help="videos per class (default: %(default)s)")
-    cmd.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+    cmd.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
                      help="random seed; the same seed gives the same dataset (default: %(default)s)")
-    cmd.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+    cmd.add_argument("--workers", type=positive_int, default=2, metavar="N",
                      help="videos rendered and encoded in parallel (default: %(default)s)")
     cmd.set_defaults(run=run_demo_data, command_parser=cmd)
 
@@ -196,13 +152,17 @@ examples:
 
 
 def _add_index_videos(commands) -> None:
-    cmd = commands.add_parser("index-videos", help="index a folder of videos for the video-file data path",
-                              description=INDEX_VIDEOS_HELP, epilog=INDEX_VIDEOS_EXAMPLES,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    cmd.add_argument("--videos", required=True, metavar="DIR", help="folder holding the videos (searched recursively)")
-    cmd.add_argument("--out", required=True, metavar="INDEX.json", help="the index file to write")
+    cmd = add_command(commands, "index-videos", "index a folder of videos for the video-file data path",
+                      INDEX_VIDEOS_HELP, INDEX_VIDEOS_EXAMPLES)
+    cmd.add_argument("--videos", metavar="DIR", help="folder holding the videos (searched recursively)")
+    cmd.add_argument("--out", required=True, metavar="INDEX.json", help="the index file to write (to check, with --verify)")
+    cmd.add_argument("--verify", action="store_true",
+                     help="check the existing index --out instead: decode every file once, report the damaged, "
+                          "changed or vanished ones and write them to --blocklist (exit 1 if any)")
+    cmd.add_argument("--blocklist", metavar="FILE",
+                     help="with --verify: where to write the blocklist (default: INDEX.json.blocklist.txt)")
     cmd.add_argument("--list", metavar="FILE", help="list of videos, relative to --videos, with optional labels")
-    cmd.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+    cmd.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                      help="videos probed in parallel (default: %(default)s)")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     cmd.set_defaults(run=run_index_videos, command_parser=cmd)
@@ -238,39 +198,24 @@ examples:
   python -m preprocessing index-videos --videos data/ucf101_nvdec --out data/ucf101_nvdec.json"""
 
 
-def _even_short_side(text: str) -> int:
-    value = _short_side(text)
-    if value % 2:
-        raise argparse.ArgumentTypeError(f"must be even (4:2:0 video has even frame sizes), got {text}")
-    return value
-
-
-def _crf(text: str) -> int:
-    value = _parse(int, text)
-    if not 0 <= value <= 51:
-        raise argparse.ArgumentTypeError(f"must be 0 (lossless) to 51 (worst), got {text}")
-    return value
-
-
 def _add_transcode(commands) -> None:
-    cmd = commands.add_parser("transcode", help="copy a video dataset as NVDEC-friendly H.264 (CFR, yuv420p, GOP 16)",
-                              description=TRANSCODE_HELP, epilog=TRANSCODE_EXAMPLES,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd = add_command(commands, "transcode", "copy a video dataset as NVDEC-friendly H.264 (CFR, yuv420p, GOP 16)",
+                      TRANSCODE_HELP, TRANSCODE_EXAMPLES)
     cmd.add_argument("--videos", required=True, metavar="DIR", help="folder holding the videos (searched recursively)")
     cmd.add_argument("--out", required=True, metavar="DIR", help="folder to write the transcoded videos into "
                                                                  "(not inside --videos)")
     cmd.add_argument("--list", metavar="FILE", help="only these videos (a build-lmdb list, paths relative to --videos)")
-    cmd.add_argument("--short-side", type=_even_short_side, metavar="N",
+    cmd.add_argument("--short-side", type=even_short_side, metavar="N",
                      help="resize so the shorter side is N pixels (even), keeping the aspect "
                           "(default: the source size, made even)")
-    cmd.add_argument("--fps", type=_fps, metavar="F",
+    cmd.add_argument("--fps", type=fps, metavar="F",
                      help="constant output frame rate (default: the source's average rate, made constant)")
-    cmd.add_argument("--crf", type=_crf, default=18, metavar="Q",
+    cmd.add_argument("--crf", type=crf, default=18, metavar="Q",
                      help="x264 quality, 0 (lossless) to 51; lower is better and larger (default: %(default)s)")
     cmd.add_argument("--preset", default="fast",
                      choices=("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"),
                      help="x264 speed/size trade-off (default: %(default)s)")
-    cmd.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
+    cmd.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                      help="videos transcoded in parallel (default: number of CPUs, %(default)s here)")
     cmd.add_argument("--overwrite", action="store_true",
                      help="transcode every video again, replacing outputs (also when the settings changed)")
@@ -284,6 +229,15 @@ def _add_transcode(commands) -> None:
 def run_index_videos(args, parser) -> int:
     from .index_videos import index_videos
 
+    if args.verify:
+        from .tools_cli import report_damaged
+        from .decode_check import decode_check_index
+        if not Path(args.out).is_file():
+            parser.error(f"--out {args.out}: no such index to verify")
+        return report_damaged("index-videos --verify", args.out, args.blocklist,
+                              decode_check_index(args.out, workers=args.workers, progress=not args.quiet))
+    if not args.videos:
+        parser.error("--videos is required (unless --verify)")
     require_videos_and_list(args, parser)
     if not args.out.endswith(".json"):
         parser.error("--out must end in .json (that is how train.py tells an index from an LMDB)")
@@ -321,7 +275,7 @@ def run_build_lmdb(args, parser) -> int:
         return 130
     counts = report["counts"]
     print(f"videos ok {counts['ok']} / skipped {counts['failed']}, frames {counts['frames']}, "
-          f"DB {_human_bytes(report['db_bytes'])}, {report['seconds']:.1f} s -> {args.out} "
+          f"DB {human_bytes(report['db_bytes'])}, {report['seconds']:.1f} s -> {args.out} "
           f"(report: {args.out}.report.json)")
     if counts["ok"] == 0:
         print("build-lmdb: error: no video could be converted; see the reasons above or in the report",
@@ -387,15 +341,6 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
 class _TqdmLogHandler(logging.Handler):
     """Log lines that do not tear the progress bar apart."""
 
@@ -415,7 +360,7 @@ def _configure_logging() -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    missing = missing_ffmpeg_tools()
+    missing = missing_tools()
     if missing:
         print(f"{PROG}: error: {' and '.join(missing)} not found. This tool needs the ffmpeg binaries: "
               f"{INSTALL_HINT}.", file=sys.stderr)

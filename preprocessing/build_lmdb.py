@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 import lmdb
 from tqdm import tqdm
 
+from pipelines.faults import parse_blocklist
 from pipelines.lmdb_store import (
     CLASSES_KEY, FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY,
     VLEN_KEY, VideoMeta, jpeg_size, pack, unpack, video_key,
@@ -231,23 +232,19 @@ def read_blocklist(path, videos_dir) -> dict[str, str]:
     line, `path<TAB>reason` (a line without a TAB is just a path). Blank lines and
     lines starting with '#' are ignored. Absolute paths under videos_dir are made
     relative to it, so they match the build's list."""
-    blocked: dict[str, str] = {}
     root = Path(videos_dir).absolute()
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise BuildError(f"cannot read the blocklist {path}: {err}") from None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        source, _, reason = line.partition("\t")
-        source = source.strip().replace("\\", "/")
+    blocked: dict[str, str] = {}
+    for source, reason in parse_blocklist(text).items():   # the format train.py's data.blocklist reads too
         if os.path.isabs(source):
             try:
                 source = Path(source).relative_to(root).as_posix()
             except ValueError:
                 pass  # outside --videos: it cannot match a job, and is reported as unused
-        blocked[source] = " ".join(reason.split()) or "listed"
+        blocked[source] = reason
     return blocked
 
 

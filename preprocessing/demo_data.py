@@ -29,6 +29,8 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
+from .ffmpeg_tools import executable
+
 # Labels index the sorted class names, as in UCF101 and Kinetics, so that an LMDB built
 # from the folders alone and one built from train.txt agree on every label.
 CLASSES = tuple(sorted(("move_left", "move_right", "move_up", "move_down", "rotate", "pulse")))
@@ -252,7 +254,7 @@ def encode_args(path: Path, width: int, height: int) -> list[str]:
     output = source.output(str(path), vcodec="libx264", pix_fmt="yuv420p", preset="veryfast", crf=20,
                            g=FPS, threads=1, movflags="+faststart", map_metadata=-1,
                            fflags="+bitexact", flags="+bitexact")
-    return ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", *ffmpeg.get_args(output)]
+    return [executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-y", *ffmpeg.get_args(output)]
 
 
 def write_video(video: DemoVideo, videos_dir: Path) -> int:

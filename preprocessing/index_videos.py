@@ -2,8 +2,9 @@
 
 Every video is probed and its frames counted by decoding it once with ffprobe
 (`-count_frames`), so the index holds exact frame counts (container headers are
-often wrong) and a file that cannot be decoded to the end is reported, not indexed:
-inside a DALI pipeline a decode error ends the run.
+often wrong) and a file that cannot be decoded to the end is reported, not indexed (at
+run time each of its samples would cost a pipeline rebuild, pipelines/faults.py). Each
+entry records the file's size and mtime_ns: readers refuse files changed since.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipelines.faults import file_stamp
 from pipelines.video_source import VIDEO_INDEX_FORMAT
 
 from .build_lmdb import plan_build
 from .ffmpeg_io import VideoError, probe_video, summarize_stderr
+from .ffmpeg_tools import executable
 from .probe import bit_depth_of, chroma_of
 
 COUNT_TIMEOUT_S = 600
@@ -25,7 +28,7 @@ COUNT_TIMEOUT_S = 600
 
 def count_decoded_frames(path: str, stream_index: int) -> int:
     """Frames ffmpeg decodes from the stream; VideoError if decoding reports errors."""
-    args = ["ffprobe", "-v", "error", "-select_streams", str(stream_index), "-count_frames",
+    args = [executable("ffprobe"), "-v", "error", "-select_streams", str(stream_index), "-count_frames",
             "-show_entries", "stream=nb_read_frames", "-of", "json", str(Path(path).absolute())]
     try:
         proc = subprocess.run(args, capture_output=True, text=True, timeout=COUNT_TIMEOUT_S)
@@ -48,12 +51,16 @@ def index_one(job) -> dict:
         if info["rotation"]:
             raise VideoError(job.file, f"rotation metadata ({info['rotation']} deg): DALI's decoder does not "
                                        "apply it; transcode or build an LMDB instead")
+        stamp = file_stamp(job.file)   # before decoding: a file changed meanwhile then fails at open
         frames = count_decoded_frames(job.file, info["stream_index"])
+    except OSError as err:
+        return {"file": job.source, "reason": f"cannot read it ({err})"}
     except VideoError as err:
         return {"file": job.source, "reason": err.reason}
     return {"name": job.name, "file": job.source, "label": job.label, "frames": frames,
             "height": info["height"], "width": info["width"], "fps": info["fps"], "codec": info["codec"],
-            **stream_format(info)}
+            **stream_format(info),
+            **stamp}  # size, mtime_ns: readers refuse the file once it changes (pipelines/faults.py)
 
 
 def stream_format(info: dict) -> dict:

@@ -14,7 +14,7 @@ Inputs (--annotations):
 Outputs (--out), labels always 0-based, classes.txt giving the class of each label:
     <part>.txt       ours: "path label" (TAB-separated when the path has spaces), usable as
                      `build-lmdb --list` / `index-videos --list` with the same --videos
-    reference format, as the reference project reads it (cstp-method-spec.md §4.2):
+    reference format, as the reference project reads it (docs/data.md#list-formats):
       ucf101         trainlist0K_nframe.txt / testlist0K_nframe.txt: "Class/v_x.avi label nframes"
       hmdb51         the same names: "class/video label nframes" (no extension, like HMDB51_labels)
       kinetics400    <split>_list_label_nframe.txt: "<split>/<class>/<id>.mp4  label  nframes" (two spaces)
@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 
 from .build_lmdb import find_videos
 from .ffmpeg_io import summarize_stderr
+from .ffmpeg_tools import executable
 
 DATASETS = ("ucf101", "hmdb51", "kinetics400")
 FRAME_COUNT_TIMEOUT_S = 600
@@ -243,7 +244,7 @@ def frame_count(path: Path, exact: bool = False) -> tuple[int | None, str]:
     path = path.absolute()
     if path.stat().st_size == 0:
         return None, "empty file (0 bytes)"
-    base = ["ffprobe", "-v", "error", "-select_streams", "v:0"]
+    base = [executable("ffprobe"), "-v", "error", "-select_streams", "v:0"]
     attempts = [] if exact else [base + ["-show_entries", "stream=nb_frames", "-of", "json", str(path)]]
     attempts.append(base + ["-count_frames", "-show_entries", "stream=nb_read_frames", "-of", "json", str(path)])
     reason = "no video stream"

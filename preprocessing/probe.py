@@ -41,6 +41,7 @@ from pathlib import Path
 
 from .build_lmdb import VIDEO_EXTENSIONS, find_videos, read_list_file
 from .ffmpeg_io import summarize_stderr
+from .ffmpeg_tools import executable
 
 PROBE_COLUMNS = ["file", "readable", "error", "codec", "pix_fmt", "bit_depth", "chroma", "width", "height",
                  "rotation", "avg_fps", "r_fps", "nb_frames", "counted_frames", "decode_errors", "duration",
@@ -87,7 +88,7 @@ def probe_file(path, name: str | None = None, count_frames: bool = False) -> dic
         row["error"] = "empty file (0 bytes)"
         return row
     try:
-        info = _ffprobe_json(["ffprobe", "-v", "error", "-show_streams", "-show_format",
+        info = _ffprobe_json([executable("ffprobe"), "-v", "error", "-show_streams", "-show_format",
                               "-show_entries", "packet=stream_index,pts,pos,size",
                               "-read_intervals", f"%+#{PTS_CHECK_PACKETS}", "-of", "json", str(path)],
                              path, PROBE_TIMEOUT_S)
@@ -157,7 +158,7 @@ def _ffprobe_json(args: list[str], path: Path, timeout: float) -> dict:
 
 def count_frames_of(path: Path, stream_index: int) -> tuple[int, str]:
     """(frames decoded, decoder complaints or "") for one stream; (0, reason) when it fails."""
-    args = ["ffprobe", "-v", "error", "-select_streams", str(stream_index), "-count_frames",
+    args = [executable("ffprobe"), "-v", "error", "-select_streams", str(stream_index), "-count_frames",
             "-show_entries", "stream=nb_read_frames", "-of", "json", str(path)]
     try:
         proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=COUNT_TIMEOUT_S)

@@ -6,14 +6,13 @@ done, 2 bad arguments or missing input."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import textwrap
 from pathlib import Path
 
-PROG = "python -m preprocessing"
+from .cli_args import add_command, human_bytes, positive_int, require_videos_and_list, split
 
 PROBE_HELP = """\
 Run ffprobe on every video (in parallel; one ffprobe process per video) and write
@@ -94,85 +93,62 @@ examples:
   python -m preprocessing verify --db data/k400_320.lmdb --sample 4 --report k400.verify.json"""
 
 
-def require_videos_and_list(args, parser) -> None:
-    """Refuse (exit 2) a --videos that is not a folder or a --list that is not a file."""
-    if not Path(args.videos).is_dir():
-        parser.error(f"--videos {args.videos}: no such folder")
-    if args.list is not None and not Path(args.list).is_file():
-        parser.error(f"--list {args.list}: no such file")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a valid int: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _split(text: str) -> int:
-    value = _positive_int(text)
-    if value > 3:
-        raise argparse.ArgumentTypeError(f"UCF101 and HMDB51 have splits 1, 2 and 3, got {text}")
-    return value
-
-
-def _parser(commands, name, help_text, description, epilog):
-    return commands.add_parser(name, help=help_text, description=description, epilog=epilog,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
 def add_tool_commands(commands) -> None:
     from .validate import NVDEC_RULES
 
     workers_default = os.cpu_count() or 1
 
-    cmd = _parser(commands, "probe", "ffprobe every video into a table (codec, size, fps, frames, VFR, ...)",
-                  PROBE_HELP, PROBE_EXAMPLES)
+    cmd = add_command(commands, "probe", "ffprobe every video into a table (codec, size, fps, frames, VFR, ...)",
+                      PROBE_HELP, PROBE_EXAMPLES)
     cmd.add_argument("--videos", required=True, metavar="DIR", help="folder holding the videos (searched recursively)")
     cmd.add_argument("--list", metavar="FILE", help="only these videos (a build-lmdb list, paths relative to --videos)")
     cmd.add_argument("--out", required=True, metavar="TABLE", help="the table to write: .tsv (or any name) or .json")
     cmd.add_argument("--count-frames", action="store_true",
                      help="also decode each video once for an exact frame count and decode errors (slower)")
-    cmd.add_argument("--workers", type=_positive_int, default=workers_default, metavar="N",
+    cmd.add_argument("--workers", type=positive_int, default=workers_default, metavar="N",
                      help="ffprobe processes in parallel (default: %(default)s)")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     cmd.set_defaults(run=run_probe, command_parser=cmd)
 
-    cmd = _parser(commands, "validate", "judge a probe table: report + blocklist (unreadable, truncated, NVDEC, ...)",
-                  VALIDATE_HELP.format(rules=textwrap.fill(f"NVDEC rule: {NVDEC_RULES}.", 80)), VALIDATE_EXAMPLES)
+    cmd = add_command(commands, "validate",
+                      "judge a probe table: report + blocklist (unreadable, truncated, NVDEC, ...)",
+                      VALIDATE_HELP.format(rules=textwrap.fill(f"NVDEC rule: {NVDEC_RULES}.", 80)), VALIDATE_EXAMPLES)
     cmd.add_argument("--probe", required=True, metavar="TABLE", help="a table written by `probe` (.tsv or .json)")
     cmd.add_argument("--out", required=True, metavar="REPORT.json", help="the JSON report to write")
     cmd.add_argument("--blocklist", metavar="FILE", help="the blocklist to write (default: <REPORT>.blocklist.txt)")
     cmd.set_defaults(run=run_validate, command_parser=cmd)
 
-    cmd = _parser(commands, "lists", "train/test lists from UCF101 / HMDB51 / Kinetics-400 annotations",
-                  LISTS_HELP, LISTS_EXAMPLES)
+    cmd = add_command(commands, "lists", "train/test lists from UCF101 / HMDB51 / Kinetics-400 annotations",
+                      LISTS_HELP, LISTS_EXAMPLES)
     cmd.add_argument("--dataset", required=True, choices=("ucf101", "hmdb51", "kinetics400"))
     cmd.add_argument("--annotations", required=True, metavar="PATH",
                      help="the official annotation folder (UCF101, HMDB51) or CSV file/folder (Kinetics-400)")
     cmd.add_argument("--videos", required=True, metavar="DIR", help="folder holding the videos")
     cmd.add_argument("--out", required=True, metavar="DIR", help="folder to write the lists into")
-    cmd.add_argument("--split", type=_split, default=1, metavar="K", help="UCF101/HMDB51 split 1-3 (default: 1)")
+    cmd.add_argument("--split", type=split, default=1, metavar="K", help="UCF101/HMDB51 split 1-3 (default: 1)")
     counts = cmd.add_mutually_exclusive_group()
     counts.add_argument("--no-frame-counts", dest="frame_counts", action="store_false",
                         help="do not probe the videos; lists without the nframes field")
     counts.add_argument("--count-frames", action="store_true",
                         help="exact counts by decoding every video (default: the header's count)")
-    cmd.add_argument("--workers", type=_positive_int, default=workers_default, metavar="N",
+    cmd.add_argument("--workers", type=positive_int, default=workers_default, metavar="N",
                      help="ffprobe processes in parallel (default: %(default)s)")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     cmd.set_defaults(run=run_lists, command_parser=cmd)
 
-    cmd = _parser(commands, "verify", "check that every entry and frame of an LMDB reads and decodes",
-                  VERIFY_HELP, VERIFY_EXAMPLES)
+    cmd = add_command(commands, "verify", "check that every entry and frame of an LMDB reads and decodes",
+                      VERIFY_HELP, VERIFY_EXAMPLES)
     cmd.add_argument("--db", required=True, metavar="DB", help="the LMDB (folder) to check")
     cmd.add_argument("--videos", metavar="DIR", help="the source videos, to compare sizes (from __meta__ source)")
-    cmd.add_argument("--sample", type=_positive_int, metavar="K",
+    cmd.add_argument("--sample", type=positive_int, metavar="K",
                      help="check K frames per video, spread evenly (default: every frame)")
     cmd.add_argument("--report", metavar="FILE.json", help="also write the full report as JSON")
+    cmd.add_argument("--decode", action="store_true",
+                     help="decode every frame whole, in parallel, and write the damaged videos to --blocklist "
+                          "(which build-lmdb --blocklist, data.blocklist and evaluate.py --blocklist honour)")
+    cmd.add_argument("--blocklist", metavar="FILE", help="with --decode: where (default: DB.blocklist.txt)")
+    cmd.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
+                     help="with --decode: decoding processes (default: %(default)s)")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     cmd.set_defaults(run=run_verify, command_parser=cmd)
 
@@ -248,10 +224,24 @@ def run_verify(args, parser) -> int:
     if args.videos is not None and not Path(args.videos).is_dir():
         parser.error(f"--videos {args.videos}: no such folder")
     try:
-        report = verify_db(args.db, videos_dir=args.videos, sample=args.sample, progress=not args.quiet)
-    except VerifyError as err:
+        # --decode: the structure (one frame per video) here, every frame in parallel below
+        report = verify_db(args.db, videos_dir=args.videos, sample=1 if args.decode else args.sample,
+                           progress=not args.quiet and not args.decode)
+    except (VerifyError, ValueError) as err:   # DataFaultError (a cut data.mdb) is a ValueError
         print(f"verify: error: {err}", file=sys.stderr)
         return 2
+    if args.decode:
+        import time
+
+        from .decode_check import decode_check_lmdb
+        start = time.perf_counter()
+        damaged = decode_check_lmdb(args.db, workers=args.workers, progress=not args.quiet)
+        report["seconds"] = round(report["seconds"] + time.perf_counter() - start, 2)
+        report["problems"] = [p for p in report["problems"] if " frame " not in f" {p['problem']}"] + \
+            [dict(video=d["name"], problem=d["problem"]) for d in damaged]
+        report["frames_checked"] = report["frames"]
+        report["damaged"] = damaged
+        report_damaged("verify --decode", args.db, args.blocklist, damaged, quiet_ok=True)
     for item in report["problems"]:
         print(f"problem {item['video']}: {item['problem']}")
     for source in report["missing_sources"][:20]:
@@ -259,9 +249,9 @@ def run_verify(args, parser) -> int:
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     sizes = report["sizes"]
-    size_text = f"DB {_human_bytes(sizes['db_bytes'])}"
+    size_text = f"DB {human_bytes(sizes['db_bytes'])}"
     if "source_bytes" in sizes:
-        size_text += f", source videos {_human_bytes(sizes['source_bytes'])}"
+        size_text += f", source videos {human_bytes(sizes['source_bytes'])}"
         if sizes.get("ratio"):
             size_text += f" (x{sizes['ratio']:.2f})"
     status = "OK" if not report["problems"] else f"{len(report['problems'])} PROBLEMS"
@@ -270,10 +260,16 @@ def run_verify(args, parser) -> int:
     return 1 if report["problems"] else 0
 
 
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
+def report_damaged(command: str, data_path: str, blocklist, damaged: list[dict], quiet_ok: bool = False) -> int:
+    """Print the damaged videos and write them as a blocklist; exit status 1 if any."""
+    from .decode_check import default_blocklist_path, write_damaged_blocklist
+
+    blocklist = blocklist or default_blocklist_path(data_path)
+    for d in damaged:
+        print(f"damaged {d['entry']}: {d['problem']}")
+    write_damaged_blocklist(blocklist, damaged)
+    if damaged or not quiet_ok:
+        print(f"{command}: {len(damaged)} damaged videos -> blocklist {blocklist} (pass it as data.blocklist, "
+              "build-lmdb --blocklist or evaluate.py --blocklist)")
+    return 1 if damaged else 0
+

@@ -5,7 +5,7 @@ yuv420p, a constant frame rate, a keyframe at least every GOP frames (no scene
 cut keyframes in between, so a decoder seeking to any frame decodes at most
 GOP-1 frames it does not need), rotation metadata applied to the pixels and
 removed, even frame sizes, no audio, index at the front (+faststart). That is
-what DALI's `fn.decoders.video` (NVDEC) reads best: see DESIGN.md, data path 2.
+what DALI's `fn.decoders.video` (NVDEC) reads best: see docs/data.md#video-index.
 
 One ffmpeg process per video, several in parallel (threads: the work happens in
 the subprocesses). Resumable: each output is written under a temporary name,
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from .build_lmdb import VIDEO_EXTENSIONS, find_videos, parse_list_line, read_list_file
 from .ffmpeg_io import VideoError, probe_video, summarize_stderr
+from .ffmpeg_tools import executable
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def ffmpeg_args(job: TranscodeJob, info: dict, settings: TranscodeSettings, rate
     # ffmpeg applies the rotation metadata while decoding (autorotate), before these filters,
     # so probe's width/height (already swapped for 90/270 degrees) are the ones to scale.
     filters = f"fps={rate},{scale_filter(info['width'], info['height'], settings.short_side)},format=yuv420p"
-    return ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", info["path"],
+    return [executable("ffmpeg"), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", info["path"],
             "-map", f"0:{info['stream_index']}", "-an", "-sn", "-dn", "-map_metadata", "-1",
             "-vf", filters, "-r", str(rate),
             "-c:v", "libx264", "-preset", settings.preset, "-crf", str(settings.crf), "-pix_fmt", "yuv420p",
@@ -137,7 +138,7 @@ def ffmpeg_args(job: TranscodeJob, info: dict, settings: TranscodeSettings, rate
 def output_problem(path, settings: TranscodeSettings, expected_frames: float | None = None) -> str | None:
     """Why `path` is not a finished output of these settings (None: it is)."""
     try:
-        result = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+        result = subprocess.run([executable("ffprobe"), "-v", "error", "-select_streams", "v:0", "-show_entries",
                                  "stream=codec_name,pix_fmt,width,height,nb_frames,avg_frame_rate,r_frame_rate"
                                  ":stream_side_data=rotation:stream_tags=rotate", "-of", "json", str(path)],
                                 capture_output=True, text=True, timeout=120, check=False)

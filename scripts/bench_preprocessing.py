@@ -11,7 +11,7 @@ worker processes:
              (one ffmpeg per video decodes; with the default turbo encoder it hands
              raw YUV frames to the worker, which encodes them with libjpeg-turbo at
              quality 94; the main process writes each video into the LMDB)
-  reference  the reference's two steps (spec 4.3 / 4.4): `extract_frames_kin.py`,
+  reference  the reference's two steps (docs/data.md#reference-lmdb-layout): `extract_frames_kin.py`,
              i.e. per video ffprobe for the size, then
              `ffmpeg -i V -r 30 -q:v 2 -vf scale=-1:320 DIR/%05d.jpg` (a pool of W
              processes), then `make_lmdb_kin.py`, one process that reads every
@@ -48,6 +48,9 @@ import lmdb
 import msgpack
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # this checkout's preprocessing/, whatever is installed
+
+from preprocessing.ffmpeg_tools import executable  # noqa: E402 (after the path line)
 
 
 # --------------------------------------------------------------------------- clips
@@ -56,8 +59,8 @@ def make_clip(path: Path, seconds: float, short_side: int, fps: int, seed: int) 
     width = (short_side * 16 // 9) // 2 * 2
     source = f"testsrc2=size={width}x{short_side}:rate={fps}:duration={seconds}"
     # Temporal noise: frames that do not compress to nothing, like camera footage.
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-f", "lavfi", "-i", source,
-                    "-vf", f"noise=alls=12:allf=t+u:all_seed={seed},hue=H={seed}*0.7",
+    subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-f", "lavfi",
+                    "-i", source, "-vf", f"noise=alls=12:allf=t+u:all_seed={seed},hue=H={seed}*0.7",
                     "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p",
                     "-movflags", "+faststart", str(path)], check=True)
 
@@ -68,7 +71,7 @@ def make_clip_from_footage(path: Path, seconds: float, short_side: int, fps: int
     # Looped with the loop filter after resampling (not -stream_loop, which never ends on
     # AVIs with packed B-frames), then stamped afresh at `fps`.
     scale = f"scale='if(gte(iw,ih),-2,{short_side})':'if(gte(iw,ih),{short_side},-2)'"
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", source, "-an",
+    subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", source, "-an",
                     "-vf", f"fps={fps},{scale},loop=loop=-1:size=32767:start=0,setpts=N/{fps}/TB",
                     "-frames:v", str(int(round(seconds * fps))),
                     "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
@@ -112,14 +115,15 @@ def run_ours(videos: Path, out: Path, short_side: int, fps: int, workers: int, e
 def extract_one(job) -> None:
     """utils_dir/extract_frames_kin.py, per video: ffprobe the size, then ffmpeg to %05d.jpg files."""
     video, out_dir, short_side, fps = job
-    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+    probe = subprocess.run([executable("ffprobe"), "-v", "error", "-select_streams", "v:0", "-show_entries",
                             "stream=width,height", "-of", "csv=p=0", video], capture_output=True, text=True,
                            check=True)
     width, height = (int(x) for x in probe.stdout.strip().split(",")[:2])
     scale = f"-1:{short_side}" if width >= height else f"{short_side}:-1"
     os.makedirs(out_dir, exist_ok=True)
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", video, "-r", str(fps),
-                    "-q:v", "2", "-vf", f"scale={scale}", os.path.join(out_dir, "%05d.jpg")], check=True)
+    subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", "-i", video,
+                    "-r", str(fps), "-q:v", "2", "-vf", f"scale={scale}", os.path.join(out_dir, "%05d.jpg")],
+                   check=True)
     Path(out_dir, "done").touch()
 
 
@@ -209,9 +213,9 @@ def fidelity_psnr(db: Path, clips: list[Path], short_side: int, fps: int, every:
             jpegs = msgpack.loads(txn.get(b"%09d" % index), raw=False)
             first = Image.open(io.BytesIO(jpegs[0]))
             width, height = first.size
-            raw = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(clip),
-                                  "-vf", f"fps={fps},scale={width}:{height}", "-pix_fmt", "rgb24", "-f", "rawvideo",
-                                  "-"], capture_output=True, check=True).stdout
+            raw = subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin",
+                                  "-i", str(clip), "-vf", f"fps={fps},scale={width}:{height}", "-pix_fmt", "rgb24",
+                                  "-f", "rawvideo", "-"], capture_output=True, check=True).stdout
             truth = np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
             for i in range(0, min(len(jpegs), len(truth)), every):
                 stored = np.asarray(Image.open(io.BytesIO(jpegs[i])).convert("RGB"), dtype=np.float64)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from preprocessing.ffmpeg_tools import executable, locate  # noqa: E402 (after the path line)
 
 REAL_CLIPS = REPO.parent / "shared" / "data" / "real-clips"
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".webm", ".mov"}
@@ -41,7 +42,7 @@ CONFIGS = (
 
 def decode_with_ffmpeg(video: Path, out_dir: Path, short_side: int) -> list[bytes]:
     out_dir.mkdir(parents=True)
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(video),
+    subprocess.run([executable("ffmpeg"), "-nostdin", "-loglevel", "error", "-i", str(video),
                     "-vf", f"scale=-2:{short_side}", "-q:v", "2", "-f", "image2", str(out_dir / "%05d.jpg")],
                    check=True, timeout=600)
     return [p.read_bytes() for p in sorted(out_dir.glob("*.jpg"))]
@@ -123,7 +124,7 @@ def write_db(path: Path, videos: list[list[bytes]], copies: int):
 
 
 def build_db(args, work: Path) -> tuple[Path, str]:
-    if REAL_CLIPS.is_dir() and shutil.which("ffmpeg"):
+    if REAL_CLIPS.is_dir() and locate("ffmpeg"):
         videos, builder = real_clip_frames(REAL_CLIPS, work, args.short_side)
         origin = f"real clips in {REAL_CLIPS} (frames by {builder})"
     else:

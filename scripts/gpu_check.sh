@@ -2,7 +2,7 @@
 # Every GPU check of CSTP-DALI in one run that fits one lent GPU session (docs/gpu.md).
 #
 # A lent machine gives 15 minutes of device time in all, its start and the calls that carry
-# DALI in parts (../shared/device/README.md of the workplace: p1..pN, ~58 MB each) included.
+# DALI in parts (p1..pN, ~58 MB each; docs/gpu.md) included.
 # So this script ends, summary included, within 6 minutes of wall time: every part runs
 # under `timeout` computed from one global deadline (GPU_CHECK_DEADLINE_S, default 330 s
 # after the start); a part that would start with less than MIN_PART_S (20 s) left is skipped,
@@ -72,24 +72,22 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-probe_video_tools() {
-  for tool in ffmpeg ffprobe; do
-    if command -v "$tool" >/dev/null 2>&1; then echo "$tool: $(command -v "$tool")"; else echo "$tool: absent"; fi
-  done
-  local cuvid
-  cuvid=$( (ldconfig -p 2>/dev/null | grep -o 'libnvcuvid\.so[.0-9]*' | sort -u | tr '\n' ' ') || true)
-  if [ -n "$cuvid" ]; then echo "libnvcuvid (NVDEC): $cuvid"; else echo "libnvcuvid (NVDEC): absent"; fi
-}
-if [ "$PROBE" = 1 ]; then probe_video_tools; exit 0; fi
-
 [ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 
+probe_video_tools() {
+  "$PYTHON" -m preprocessing.ffmpeg_tools   # ffmpeg / ffprobe: on PATH or in the venv
+  local cuvid
+  cuvid=$( (ldconfig -p 2>/dev/null | grep -o 'libnvcuvid\.so[.0-9]*' | sort -u | tr '\n' ' ') || true)
+  if [ -n "$cuvid" ]; then echo "libnvcuvid (NVDEC): $cuvid"; else echo "libnvcuvid (NVDEC): absent"; fi
+}
+if [ "$PROBE" = 1 ]; then probe_video_tools; exit 0; fi
+
 if [ -n "$PREPARE" ]; then
-  command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || {
+  "$PYTHON" -m preprocessing.ffmpeg_tools >/dev/null 2>&1 || {   # on PATH or in the venv
     echo "gpu_check.sh: --prepare needs ffmpeg and ffprobe" >&2; exit 2; }
   CLIPS=""
   for d in shared/data/real-clips ../shared/data/real-clips ../../shared/data/real-clips data/real-clips; do
@@ -108,8 +106,8 @@ json.dump(i, open(p, "w"), indent=1)' "$PREPARE/h264.json"
   # ffmpeg's JPEG encoder (the reference's route): ~1.5x smaller than turbo at equal fidelity
   "$PYTHON" -m preprocessing build-lmdb --videos "$PREPARE/h264" --out "$PREPARE/h264.lmdb" --encoder ffmpeg \
       --workers "$(nproc)" --quiet
-  "$PYTHON" -c 'import sys; from pathlib import Path; from benchmark import find_ffmpeg
-from tests.test_gpu import write_video_pair; write_video_pair(Path(sys.argv[1]), find_ffmpeg(), "gpu")' \
+  "$PYTHON" -c 'import sys; from pathlib import Path; from preprocessing.ffmpeg_tools import locate
+from tests.test_gpu import write_video_pair; write_video_pair(Path(sys.argv[1]), locate("ffmpeg"), "gpu")' \
       "$PREPARE/video_pair"
   set +e
   kb=$(du -sk "$PREPARE" | cut -f1)

@@ -1,4 +1,4 @@
-"""Appearance augmentation (cstp-method-spec.md §5.1, the "base" pipeline): the plan
+"""Appearance augmentation (docs/method.md#appearance, the "base" pipeline): the plan
 draws it, the DALI graph and the reference executor apply it, and they agree.
 
 Measured |DALI - reference| per view, mean over pixels, in grey levels (smooth random

@@ -5,17 +5,18 @@ counts, and the JSON carries speeds, sizes and fidelity."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from preprocessing.ffmpeg_tools import executable, missing_tools
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL_CLIPS = PROJECT_ROOT.parent / "shared" / "data" / "real-clips"
 
-pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in ("ffmpeg", "ffprobe")),
+pytestmark = pytest.mark.skipif(bool(missing_tools()),
                                 reason="ffmpeg/ffprobe not installed")
 
 
@@ -59,7 +60,7 @@ def test_bench_cuts_clips_from_real_footage(tmp_path):
     clips = sorted((tmp_path / "work" / "videos").rglob("*.mp4"))
     assert len(clips) == 2
     for clip in clips:
-        frames = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0",
+        frames = subprocess.run([executable("ffprobe"), "-v", "error", "-count_frames", "-select_streams", "v:0",
                                  "-show_entries", "stream=nb_read_frames,height", "-of", "csv=p=0", str(clip)],
                                 capture_output=True, text=True, check=True).stdout.strip()
         assert frames == "48,10"  # short side 48, 1 s at 10 fps

@@ -10,6 +10,11 @@ import pytest
 import torch
 
 import benchmark
+from bench.data import prepare_data
+from bench.gpu_check import gpu_check_summary
+from bench.measure import memory_slope
+from bench.report import write_report
+from bench.system import parse_gpu_utilisation, utilisation_between
 from tests.lmdb_fixtures import coded_video, write_lmdb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +103,7 @@ def test_soak_records_memory_after_every_epoch(tmp_path, tiny_db, capsys):
     check_result(r, "loader", "dali")
     assert r["soak_epochs"] == 3 and r["soak_steps_per_epoch"] == 12 // BATCH
     assert len(r["soak_host_mb"]) == 3 and all(m > 0 for m in r["soak_host_mb"])
-    assert r["soak_slope_mb_per_epoch"] == pytest.approx(benchmark.memory_slope(r["soak_host_mb"]))
+    assert r["soak_slope_mb_per_epoch"] == pytest.approx(memory_slope(r["soak_host_mb"]))
     if r["soak_anon_mb"] is not None:  # Linux: the total splits into anonymous and file-backed pages
         assert len(r["soak_anon_mb"]) == len(r["soak_file_mb"]) == 3
         for total, anon, mapped in zip(r["soak_host_mb"], r["soak_anon_mb"], r["soak_file_mb"]):
@@ -107,10 +112,10 @@ def test_soak_records_memory_after_every_epoch(tmp_path, tiny_db, capsys):
 
 
 def test_memory_slope_is_the_least_squares_slope():
-    assert benchmark.memory_slope([100.0, 102.0, 104.0]) == pytest.approx(2.0)
-    assert benchmark.memory_slope([100.0, 103.0, 100.0]) == pytest.approx(0.0)
-    assert benchmark.memory_slope([5.0, 1.0]) == pytest.approx(-4.0)
-    assert benchmark.memory_slope([7.0]) is None
+    assert memory_slope([100.0, 102.0, 104.0]) == pytest.approx(2.0)
+    assert memory_slope([100.0, 103.0, 100.0]) == pytest.approx(0.0)
+    assert memory_slope([5.0, 1.0]) == pytest.approx(-4.0)
+    assert memory_slope([7.0]) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
@@ -161,7 +166,7 @@ def test_the_report_says_when_matplotlib_is_missing(tmp_path, monkeypatch):
                    machine=dict(platform="p", cpu_count=2, python="3", torch="t", dali=None, date="d"),
                    results={"model": row})
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # `import matplotlib` fails
-    assert benchmark.write_report(summary, tmp_path / "r.md") is None
+    assert write_report(summary, tmp_path / "r.md") is None
     text = (tmp_path / "r.md").read_text()
     assert "matplotlib is not installed" in text and "0.50" in text and "2.00×" in text
     assert not (tmp_path / "r.png").exists()
@@ -212,7 +217,7 @@ def test_a_short_video_index_is_listed_several_times(tmp_path):
                                                  width=64, fps=25.0, codec="mjpeg") for i in range(3)]}))
     args = benchmark.parse_args(["loader", "--data", str(index), "--steps", "3", "--warmup", "1"])
     cfg = {"data": {"batch_size": 2}}
-    path, origin, videos, copies = benchmark.prepare_data(args, cfg, tmp_path)
+    path, origin, videos, copies = prepare_data(args, cfg, tmp_path)
     assert copies == -(-(1 + 3 + 2) * 2 // 3) and videos == 3 * copies and "listed" in origin
     from pipelines.video_source import read_video_index
     metas, _, files = read_video_index(path)
@@ -242,14 +247,14 @@ def _epoch(hms: str) -> float:
 
 
 def test_gpu_utilisation_logs_are_parsed():
-    samples = benchmark.parse_gpu_utilisation(DMON)
+    samples = parse_gpu_utilisation(DMON)
     assert len(samples) == 4 and samples[1] == {"t": _epoch("10:00:01"), "sm": 90.0, "dec": 40.0, "jpg": None}
     # a run from 10:00:01.3 to 10:00:02.2 covers the samples stamped 10:00:01 and 10:00:02
-    window = benchmark.utilisation_between(samples, _epoch("10:00:01") + 0.3, _epoch("10:00:02") + 0.2)
+    window = utilisation_between(samples, _epoch("10:00:01") + 0.3, _epoch("10:00:02") + 0.2)
     assert window["samples"] == 2 and window["dec"] == (50.0, 60.0) and window["jpg"] is None
-    csv = benchmark.parse_gpu_utilisation(SMI_CSV)
+    csv = parse_gpu_utilisation(SMI_CSV)
     assert [s["dec"] for s in csv] == [40.0, 60.0] and csv[0]["t"] == pytest.approx(_epoch("10:00:01") + 0.25)
-    assert benchmark.parse_gpu_utilisation("garbage\nno header here\n") == []
+    assert parse_gpu_utilisation("garbage\nno header here\n") == []
 
 
 def _run(samples_per_s, **kw):
@@ -278,7 +283,7 @@ def test_gpu_check_summary_holds_every_headline_figure(tmp_path):
     (work / "pytest_gpu.txt").write_text("15 passed in 40.0s")
     (out / "dmon.log").write_text(DMON)
     (out / "gpu.csv").write_text("name\nNVIDIA H100 80GB HBM3\n")
-    lines = benchmark.gpu_check_summary(work, out)
+    lines = gpu_check_summary(work, out)
     text = "\n".join(lines)
     assert "NVIDIA H100 80GB HBM3" in lines[0] and "15 passed" in text
     table = {line.split("  ")[0]: line.split() for line in lines[lines.index(next(l for l in lines
@@ -300,6 +305,41 @@ def test_gpu_check_summary_holds_every_headline_figure(tmp_path):
 
 
 def test_gpu_check_summary_survives_missing_runs(tmp_path):
-    lines = benchmark.gpu_check_summary(tmp_path, tmp_path)   # every run failed: still a table
+    lines = gpu_check_summary(tmp_path, tmp_path)   # every run failed: still a table
     assert any(line.startswith("figure") for line in lines) and "pytest -m gpu: not run" in "\n".join(lines)
     assert benchmark.main(["gpu-check-summary", str(tmp_path)]) == 2
+
+
+# ---------------------------------------------------------------- GPU memory: torch's peak and the device's use
+
+
+def test_gpu_memory_reports_what_the_device_has_in_use(monkeypatch):
+    """torch's max_memory_allocated misses DALI's pools: the device's own figure
+    (cudaMemGetInfo) is reported beside it. The two CUDA calls are stubbed here."""
+    from bench.system import gpu_memory
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (30 * gib, 80 * gib))   # (free, total)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 12 * gib)
+    assert gpu_memory("gpu") == {"gpu_memory_gb": 12.0, "gpu_device_used_gb": 50.0, "gpu_device_total_gb": 80.0}
+    assert gpu_memory("cpu") == {}
+
+
+def test_the_device_memory_reaches_the_report_and_the_gpu_check_summary(tmp_path):
+    from bench.gpu_check import gpu_check_rows
+    from bench.report import gpu_memory_line
+
+    loader = {**_run(900.0, batch=64), "mode": "loader", "loader": "dali", "gpu_device_used_gb": 9.5}
+    e2e = {**_run(190.0, batch=64), "mode": "e2e", "loader": "dali", "gpu_device_used_gb": 31.25,
+           "gpu_memory_gb": 12.0}
+    model = {**_run(200.0, batch=64), "mode": "model", "loader": None, "gpu_device_used_gb": 14.0,
+             "gpu_memory_gb": 11.5}
+    assert gpu_memory_line([loader, model, e2e]) == ("GPU memory, GiB in use on the device (torch's peak "
+                                                     "allocation): loader dali 9.50 (-), model 14.00 (11.50), "
+                                                     "e2e dali 31.25 (12.00)")
+    assert gpu_memory_line([{**model, "gpu_device_used_gb": None}]) is None
+    runs = {"all_lmdb_b64": {"mode": "all", "results": {"loader_dali": loader, "model": model, "e2e": e2e}},
+            "video_e2e_b64": {**e2e, "gpu_device_used_gb": 20.0}}
+    rows = {row[0]: row[1:] for row in gpu_check_rows(runs)}
+    label = "GPU memory GiB in use on the device / torch peak (largest: e2e, batch 64)"
+    assert rows[label] == ("31.25 / 12.00", "")

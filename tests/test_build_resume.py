@@ -25,6 +25,7 @@ from preprocessing.build_lmdb import (
     BUILD_PREFIX, JOB_RECORD_PREFIX, LmdbWriter, build_fingerprint, build_lmdb, find_videos, open_partial,
     partial_path, plan_build, report_path, ConvertSettings,
 )
+from preprocessing.ffmpeg_tools import executable, missing_tools
 from preprocessing.validate import validate, write_outputs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -32,12 +33,12 @@ SHORT_SIDE = "32"
 N_GOOD = 10
 BAD_NAME = "b/bad_03.mp4"
 
-pytestmark = pytest.mark.skipif(any(shutil.which(tool) is None for tool in ("ffmpeg", "ffprobe")),
+pytestmark = pytest.mark.skipif(bool(missing_tools()),
                                 reason="ffmpeg/ffprobe not installed")
 
 
 def ffmpeg_run(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
+    subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
 
 
 def make_clip(path: Path, frames: int, size: str = "320x240") -> Path:

@@ -5,7 +5,7 @@ checkpoint's. The Trainer re-lays the buffers like their parameters (same values
 import pytest
 import torch
 
-from benchmark import synthetic_batch
+from bench.measure import synthetic_batch
 from cstp.config import load_config
 from cstp.engine import Trainer
 

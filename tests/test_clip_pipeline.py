@@ -24,6 +24,7 @@ from pipelines.clip_plan import ClipPlanConfig, test_clip_plan, test_clip_plans,
 from pipelines.lmdb_store import VideoMeta
 from pipelines.video_source import VideoIndexError
 from preprocessing.__main__ import main as preprocessing_main
+from preprocessing.ffmpeg_tools import executable, locate
 from tests.lmdb_fixtures import coded_frame, coded_video, decode_coded, encode_jpeg, write_lmdb
 
 HEIGHT, WIDTH, CROP = 48, 64, 32
@@ -297,7 +298,7 @@ def test_a_wrong_box_is_caught_by_the_reference_comparison(smooth_db):
 
 def test_real_clips_agree_with_the_reference(tmp_path):
     clips = ["v_ApplyEyeMakeup_g01_c01.avi", "v_BaseballPitch_g01_c01.avi"]
-    if not all((REAL_CLIPS / c).exists() for c in clips) or shutil.which("ffmpeg") is None:
+    if not all((REAL_CLIPS / c).exists() for c in clips) or locate("ffmpeg") is None:
         pytest.skip(f"needs ffmpeg and {clips} in {REAL_CLIPS}")
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{c}\n" for c in clips))
@@ -401,7 +402,7 @@ def test_a_corrupt_jpeg_is_replaced_and_flagged(coded_db, tmp_path, caplog):
 
 def write_coded_video(path, num_frames, codec_args):
     raw = b"".join(coded_frame(i, HEIGHT, WIDTH).tobytes() for i in range(num_frames))
-    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
+    subprocess.run([executable("ffmpeg"), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
                     f"{WIDTH}x{HEIGHT}", "-r", "25", "-i", "-", *codec_args, str(path)], input=raw, check=True)
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_reference_schedule_values():
-    # spec §6: epoch 1 at 1e-5, linear to the peak at epoch 151, cosine to ~1e-5 at epoch 300
+    # docs/method.md#optimisation: epoch 1 at 1e-5, linear to the peak at epoch 151, cosine to ~1e-5 at epoch 300
     lr = lambda e: warmup_cosine_lr(e - 1, 300, 150, 0.09, 1e-5)  # noqa: E731 (1-based epochs)
     assert lr(1) == pytest.approx(1e-5)
     assert lr(76) == pytest.approx(1e-5 + (0.09 - 1e-5) * 75 / 150)

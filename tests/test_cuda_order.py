@@ -24,9 +24,11 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 import benchmark
 import evaluate
 import finetune
+import show
 import train
-from pipelines import show
-from tests.lmdb_fixtures import coded_video, write_lmdb
+from pipelines.loader import LoaderSettings, PretrainLoader
+from pipelines.pretrain_pipeline import PRETRAIN_OUTPUTS
+from tests.lmdb_fixtures import coded_video, encode_jpeg, write_lmdb
 
 NVML = "PYTORCH_NVML_BASED_CUDA_CHECK"
 FORK = "dali:fork_workers"
@@ -148,3 +150,54 @@ def test_benchmark_loader_and_e2e_fork_before_cuda(tmp_path, db, events):
     run_until_stop(benchmark.main, ["e2e", *common])
     assert_forks_first(events, forks=1)
     assert events[:2] == ["nvml:is_available", FORK]
+
+
+# ---------------------------------------------------------------- a rebuild after a decoder fault
+
+
+def test_a_pipeline_rebuilt_after_a_decoder_fault_spawns_its_workers_after_cuda(tmp_path, monkeypatch):
+    """A decoder fault rebuilds the pipeline (pipelines/faults.py), necessarily after the
+    first build, which on a GPU initialised CUDA: forking the new workers then is refused
+    by DALI ("Cannot fork a process when the CUDA has been initialized") and the fault
+    would end the run. Here the pipeline really runs on the CPU with a real worker; what
+    is stubbed is the CUDA state: the driver counts as initialised from the first build
+    of the loader's pipeline on, as on a GPU, so DALI's own check refuses a fork after it.
+    The rebuilt pipeline must spawn its worker, and the epoch must read what a run
+    without workers reads (the damaged sample replaced)."""
+    from nvidia.dali import backend
+
+    from tests.test_data_faults import CFG, DAMAGED, H, W, batches_of, damage_header, ids, put
+
+    path = write_lmdb(tmp_path / "rot.lmdb", [coded_video(24, H, W) for _ in range(16)])
+    put(path, DAMAGED, [damage_header(f) for f in (encode_jpeg(f) for f in coded_video(24, H, W))])
+    expected = batches_of(PretrainLoader(str(path), CFG, LoaderSettings(batch_size=4, num_threads=1, seed=0)), 1)
+    assert DAMAGED not in ids(expected) and sum(int((b["substituted"] > 0).sum()) for b in expected) == 1
+
+    log: list[str] = []
+    cuda = {"initialised": False}
+    real_start, real_build = Pipeline._start_py_workers, Pipeline.build
+
+    def start_workers(self):
+        if self._parallel_input_callbacks:
+            log.append(f"dali:{self._py_start_method}_workers")
+        real_start(self)
+
+    def build(self):
+        first = not self._built
+        real_build(self)
+        if first and self._parallel_input_callbacks:   # the loader's pipeline (probes have no workers)
+            log.append("cuda:dali_build")
+            cuda["initialised"] = True
+
+    monkeypatch.setattr(backend, "IsDriverInitialized", lambda: cuda["initialised"])
+    monkeypatch.setattr(Pipeline, "_start_py_workers", start_workers)
+    monkeypatch.setattr(Pipeline, "build", build)
+    settings = LoaderSettings(batch_size=4, num_threads=1, seed=0, workers=1)
+    loader = PretrainLoader(str(path), CFG, settings)
+    assert log == ["dali:fork_workers"]          # at construction, before any build
+    got = batches_of(loader, 1)
+    assert log == ["dali:fork_workers", "cuda:dali_build", "dali:spawn_workers", "cuda:dali_build"]
+    assert len(got) == len(expected) == 4
+    for a, b in zip(got, expected, strict=True):
+        for key in PRETRAIN_OUTPUTS:
+            assert torch.equal(a[key], b[key]), key

@@ -92,7 +92,7 @@ def ddp_rank_main(db: str, out: str):
     loader = PretrainLoader(db, plan_config_from(cfg["plan"]), LoaderSettings(
         batch_size=d["batch_size"], num_threads=1, seed=cfg["run"]["seed"]), device="cpu", rank=rank,
         world_size=world_size)
-    dist.init_process_group("gloo")       # after the pipeline (dali-under-torchrun.md §1)
+    dist.init_process_group("gloo")       # after the pipeline (docs/architecture.md#forked-workers)
     trainer = Trainer(cfg, loader, out, torch.device("cpu"))
     epochs = [[{k: v.clone() for k, v in b.items()} for b in loader] for _ in range(2)]
     first = epochs[0][0]

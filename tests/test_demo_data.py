@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -13,10 +12,11 @@ import numpy as np
 import pytest
 
 from preprocessing.demo_data import CLASSES, FPS, Scene, generate_demo_dataset, plan_videos, render_video
+from preprocessing.ffmpeg_tools import executable, missing_tools
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(any(shutil.which(tool) is None for tool in ("ffmpeg", "ffprobe")),
+pytestmark = pytest.mark.skipif(bool(missing_tools()),
                                 reason="ffmpeg/ffprobe not installed")
 
 
@@ -37,7 +37,7 @@ def read_list(path: Path) -> list[tuple[str, int]]:
 
 def ffprobe_stream(path: Path) -> dict:
     """Codec, size, frame rate and the decoded frame count of the first video stream."""
-    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames",
+    out = subprocess.run([executable("ffprobe"), "-v", "error", "-select_streams", "v:0", "-count_frames",
                           "-show_entries", "stream=codec_name,pix_fmt,width,height,avg_frame_rate,nb_read_frames",
                           "-of", "json", str(path)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)["streams"][0]

@@ -74,3 +74,23 @@ def test_frames_to_views_reshapes_frame_order_into_views():
     assert out["view1"][1, 0, :, 0, 0].tolist() == [110, 111, 112]
     assert out["view2"][0, 2, :, 1, 1].tolist() == [20, 21, 22]
     assert out["video_index"].tolist() == [0, 1]
+
+
+def test_frames_graph_recovers_from_a_decoder_fault_like_the_views_graph(tmp_path):
+    """A frame the decoder fails on inside the frames graph is located with the views graph
+    (one sample at a time, same decoder and boxes) and replaced: both graphs read the same
+    batches over two epochs, the damaged video never among them."""
+    from pipelines.pretrain_pipeline import PRETRAIN_OUTPUTS
+    from tests.lmdb_fixtures import encode_jpeg
+    from tests.test_data_faults import CFG, DAMAGED, H, W, batches_of, damage_header, ids, put
+
+    path = str(write_lmdb(tmp_path / "rot.lmdb", [coded_video(24, H, W) for _ in range(16)]))
+    put(path, DAMAGED, [damage_header(encode_jpeg(f)) for f in coded_video(24, H, W)])
+    views = batches_of(PretrainLoader(path, CFG, LoaderSettings(batch_size=4, num_threads=1, seed=0)), 2)
+    frames = batches_of(PretrainLoader(path, CFG, LoaderSettings(batch_size=4, num_threads=1, seed=0,
+                                                                 graph="frames")), 2)
+    assert len(frames) == 8 and DAMAGED not in ids(frames)
+    assert sum(int((b["substituted"] > 0).sum()) for b in frames) == 2   # once per epoch
+    for a, b in zip(views, frames, strict=True):
+        for key in PRETRAIN_OUTPUTS:
+            assert torch.equal(a[key], b[key]), key

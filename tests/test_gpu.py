@@ -38,7 +38,6 @@ proves nothing about the GPU.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,12 +46,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmark import find_ffmpeg
 from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
 from pipelines.clip_plan import ClipPlanConfig
 from pipelines.loader import LoaderSettings, PretrainLoader
 from pipelines.plan import PlanConfig, make_pretrain_plan
 from pipelines.video_source import VIDEO_INDEX_FORMAT
+from preprocessing.ffmpeg_tools import locate, missing_tools
 from tests.lmdb_fixtures import coded_frame, coded_video, write_lmdb
 from tests.test_pretrain_pipeline import EXACT, HEIGHT, WIDTH, expected_view
 
@@ -217,7 +216,7 @@ def real_lmdb(tmp_path_factory):
     if PREPARED_REAL_LMDB.is_dir():
         return PREPARED_REAL_LMDB
     folder = next((d for d in REAL_CLIP_DIRS if all((d / c).exists() for c in REAL_CLIPS)), None)
-    if folder is None or shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+    if folder is None or bool(missing_tools()):
         pytest.skip(f"needs ffmpeg, ffprobe and {REAL_CLIPS} in one of {[str(d) for d in REAL_CLIP_DIRS]}")
     tmp = tmp_path_factory.mktemp("real")
     listing = tmp / "list.txt"
@@ -275,7 +274,7 @@ def write_video_pair(root: Path, ffmpeg: str, device: str = "gpu") -> tuple[Path
 @pytest.fixture(scope="module")
 def video_pair(tmp_path_factory):
     """write_video_pair's files: written here with ffmpeg, else the prepared ones (GPU)."""
-    ffmpeg = find_ffmpeg()
+    ffmpeg = locate("ffmpeg")
     if ffmpeg is not None:
         index, db, lengths = write_video_pair(tmp_path_factory.mktemp("videos"), ffmpeg, DEVICE)
         return index, db, lengths

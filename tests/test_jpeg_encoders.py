@@ -12,7 +12,6 @@ is refused."""
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,15 +29,16 @@ from preprocessing.ffmpeg_io import (
     VideoError, expand_to_full_range, iter_jpeg_frames, output_size, probe_video, raw_frame_format,
     read_all_frames, resolve_quality,
 )
+from preprocessing.ffmpeg_tools import executable, missing_tools
 
 REAL_CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-clips"
 
-pytestmark = pytest.mark.skipif(any(shutil.which(tool) is None for tool in ("ffmpeg", "ffprobe")),
+pytestmark = pytest.mark.skipif(bool(missing_tools()),
                                 reason="ffmpeg/ffprobe not installed")
 
 
 def ffmpeg_run(*args: str) -> bytes:
-    return subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args],
+    return subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args],
                           check=True, capture_output=True).stdout
 
 

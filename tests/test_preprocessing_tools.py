@@ -16,20 +16,21 @@ import msgpack
 import pytest
 
 from preprocessing.build_lmdb import build_lmdb
+from preprocessing.ffmpeg_tools import executable, missing_tools
 from preprocessing.probe import pts_irregular, rates_differ, read_table
 from preprocessing.validate import judge
 from preprocessing.verify import sample_indices
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(any(shutil.which(tool) is None for tool in ("ffmpeg", "ffprobe")),
+pytestmark = pytest.mark.skipif(bool(missing_tools()),
                                 reason="ffmpeg/ffprobe not installed")
 
 ODD_NAME = "odd name (1) !.mp4"
 
 
 def ffmpeg_run(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
+    subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
 
 
 def make_clip(path: Path, frames: int = 10, size: str = "64x48", pix_fmt: str = "yuv420p", codec: str = "libx264",

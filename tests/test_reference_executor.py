@@ -4,7 +4,6 @@ and DALI's batches equal its batches one to one.
 Frames are colour-coded (R = frame index, G = x, B = y) where exactness matters; smooth
 random frames and real clips (ffmpeg-decoded) check the resampling paths."""
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pipelines.loader import LoaderSettings, PretrainLoader
 from pipelines.plan import Box, PlanConfig, ViewPlan, make_pretrain_plan
 from pipelines.reference_executor import (BATCH_KEYS, LABEL_KEYS, ReferencePretrainDataset,
                                           ReferencePretrainLoader, execute_view_reference)
+from preprocessing.ffmpeg_tools import executable, locate
 from tests.lmdb_fixtures import coded_frame, coded_video, decode_coded, encode_jpeg, write_lmdb
 
 HEIGHT, WIDTH, CROP = 80, 96, 32
@@ -182,7 +182,7 @@ def ffmpeg_jpegs(video: Path, out_dir: Path, num_frames: int, short_side: int, q
     """The first frames of a video as JPEGs (ffmpeg's own encoder, 4:2:0), scaled to a short
     side, without the preprocessing package (which other tests cover)."""
     out_dir.mkdir(parents=True)
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(video),
+    subprocess.run([executable("ffmpeg"), "-nostdin", "-loglevel", "error", "-i", str(video),
                     "-vf", f"scale=-2:{short_side}", "-frames:v", str(num_frames), "-q:v", str(quality), "-f", "image2",
                     str(out_dir / "%05d.jpg")], check=True, timeout=120)
     return [p.read_bytes() for p in sorted(out_dir.glob("*.jpg"))]
@@ -210,7 +210,7 @@ def write_lmdb_from_jpegs(path, videos: list[list[bytes]], heights: list[int], w
 
 def test_real_clips_agree(tmp_path):
     clips = ["v_Basketball_g01_c01.avi", "demo.mp4"]
-    if not all((REAL_CLIPS / c).exists() for c in clips) or shutil.which("ffmpeg") is None:
+    if not all((REAL_CLIPS / c).exists() for c in clips) or locate("ffmpeg") is None:
         pytest.skip(f"needs ffmpeg and {clips} in {REAL_CLIPS}")
     videos = [ffmpeg_jpegs(REAL_CLIPS / c, tmp_path / c, num_frames=40, short_side=128) for c in clips]
     sizes = [fmt.jpeg_size(v[0]) for v in videos]

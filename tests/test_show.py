@@ -1,4 +1,4 @@
-"""`python -m pipelines.show` draws what the loader yields, and captions the plan's labels."""
+"""`python show.py` (over pipelines/show.py) draws what the loader yields, and captions the plan's labels."""
 
 import dataclasses
 import subprocess
@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 from cstp.config import load_config
+import show as show_cli
 from pipelines import show
 from pipelines.lmdb_store import read_metadata
 from pipelines.loader import LoaderSettings, PretrainLoader
-from pipelines.plan import make_pretrain_plan
+from pipelines.plan import make_pretrain_plan, plan_config_from
 from tests.lmdb_fixtures import coded_video, write_lmdb
 
 HEIGHT, WIDTH = 48, 64
@@ -21,7 +22,7 @@ LENGTHS = [40, 64, 20, 90, 33]
 SEED, EPOCH, N = 3, 1, 3
 OVERRIDES = ["plan.frames=4", "crop_size=16", "num_threads=1"]
 # As show.py builds it from the run config (so it follows the config's plan defaults)
-PLAN_CFG = show.plan_config_from(load_config(None, OVERRIDES))
+PLAN_CFG = plan_config_from(load_config(None, OVERRIDES)["plan"])
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,7 +35,7 @@ def coded_db(tmp_path_factory):
 @pytest.fixture(scope="module")
 def picture(coded_db, tmp_path_factory):
     out = tmp_path_factory.mktemp("png") / "views.png"
-    rc = show.main(["--data", coded_db, "--n", str(N), "--out", str(out), "--device", "cpu",
+    rc = show_cli.main(["--data", coded_db, "--n", str(N), "--out", str(out), "--device", "cpu",
                     "--epoch", str(EPOCH), "--seed", str(SEED), *OVERRIDES])
     assert rc == 0
     return out
@@ -132,7 +133,7 @@ def test_caption_names_every_label_of_the_plan():
 def test_reference_executor_and_cli_without_the_model(coded_db, tmp_path):
     out = tmp_path / "ref.png"
     code = (
-        "import sys; from pipelines.show import main; "
+        "import sys; from show import main; "
         f"rc = main({['--data', coded_db, '--n', '2', '--out', str(out), '--executor', 'reference', *OVERRIDES]!r}); "
         "assert rc == 0, rc; "
         "assert not [m for m in sys.modules if m.startswith('cstp.models')], 'pipelines imported the model'")
@@ -143,17 +144,17 @@ def test_reference_executor_and_cli_without_the_model(coded_db, tmp_path):
 
 
 def test_clear_errors(coded_db, tmp_path, capsys):
-    assert show.main(["--data", str(tmp_path / "missing.lmdb"), "--out", str(tmp_path / "x.png")]) == 2
+    assert show_cli.main(["--data", str(tmp_path / "missing.lmdb"), "--out", str(tmp_path / "x.png")]) == 2
     assert "LMDB not found" in capsys.readouterr().err
-    assert show.main(["--data", coded_db, "framez=3"]) == 2
+    assert show_cli.main(["--data", coded_db, "framez=3"]) == 2
     assert "did you mean 'frames'" in capsys.readouterr().err
     for bad in (["--data", coded_db, "--n", "0"], ["--data", coded_db, "--executor", "tf"], ["--bogus"]):
         with pytest.raises(SystemExit) as exit_info:
-            show.main(bad)
+            show_cli.main(bad)
         assert exit_info.value.code == 2
     import torch
 
     if not torch.cuda.is_available():
-        assert show.main(["--data", coded_db, "--device", "gpu", "--out", str(tmp_path / "x.png")]) == 2
+        assert show_cli.main(["--data", coded_db, "--device", "gpu", "--out", str(tmp_path / "x.png")]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

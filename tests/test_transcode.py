@@ -18,17 +18,18 @@ from pathlib import Path
 
 import pytest
 
+from preprocessing.ffmpeg_tools import executable, missing_tools
 from preprocessing.transcode import REPORT_NAME, output_rate, scale_filter
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ODD_NAME = "odd name (1) !.mkv"
 
-pytestmark = pytest.mark.skipif(any(shutil.which(tool) is None for tool in ("ffmpeg", "ffprobe")),
+pytestmark = pytest.mark.skipif(bool(missing_tools()),
                                 reason="ffmpeg/ffprobe not installed")
 
 
 def ffmpeg_run(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
+    subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *args], check=True)
 
 
 def make_clip(path: Path, frames: int = 25, size: str = "64x48", pix_fmt: str = "yuv420p", rate: str = "25",
@@ -45,8 +46,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def ffprobe_json(path: Path, *entries: str) -> dict:
-    out = subprocess.run(["ffprobe", "-v", "error", *entries, "-of", "json", str(path)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([executable("ffprobe"), "-v", "error", *entries, "-of", "json", str(path)],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 

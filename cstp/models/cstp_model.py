@@ -1,11 +1,11 @@
-"""CSTP: BYOL on R(2+1)D plus the four pretext heads (spec §1–§3).
+"""CSTP: BYOL on R(2+1)D plus the four pretext heads (docs/method.md#overview).
 
     view ─ online backbone ─ y ─ projector ─ z ─ predictor ─ q     (trained)
     view ─ target backbone ─── ─ projector ─ z'                    (EMA of online, no grad)
     y1,y2 ─ overlap_spatial / overlap_temporal (on concat(y1, y2)), speed, rotation (on each y)
 
 The EMA update is not part of forward (the reference does it inside forward,
-spec §2.4): the training engine calls `update_target()` once per iteration,
+docs/deviations.md#ema-update-outside-forward): the training engine calls `update_target()` once per iteration,
 right before forward, which is the same order and keeps forward free of side
 effects for DistributedDataParallel.
 """
@@ -19,11 +19,11 @@ from .r2plus1d import R2Plus1D10
 
 
 def reference_init_(module: nn.Module) -> nn.Module:
-    """The reference initialisation (spec §3 "Initialisation", `r21d_byol.py:301-329`).
+    """The reference initialisation (docs/method.md#initialisation; the reference's `models/pace/r21d_byol.py`).
 
     Glorot-uniform on Linear and Conv3d weights, and also on BatchNorm γ: for a
     1-D tensor Glorot takes fan_in = fan_out = C/2, so γ ~ U(±sqrt(6/C)) —
-    small and of random sign (spec §11.3), unlike the usual γ = 1. β = 0;
+    small and of random sign (docs/method.md#initialisation), unlike the usual γ = 1. β = 0;
     Linear biases keep PyTorch's default.
     """
     for m in module.modules():
@@ -81,8 +81,8 @@ class CSTPModel(nn.Module):
         feature_dim = self.online.backbone.feature_dim
         self.feature_dim = feature_dim
 
-        # Pretext heads read the online backbone's pooled feature y, before the projector (spec §2.3).
-        # The 4-class tasks keep the reference's 5 logits (spec §11.8).
+        # Pretext heads read the online backbone's pooled feature y, not the projection (docs/method.md#pretext-heads).
+        # The 4-class tasks keep the reference's 5 logits (docs/method.md#pretext-heads).
         self.overlap_spatial = mlp(2 * feature_dim, 2 * feature_dim, num_overlap_classes)
         self.overlap_temporal = mlp(2 * feature_dim, 2 * feature_dim, num_overlap_classes)
         self.speed = mlp(feature_dim, feature_dim, num_speed_classes)
@@ -93,19 +93,19 @@ class CSTPModel(nn.Module):
         reference_init_(self)  # online, heads and target, each with its own random draws
         if target_init == "copy":
             # Standard BYOL. The reference instead starts the target from its own
-            # random init (spec §2.4, §11.2), which is the default here.
+            # random init (docs/method.md#byol-branch), which is the default here.
             self.target.load_state_dict(self.online.state_dict())
         for p in self.target.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update_target(self) -> None:
-        """ξ ← τ·ξ + (1−τ)·θ on parameters only; the target's BN buffers are not averaged (spec §2.4)."""
+        """ξ ← τ·ξ + (1−τ)·θ on parameters only; the target's BN buffers are not averaged (docs/method.md)."""
         for target_param, online_param in zip(self.target.parameters(), self.online.parameters()):
             target_param.mul_(self.ema_tau).add_(online_param, alpha=1.0 - self.ema_tau)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> dict:
-        # Each view goes through each network on its own, so every BN sees one view (spec §2.4).
+        # Each view goes through each network on its own, so every BN sees one view (docs/method.md#byol-branch).
         y1, z1 = self.online(view1)
         y2, z2 = self.online(view2)
         with torch.no_grad():

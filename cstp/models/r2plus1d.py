@@ -1,4 +1,4 @@
-"""R(2+1)D-10: the backbone of CSTP (spec §3).
+"""R(2+1)D-10: the backbone of CSTP (docs/method.md#backbone).
 
 The network of VCOP / PRP / Pace as the CSTP reference builds it
 (`models/pace/r21d_byol.py`): a stem and four stages of one residual block
@@ -96,7 +96,7 @@ class R2Plus1D10(nn.Module):
         self.stage_channels = (c2, c3, c4, c5)
         self.feature_dim = c5
 
-        # No max-pool after the stem (spec §3); the reference comment says 1×7×7, the kernel is 3×7×7.
+        # No max-pool after the stem (docs/method.md#backbone); the reference comment says 1×7×7, the kernel is 3×7×7.
         self.stem = nn.Sequential(
             SpatioTemporalConv(3, c2, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3)),
             nn.BatchNorm3d(c2),

@@ -1,0 +1,96 @@
+"""What one benchmark run is: its config (the recipe plus the command line's flags), its
+data choice and the errors a user can fix."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+class BenchmarkError(RuntimeError):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def data_source(args) -> str:
+    """lmdb or video: what the DALI runs read."""
+    given = explicit_data_path(args)
+    if given is not None:
+        return "video" if given.endswith(".json") else "lmdb"
+    return args.source or "lmdb"
+
+
+def load_benchmark_config(args) -> dict:
+    from cstp.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise BenchmarkError(str(err)) from None
+    d, t = cfg["data"], cfg["train"]
+    d["device"] = args.device
+    if args.batch:
+        d["batch_size"] = args.batch
+    if args.threads:
+        d["num_threads"] = args.threads
+    if args.decode:
+        d["decode"] = args.decode
+    t["precision"] = args.precision or ("bf16" if args.device == "gpu" else "fp32")
+    t["channels_last"] = bool(args.channels_last)
+    if args.seed is not None:
+        cfg["run"]["seed"] = args.seed
+    return cfg
+
+
+def workers_for(loader: str, args, cfg) -> int:
+    if args.workers is not None:
+        return args.workers
+    return cfg["data"]["workers"] if loader == "dali" else (os.cpu_count() or 1)
+
+
+def explicit_data_path(args) -> str | None:
+    """--data, or a data.path given as an override (a config file's path is not used:
+    recipes name databases that may not exist here)."""
+    if args.data:
+        return args.data
+    for word in args.overrides:
+        key, _, value = word.partition("=")
+        if key.strip() in ("data.path", "path") and value:
+            return value
+    return None
+
+
+def require_gpu_if_asked(device: str):
+    if device != "gpu":
+        return
+    import gpu_guard   # NVML, not the CUDA driver: forked DALI workers must start before CUDA is initialised
+
+    if not gpu_guard.gpu_visible():
+        raise BenchmarkError("--device gpu needs a CUDA GPU, but torch sees none "
+                             "(torch.cuda.is_available() is False); run with --device cpu")
+
+
+def samples_needed(args, batch: int) -> int:
+    # + 2 batches: DALI's prefetch queue runs ahead of the last timed step.
+    return (args.warmup + args.steps + 2) * batch
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def repeat_count(text: str):
+    """An argparse type: auto or a count >= 1 (--repeat)."""
+    return "auto" if text == "auto" else int_at_least(1)(text)
