@@ -16,7 +16,7 @@ loaders before any CUDA work (set_device, a CUDA tensor, a first batch) is safe.
 See docs/gpu.md.
 
 Neutral ground: imported by the learning side (train.py, finetune.py, evaluate.py)
-and the data side (pipelines.show, benchmark.py, scripts/) alike; it imports neither
+and the data-side tools (show.py, benchmark.py, bench/, scripts/) alike; it imports neither
 `cstp` nor `pipelines` nor DALI.
 """
 
