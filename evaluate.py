@@ -41,6 +41,8 @@ import logging
 import sys
 from pathlib import Path
 
+import gpu_guard  # before torch: CUDA availability through NVML (no cuInit before DALI forks)
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +68,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16, help="clips per batch and rank (default 16)")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     parser.add_argument("--num-threads", type=int, default=2, help="DALI CPU threads")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DALI external-source worker processes per loader (default 0: in the pipeline thread)")
     parser.add_argument("--knn-k", type=int, default=10, help="neighbours of the kNN classifier (default 10)")
     parser.add_argument("--seed", type=int, default=1, help="seed of --random-init")
     parser.add_argument("--executor", choices=("dali", "reference"), default="dali")
@@ -165,7 +169,7 @@ def plot_confusion(confusion, classes, path: Path, title: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from train import distributed_env, resolve_device
+    from train import distributed_env
 
     rank, world_size, local_rank = distributed_env()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -203,12 +207,15 @@ def main(argv=None) -> int:
     except (TypeError, ValueError) as err:
         return fail(f"clip settings: {err}")
     try:
-        device = resolve_device(args.device)
-    except SystemExit as err:
-        return fail(str(err))
-    settings = ClipLoaderSettings(batch_size=args.batch_size, num_threads=args.num_threads, seed=args.seed)
+        device = gpu_guard.resolve_device(args.device)
+    except gpu_guard.DeviceError as err:
+        return fail(f"--device {args.device}: {err}")
+    settings = ClipLoaderSettings(batch_size=args.batch_size, num_threads=args.num_threads, workers=args.workers,
+                                  seed=args.seed)
     common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor,
                   blocklist=args.blocklist)
+    # Both loaders before any CUDA work: each forks its workers when constructed and builds
+    # its pipeline at its first batch (pipelines/faults.py RecoverablePipeline).
     try:
         test_loader = ClipLoader(args.data, "test", clip_cfg, settings, list_path=args.list_path, **common)
         train_loader = ClipLoader(args.train_data, "test", clip_cfg, settings, list_path=args.train_list,

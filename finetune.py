@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+import gpu_guard  # noqa: F401  before torch: CUDA availability through NVML (no cuInit before DALI forks)
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,7 +114,10 @@ def main(argv=None) -> int:
                                   prefetch=d["prefetch"], seed=cfg["run"]["seed"])
     common = dict(device=device, local_rank=local_rank, rank=rank, world_size=world_size, executor=args.executor,
                   list_path=d["train_list"] or None, blocklist=d["blocklist"] or None)
-    # Loaders (and their forked workers) come before the process group (docs/architecture.md#forked-workers).
+    # Loaders (and their forked workers) come before the process group and before any CUDA
+    # work: each forks its workers when constructed and builds its pipeline at its first
+    # batch, so the val loader's fork is not after the train pipeline's CUDA set-up
+    # (docs/gpu.md, docs/architecture.md#forked-workers).
     try:
         from pipelines.lmdb_store import read_metadata
         from pipelines.video_source import is_video_index, read_video_index

@@ -29,6 +29,7 @@ import sys
 
 import lmdb
 
+import gpu_guard  # before torch: CUDA availability through NVML (no cuInit before DALI forks)
 from cstp.config import ConfigError, load_config
 from pipelines.lmdb_store import LmdbFormatError, read_metadata
 from pipelines.plan import plan_config_from
@@ -60,15 +61,11 @@ def parse_args(argv=None):
 
 
 def resolve_device(requested: str) -> str:
-    if requested == "cpu":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "gpu"
-    if requested == "gpu":
-        raise ValueError("device gpu requested but no CUDA GPU is visible; use --device cpu")
-    return "cpu"
+    """Without initialising CUDA (gpu_guard): the loader's workers fork after this."""
+    try:
+        return gpu_guard.resolve_device(requested)
+    except gpu_guard.DeviceError as err:
+        raise ValueError(f"{err}; use --device cpu") from None
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+import gpu_guard   # before torch: CUDA availability is asked through NVML (no cuInit before DALI forks)
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -45,13 +47,12 @@ def distributed_env() -> tuple[int, int, int]:
 
 
 def resolve_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if requested == "gpu" and not torch.cuda.is_available():
-        raise SystemExit("data.device=gpu but no CUDA GPU is visible; use data.device=cpu")
-    return requested
+    """data.device to 'cpu' | 'gpu' without initialising CUDA (gpu_guard: DALI must still
+    be able to fork its workers); SystemExit for gpu without a GPU."""
+    try:
+        return gpu_guard.resolve_device(requested)
+    except gpu_guard.DeviceError as err:
+        raise SystemExit(f"data.device={requested}: {err}; use data.device=cpu") from None
 
 
 def find_resume_state(resume: str | None, out_dir: Path, expected_format: str | None = None, hint: str = ""):
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     plan_cfg = plan_config_from(p)
     settings = LoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"], workers=d["workers"],
                               prefetch=d["prefetch"], shuffle=d["shuffle"], seed=cfg["run"]["seed"],
-                              decode=d["decode"])
+                              decode=d["decode"], graph=d["graph"])
     # The pipeline (and its forked workers) comes before the process group: forked
     # workers must not inherit the group's sockets (docs/architecture.md#forked-workers).
     try:

@@ -140,7 +140,7 @@ def prepare_data(args, cfg: dict, work: Path, *, for_reference: bool = False) ->
     from pipelines.lmdb_store import LmdbFormatError, read_metadata
 
     try:
-        metas, _ = read_metadata(given)
+        metas, _ = read_metadata(given, cfg["data"]["list"] or None)   # data.list: a logical repetition
     except (FileNotFoundError, LmdbFormatError, OSError) as err:
         raise BenchmarkError(f"cannot read the data: {err}") from None
     if not metas:
@@ -201,6 +201,8 @@ SYNTHETIC_VIDEO_CODECS = {
                              "-pix_fmt", "yuv420p"]),
     "cpu": ("mjpeg", ".avi", ["-c:v", "mjpeg", "-q:v", "3", "-pix_fmt", "yuvj420p"]),
 }
+# what the index records of either file's stream (both 8-bit 4:2:0; checked on a GPU)
+SYNTHETIC_STREAM = dict(chroma="4:2:0", bit_depth=8, profile="")
 
 
 def write_synthetic_videos(index_path: Path, cfg: dict, videos: int, device: str) -> str:
@@ -231,8 +233,10 @@ def write_synthetic_videos(index_path: Path, cfg: dict, videos: int, device: str
     if proc.returncode != 0:
         raise BenchmarkError(f"ffmpeg could not write the synthetic video: {proc.stderr.decode()[-300:]}")
     entries = [dict(name=f"synthetic/video{v:05d}", file=video.name, label=0, frames=length, height=height,
-                    width=width, fps=25.0, codec=codec) for v in range(videos)]
-    index_path.write_text(json.dumps({"format": VIDEO_INDEX_FORMAT, "version": 1, "root": ".",
+                    width=width, fps=25.0, codec=codec,
+                    pix_fmt=codec_args[codec_args.index("-pix_fmt") + 1], **SYNTHETIC_STREAM) for v in range(videos)]
+    # no size/mtime stamps: the index is written next to its file at run time, never copied apart
+    index_path.write_text(json.dumps({"format": VIDEO_INDEX_FORMAT, "version": 2, "root": ".",
                                       "classes": ["synthetic"], "videos": entries}))
     return f"synthetic colour-coded {codec} video: 1 file of {length} frames, {width}×{height}, listed {videos}×"
 

@@ -23,14 +23,18 @@ def make_loader(kind: str, db: str, cfg: dict, args):
     d = cfg["data"]
     settings = LoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"],
                               workers=workers_for(kind, args, cfg), prefetch=d["prefetch"],
-                              shuffle=d["shuffle"], seed=cfg["run"]["seed"], decode=d["decode"])
+                              shuffle=d["shuffle"], seed=cfg["run"]["seed"], decode=d["decode"],
+                              graph=d["graph"])
     from pipelines.lmdb_store import LmdbFormatError
+    # data.list: an LMDB's videos through a list, e.g. repeated logically (bench/gpu_data.py repeat-list)
+    listed = (d["list"] or None) if not db.endswith(".json") else None
     try:
         if kind == "dali":
             from pipelines.loader import PretrainLoader
-            return PretrainLoader(db, plan_config_from(cfg["plan"]), settings, device=args.device)
+            return PretrainLoader(db, plan_config_from(cfg["plan"]), settings, device=args.device, list_path=listed)
         from pipelines.reference_executor import ReferencePretrainLoader
-        return ReferencePretrainLoader(db, plan_config_from(cfg["plan"]), settings, device=args.device)
+        return ReferencePretrainLoader(db, plan_config_from(cfg["plan"]), settings, device=args.device,
+                                       list_path=listed)
     except (FileNotFoundError, LmdbFormatError, ValueError) as err:  # VideoIndexError is a ValueError
         raise BenchmarkError(f"cannot use the data: {err}") from None
 

@@ -66,11 +66,9 @@ def explicit_data_path(args) -> str | None:
 def require_gpu_if_asked(device: str):
     if device != "gpu":
         return
-    # Ask NVML, not the CUDA driver: forked DALI workers must start before CUDA is initialised.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    import torch
+    import gpu_guard   # NVML, not the CUDA driver: forked DALI workers must start before CUDA is initialised
 
-    if not torch.cuda.is_available():
+    if not gpu_guard.gpu_visible():
         raise BenchmarkError("--device gpu needs a CUDA GPU, but torch sees none "
                              "(torch.cuda.is_available() is False); run with --device cpu")
 

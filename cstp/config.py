@@ -53,6 +53,7 @@ DEFAULTS: dict = {
         "prefetch": 2,
         "shuffle": True,
         "decode": "roi",            # LMDB JPEGs: roi (decode only the crop box) | full (whole frame, then slice)
+        "graph": "views",           # LMDB: views (a decoder per frame position) | frames (one over B·2·T frames)
     },
     "plan": {
         "frames": 16,
@@ -220,6 +221,7 @@ def validate_shared(cfg: dict):
 def validate(cfg: dict):
     validate_shared(cfg)
     need(cfg["data"]["decode"] in ("roi", "full"), "data.decode must be roi or full")
+    need(cfg["data"]["graph"] in ("views", "frames"), "data.graph must be views or frames")
     need(0 <= cfg["optim"]["warmup_epochs"] <= cfg["run"]["epochs"],
          "optim.warmup_epochs must be between 0 and run.epochs")
     need(cfg["optim"]["schedule_unit"] in ("epoch", "step"), "optim.schedule_unit must be epoch or step")

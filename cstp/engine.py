@@ -159,14 +159,26 @@ class Trainer:
         """Zero momentum buffers up front: SGD's first step then gives exactly what it
         gives without them (buf = grad), and a skipped first step cannot leave the
         fused kernel an uninitialised buffer. Also re-enables `fused` after loading a
-        checkpoint written by a non-fused optimizer."""
+        checkpoint written by a non-fused optimizer.
+
+        Loaded buffers keep the checkpoint's strides; after a resume with
+        train.channels_last toggled they no longer match their parameters', and CUDA's
+        fused SGD refuses parameters, gradients and buffers of different strides. So
+        every buffer is re-laid like its parameter (same values)."""
         for group in self.optimizer.param_groups:
             group["fused"], group["foreach"] = True, None
             if group["momentum"] == 0:
                 continue
             for p in group["params"]:
-                if p.requires_grad and "momentum_buffer" not in self.optimizer.state[p]:
-                    self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                state = self.optimizer.state[p]
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    if p.requires_grad:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                elif buffer.stride() != p.stride():
+                    state["momentum_buffer"] = torch.empty_like(p).copy_(buffer)
+                if p.grad is not None and p.grad.stride() != p.stride():
+                    p.grad = torch.empty_like(p).copy_(p.grad)
 
     def _restore(self, state: dict):
         if state.get("format") != CHECKPOINT_FORMAT:

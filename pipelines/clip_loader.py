@@ -120,7 +120,8 @@ class ClipLoader:
         parallel = settings.workers > 0
         extra = dict(py_num_workers=settings.workers, py_start_method=settings.start_method) if parallel else {}
         make_pipeline = clip_video_pipeline if from_videos else clip_lmdb_pipeline
-        # Rebuilt from the failed batch when a sample does not decode (faults.py).
+        # Workers start now, the pipeline builds at the first batch; rebuilt from the failed
+        # batch when a sample does not decode (faults.py).
         self._dali = RecoverablePipeline(
             self.source, make_pipeline,
             dict(device=self.device, parallel=parallel, batch_size=settings.batch_size,
@@ -131,6 +132,11 @@ class ClipLoader:
     @property
     def pipeline(self):
         return self._dali.pipeline if self._dali is not None else None
+
+    @property
+    def build_seconds(self) -> float | None:
+        """Seconds the DALI pipeline took to build (at the first batch); None until then."""
+        return self._dali.build_seconds if self._dali is not None else None
 
     @property
     def num_items(self) -> int:

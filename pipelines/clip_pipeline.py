@@ -10,7 +10,7 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 
 from .clip_source import CLIP_PARAM_OUTPUTS, LABEL_OUTPUTS, JITTER_OUTPUTS, VIDEO_CLIP_PARAM_OUTPUTS
-from .pretrain_pipeline import color_jitter, cut_view, decoder_device
+from .pretrain_pipeline import JPEG_FANCY_UPSAMPLING, color_jitter, cut_view, decoder_device
 
 
 def finish_clip(clip, params: dict, crop_size: int):
@@ -36,7 +36,8 @@ def clip_lmdb_pipeline(source, device: str = "cpu", parallel: bool = False):
     t = source.cfg.frames
     p = dict(zip(CLIP_PARAM_OUTPUTS, outputs[t:]))
     frames = [fn.decoders.image_slice(buf, p["anchor"], p["shape"], device=decoder_device(device), axis_names="WH",
-                                      normalized_anchor=False, normalized_shape=False, output_type=types.RGB)
+                                      normalized_anchor=False, normalized_shape=False, output_type=types.RGB,
+                                      **JPEG_FANCY_UPSAMPLING)
               for buf in outputs[:t]]
     clip = finish_clip(fn.stack(*frames, axis_name="F"), p, source.cfg.crop_size)
     return (clip, *_labels(p, device))

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import struct
+import time
 
 log = logging.getLogger(__name__)
 
@@ -308,44 +309,89 @@ def probe_kwargs(device: str, local_rank: int) -> dict:
 
 
 
+def fork_refused(device: str) -> bool:
+    """Whether DALI would refuse to fork Python workers now: it does once the CUDA driver
+    is initialised in this process, which building a GPU pipeline does (and a model on
+    a GPU, whatever the data device)."""
+    from nvidia.dali import backend
+
+    return device == "gpu" or backend.IsDriverInitialized()
+
+
 class RecoverablePipeline:
     """A loader's DALI pipeline and iterator that survive decoder faults: `epoch()`
     yields one epoch of DALIGenericIterator outputs; when the pipeline fails, the
     failing samples are located and marked (PipelineRecovery), the pipeline is
     rebuilt to start at the batch that failed, and the epoch goes on. The number of
     batches per epoch never changes, so DDP ranks stay in step while one recovers
-    (it only takes that rank a few seconds longer)."""
+    (it only takes that rank a few seconds longer).
+
+    Workers start at construction, the pipeline builds at the first batch: DALI
+    refuses to fork workers once CUDA is initialised, and building a GPU pipeline
+    initialises it, so a process with two loaders must start the workers of both
+    before it builds either (docs/gpu.md). A rebuild after a fault comes after CUDA
+    on a GPU, so its workers are spawned, not forked (fork_refused); they must also be
+    new ones, as the marked samples live in the source they receive.
+
+    `source` is the per-sample source (recovery probes and marks it, a rebuild moves
+    its start); the pipeline reads `graph_source(source)` in batches of
+    `pipeline_kwargs["batch_size"]`, which hold `samples_per_batch` samples (the frames
+    graph: B samples as B·2·T frames); `make_probe` builds the per-sample graph the
+    recovery runs one sample at a time (default `make_pipeline`)."""
 
     def __init__(self, source, make_pipeline, pipeline_kwargs: dict, output_names, *, device: str,
-                 local_rank: int = 0):
+                 local_rank: int = 0, graph_source=None, samples_per_batch: int | None = None, make_probe=None):
         self.source = source
         self.make_pipeline = make_pipeline
+        self.graph_source = graph_source or (lambda sample_source: sample_source)
         self.kwargs = pipeline_kwargs
         self.output_names = list(output_names)
-        self.batch_size = pipeline_kwargs["batch_size"]
+        self.device = device
+        self.batch_size = samples_per_batch or pipeline_kwargs["batch_size"]   # samples per batch
         probe_args = probe_kwargs(device, local_rank)
         probe_extra = {k: v for k, v in pipeline_kwargs.items()
                        if k not in probe_args and k not in ("py_num_workers", "py_start_method")}
+        make_probe = make_probe or make_pipeline
         # Batches the pipeline may have run ahead of the consumer when it fails.
         lookahead = pipeline_kwargs.get("prefetch_queue_depth", 2) + 2
         self.recovery = PipelineRecovery(
-            source, lambda feed: make_pipeline(source=feed, **probe_args, **probe_extra), self.batch_size, lookahead)
-        self.pipeline = self.iterator = None
-        self.build()
+            source, lambda feed: make_probe(source=feed, **probe_args, **probe_extra), self.batch_size, lookahead)
+        self.build_seconds: float | None = None   # pipeline build + iterator set-up, once built
+        self.iterator = None
+        self.pipeline = self._new_pipeline(self.kwargs)
+
+    def _new_pipeline(self, kwargs: dict):
+        pipeline = self.make_pipeline(source=self.graph_source(self.source), **kwargs)
+        pipeline.start_py_workers()   # builds the Python graph; starts the workers, if any
+        return pipeline
+
+    def _rebuild_kwargs(self) -> dict:
+        kwargs = dict(self.kwargs)
+        if kwargs.get("py_num_workers") and kwargs.get("py_start_method", "fork") == "fork" \
+                and fork_refused(self.device):
+            kwargs["py_start_method"] = "spawn"
+        return kwargs
 
     def build(self):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        """The iterator; builds the pipeline (on GPU: initialises CUDA) when there is none."""
+        if self.iterator is None:
+            from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        self.pipeline = self.make_pipeline(source=self.source, **self.kwargs)
-        self.pipeline.build()
-        self.iterator = DALIGenericIterator([self.pipeline], self.output_names, auto_reset=False,
-                                            last_batch_policy=LastBatchPolicy.DROP, prepare_first_batch=False)
+            if self.pipeline is None:
+                self.pipeline = self._new_pipeline(self._rebuild_kwargs())
+            start = time.perf_counter()
+            self.iterator = DALIGenericIterator([self.pipeline], self.output_names, auto_reset=False,
+                                                last_batch_policy=LastBatchPolicy.DROP, prepare_first_batch=False)
+            if self.build_seconds is None:
+                self.build_seconds = time.perf_counter() - start
+        return self.iterator
 
     def epoch(self, epoch: int, first_position: int):
         consumed = 0
         while True:
+            iterator = self.build()   # outside the try: a failed build is no sample's fault
             try:
-                for outputs in self.iterator:
+                for outputs in iterator:
                     consumed += 1
                     yield outputs
                 break
@@ -361,7 +407,6 @@ class RecoverablePipeline:
                 # Rebuilt to start where it failed: the same sharding, plans and
                 # replacements as ever, with the marked samples replaced.
                 self.source.start_epoch, self.source.start_sample = epoch, position
-                self.build()
         self.iterator.reset()
 
     def close(self):

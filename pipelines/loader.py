@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .faults import RecoverablePipeline, blocked_videos
+from .frames_graph import (FRAMES_OUTPUTS, PretrainFramesSource, check_graph, cstp_pretrain_frames_pipeline,
+                           frames_to_views)
 from .lmdb_store import read_metadata
 from .plan import PlanConfig
 from .pretrain_pipeline import PRETRAIN_OUTPUTS, check_decode, cstp_pretrain_pipeline, cstp_pretrain_video_pipeline
@@ -35,6 +37,7 @@ class LoaderSettings:
     shuffle: bool = True
     seed: int = 1
     decode: str = "roi"           # LMDB path: "roi" | "full" (pretrain_pipeline.DECODE_MODES); videos ignore it
+    graph: str = "views"          # LMDB path: "views" (2·T decoders) | "frames" (one; frames_graph.py)
 
 
 class PretrainLoader:
@@ -73,15 +76,30 @@ class PretrainLoader:
             make_pipeline = cstp_pretrain_pipeline
             extra["decode"] = check_decode(settings.decode)
         self.source.blocked = blocked_videos(blocklist, self.metas, files)
-        # Rebuilt from the failed batch when a sample does not decode (faults.py).
+        # the frames graph (LMDB only): batches of B·2·T frames, turned back into views in __iter__;
+        # a fault is located with the views graph (same decoder and boxes per frame, one sample at a time)
+        self.frames_per_view = plan_cfg.frames if check_graph(settings.graph) == "frames" and not videos else 0
+        graph = dict(make_pipeline=make_pipeline, graph_source=None, batch_size=settings.batch_size,
+                     outputs=PRETRAIN_OUTPUTS)
+        if self.frames_per_view:
+            graph = dict(make_pipeline=cstp_pretrain_frames_pipeline, graph_source=PretrainFramesSource,
+                         batch_size=settings.batch_size * 2 * plan_cfg.frames, outputs=FRAMES_OUTPUTS)
+        # Workers start now, the pipeline builds at the first batch; rebuilt from the failed
+        # batch when a sample does not decode (faults.py).
         self._dali = RecoverablePipeline(
-            self.source, make_pipeline,
-            dict(device=device, parallel=parallel, batch_size=settings.batch_size, num_threads=settings.num_threads,
+            self.source, graph["make_pipeline"],
+            dict(device=device, parallel=parallel, batch_size=graph["batch_size"], num_threads=settings.num_threads,
                  device_id=local_rank if device == "gpu" else None, prefetch_queue_depth=settings.prefetch,
                  **extra),
-            PRETRAIN_OUTPUTS, device=device, local_rank=local_rank)
+            graph["outputs"], device=device, local_rank=local_rank, graph_source=graph["graph_source"],
+            samples_per_batch=settings.batch_size, make_probe=make_pipeline)
         self._epoch, self._start_sample = start_epoch, start_sample
         self._first_epoch_steps = self.steps_per_epoch - start_sample // settings.batch_size
+
+    @property
+    def build_seconds(self) -> float | None:
+        """Seconds the DALI pipeline took to build (at the first batch); None until then."""
+        return self._dali.build_seconds
 
     def steps_in_epoch(self, epoch: int) -> int:
         return self._first_epoch_steps if epoch == self.start_epoch else self.steps_per_epoch
@@ -96,6 +114,8 @@ class PretrainLoader:
         first = self._start_sample if epoch == self.start_epoch else 0
         for outputs in self._dali.epoch(epoch, first):
             batch = outputs[0]
+            if self.frames_per_view:
+                batch = frames_to_views(batch, self.frames_per_view)
             for name in PRETRAIN_OUTPUTS[2:]:
                 batch[name] = batch[name].long()
             yield batch

@@ -26,6 +26,12 @@ PRETRAIN_OUTPUTS = ("view1", "view2", "spatial_label", "temporal_label", "speed_
                     "video_index", "substituted")
 
 
+# nvJPEG (the `mixed` decoders) upsamples 4:2:0 chroma without interpolation unless told
+# otherwise; libjpeg-turbo on the CPU always interpolates ("fancy" upsampling). Every LMDB
+# this project builds is 4:2:0, so the GPU is told to match the CPU (the CPU ignores it).
+JPEG_FANCY_UPSAMPLING = dict(jpeg_fancy_upsampling=True)
+
+
 def decoder_device(device: str) -> str:
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -56,11 +62,11 @@ def execute_view(encoded_frames, anchor, shape, angle, flip, crop_size: int, dev
     if check_decode(decode) == "roi":
         frames = [fn.decoders.image_slice(buf, anchor, shape, device=decoder_device(device), axis_names="WH",
                                           normalized_anchor=False, normalized_shape=False,
-                                          output_type=types.RGB)
+                                          output_type=types.RGB, **JPEG_FANCY_UPSAMPLING)
                   for buf in encoded_frames]
         clip = fn.stack(*frames, axis_name="F")
     else:
-        frames = [fn.decoders.image(buf, device=decoder_device(device), output_type=types.RGB)
+        frames = [fn.decoders.image(buf, device=decoder_device(device), output_type=types.RGB, **JPEG_FANCY_UPSAMPLING)
                   for buf in encoded_frames]
         # the clip is FHWC, so the box's (x, y) order becomes axis_names "WH", as for image_slice
         clip = fn.slice(fn.stack(*frames, axis_name="F"), anchor, shape, axis_names="WH",
@@ -68,11 +74,12 @@ def execute_view(encoded_frames, anchor, shape, angle, flip, crop_size: int, dev
     return augment_view(clip, angle, flip, crop_size, look)
 
 
-def augment_view(clip, angle, flip, crop_size: int, look=None):
+def augment_view(clip, angle, flip, crop_size: int, look=None, sequence: bool = True):
     """A cropped clip (FHWC) to the model's input: resize, rotate, appearance, flip, normalise.
 
     `look`: the view's appearance parameters (sources.APPEARANCE_PARAMS, unnumbered
-    keys), or None for no appearance ops at all."""
+    keys), or None for no appearance ops at all. sequence=False: one frame (HWC) per
+    sample, as the frames graph has them (frames_graph.py); the same ops, per frame."""
     clip = fn.resize(clip, size=[crop_size, crop_size], interp_type=types.INTERP_CUBIC, antialias=True)
     # Rotation after the crop: the box was placed in the un-rotated frame, so the
     # spatial-overlap label counts shared content (docs/method.md#spatial-overlap-label). 90° steps of a
@@ -80,12 +87,12 @@ def augment_view(clip, angle, flip, crop_size: int, look=None):
     # small angle is included (90k+δ), corners outside the crop become black.
     clip = fn.rotate(clip, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_NN)
     if look is not None:
-        clip = appearance(clip, look)
-    return fn.crop_mirror_normalize(clip, dtype=types.FLOAT, output_layout="CFHW",
+        clip = appearance(clip, look, sequence)
+    return fn.crop_mirror_normalize(clip, dtype=types.FLOAT, output_layout="CFHW" if sequence else "CHW",
                                     mean=[127.5] * 3, std=[127.5] * 3, mirror=flip)
 
 
-def appearance(clip, look):
+def appearance(clip, look, sequence: bool = True):
     """The strong augmentation after the rotation (docs/method.md#appearance), uint8 FHWC in and out:
     colour jitter, per-frame channel grey, Gaussian blur.
 
@@ -97,9 +104,11 @@ def appearance(clip, look):
     switched-off step are neutral (identity matrices, a 1-tap blur, factors 1, hue 0),
     so the ops are also correct without the conditionals."""
     if look["jitter"] > 0:
-        clip = color_jitter(clip, look)
+        clip = color_jitter(clip, look, sequence)
     if look["grey"] > 0:
-        clip = fn.coord_transform(clip, M=fn.per_frame(look["grey_matrix"]), dtype=types.UINT8)
+        # sequence: one matrix per frame; a frame (frames graph): its own matrix
+        matrix = fn.per_frame(look["grey_matrix"]) if sequence else look["grey_matrix"]
+        clip = fn.coord_transform(clip, M=matrix, dtype=types.UINT8)
     if look["blur_window"] > 1:
         clip = fn.gaussian_blur(clip, sigma=look["blur_sigma"], window_size=look["blur_window"])
     return clip
@@ -123,17 +132,18 @@ def _blend(degenerate, x, factor):
 _TRUNCATE = -0.4999 / 255.0
 
 
-def _pil_contrast(x, contrast):
+def _pil_contrast(x, contrast, sequence: bool = True):
     """ImageEnhance.Contrast on uint8 FHWC: blend each frame with its mean grey level,
     int(mean(L) + 0.5), truncated. On CPU one fused op with a per-frame centre; on GPU the
     centre cannot be an argument (arguments live on the CPU), so it is blended with
     arithmetic there."""
-    mean = fn.reductions.mean(_luma(x), axes=[1, 2, 3])                          # (T,)
+    mean = fn.reductions.mean(_luma(x), axes=[1, 2, 3] if sequence else [0, 1, 2])   # (T,) or () per frame
     mean = dmath.floor(mean + 0.5)
     if x.device == "gpu":
-        y = _blend(fn.reshape(mean, shape=[-1, 1, 1, 1]), fn.cast(x, dtype=types.FLOAT), contrast.gpu())
-        return fn.reshape(fn.cast(y, dtype=types.UINT8), layout="FHWC")
-    return fn.brightness_contrast(x, contrast=contrast, contrast_center=fn.per_frame(mean),
+        centre = fn.reshape(mean, shape=[-1, 1, 1, 1] if sequence else [1, 1, 1])
+        y = _blend(centre, fn.cast(x, dtype=types.FLOAT), contrast.gpu())
+        return fn.reshape(fn.cast(y, dtype=types.UINT8), layout="FHWC" if sequence else "HWC")
+    return fn.brightness_contrast(x, contrast=contrast, contrast_center=fn.per_frame(mean) if sequence else mean,
                                   brightness_shift=_TRUNCATE)
 
 
@@ -146,7 +156,7 @@ def saturation_hue_matrix(saturation, hue_shift):
     return fn.reshape(fn.stack(*entries), shape=[3, 3])
 
 
-def color_jitter(clip, look):
+def color_jitter(clip, look, sequence: bool = True):
     """The colour jitter on uint8 FHWC, fixed order brightness → contrast → saturation+hue,
     in three fused ops (CPU and GPU alike):
     - brightness and contrast are PIL's ImageEnhance (torchvision's ColorJitter on PIL
@@ -162,7 +172,7 @@ def color_jitter(clip, look):
     brightness, contrast, saturation, hue_shift = (look[k] for k in ("brightness", "contrast", "saturation",
                                                                      "hue_shift"))
     x = fn.brightness_contrast(clip, brightness=brightness, brightness_shift=_TRUNCATE)
-    x = _pil_contrast(x, contrast)
+    x = _pil_contrast(x, contrast, sequence)
     return fn.coord_transform(x, M=saturation_hue_matrix(saturation, hue_shift), dtype=types.UINT8)
 
 

@@ -4,10 +4,13 @@ each sample's encoded file plus the sorted union of both views' frame indices, s
 `fn.decoders.video` decodes every needed frame once (NVDEC on GPU) and the two
 views are cut from that one decode.
 
-Index format: {"format": VIDEO_INDEX_FORMAT, "version": 1, "root": folder,
+Index format: {"format": VIDEO_INDEX_FORMAT, "version": 2, "root": folder,
 "classes": [...], "videos": [{name, file (relative to root), label, frames,
-height, width, fps, codec, size, mtime_ns}, ...]}. size and mtime_ns (the file's, when
-indexed; absent in older indexes) let readers refuse files that changed since.
+height, width, fps, codec, size, mtime_ns, pix_fmt, chroma, bit_depth, profile}, ...]}.
+size and mtime_ns (the file's, when indexed; absent in older indexes) let readers refuse
+files that changed since. Version 1 indexes lack the last four (the stream format): they
+still work on the CPU; on a GPU they are refused with the command that re-indexes them,
+because NVDEC's limits are checked from those fields before training.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ VIDEO_INDEX_FORMAT = "cstp-dali-video-index"
 # What DALI 2.4 decodes on the CPU; H.264, HEVC, AV1 and MPEG-4 need NVDEC (docs/data.md#video-index).
 CPU_DECODABLE_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 MAX_VIDEO_BYTES = 4 << 30  # refuse absurd files rather than read them into memory
+# What DALI's `mixed` video decoder (NVDEC) takes, per codec: 4:2:0 chroma and at most this
+# bit depth. NVDEC up to Hopper decodes H.264 and MPEG-4 in 8-bit 4:2:0 only; HEVC, VP9 and
+# AV1 also in 10 bit. Anything else fails DALI's capability check ("Decoder hardware does
+# not support this video codec and/or chroma format") in the middle of a run, killing it.
+NVDEC_MAX_BIT_DEPTH = {"h264": 8, "mpeg4": 8, "vp8": 8, "mjpeg": 8, "hevc": 10, "vp9": 10, "av1": 10}
+STREAM_FORMAT_FIELDS = ("pix_fmt", "chroma", "bit_depth", "profile")
 
 # The non-video outputs of the video source, in order, after the encoded file.
 VIDEO_PARAM_OUTPUTS = (
@@ -46,7 +55,15 @@ def is_video_index(path: str) -> bool:
     return str(path).endswith(".json")
 
 
-def read_video_index(path: str) -> tuple[list[VideoMeta], list[str], list[str]]:
+class VideoFile(str):
+    """A video's absolute path that also carries what its index recorded: `stream`, the
+    stream format (STREAM_FORMAT_FIELDS plus codec; None for an index written before
+    formats were recorded), and `root`, the indexed folder (for the commands that fix it)."""
+    stream: dict | None = None
+    root: str = ""
+
+
+def read_video_index(path: str) -> tuple[list[VideoMeta], list[str], list[VideoFile]]:
     """(metas, classes, absolute file paths) of a video index."""
     p = Path(path)
     if not p.is_file():
@@ -63,9 +80,48 @@ def read_video_index(path: str) -> tuple[list[VideoMeta], list[str], list[str]]:
         metas.append(VideoMeta(name=v["name"], label=int(v["label"]), frames=int(v["frames"]),
                                height=int(v["height"]), width=int(v["width"]), fps=float(v.get("fps", 0.0)),
                                source=v.get("codec", "")))
-        files.append(str(root / v["file"]))
+        file = VideoFile(root / v["file"])
+        file.root = str(root)
+        if all(field in v for field in STREAM_FORMAT_FIELDS):
+            file.stream = {"codec": v.get("codec", ""), **{field: v[field] for field in STREAM_FORMAT_FIELDS}}
+        files.append(file)
     check_video_files(path, files, video_stamps(index))
     return metas, list(index.get("classes", [])), files
+
+
+def nvdec_problem(stream: dict) -> str | None:
+    """Why NVDEC (DALI's `mixed` video decoder) cannot decode a stream of this format, or
+    None when it can (see NVDEC_MAX_BIT_DEPTH)."""
+    codec = str(stream.get("codec", "")).lower()
+    if codec not in NVDEC_MAX_BIT_DEPTH:
+        return f"codec {codec or 'unknown'} is not one DALI decodes on the GPU"
+    what = f"{codec} {stream.get('profile') or ''} {stream.get('pix_fmt') or ''}".replace("  ", " ").strip()
+    if stream.get("chroma") != "4:2:0":
+        return f"{what}: chroma {stream.get('chroma') or 'unknown'}, NVDEC decodes 4:2:0 only"
+    depth = stream.get("bit_depth")
+    if not isinstance(depth, int) or depth > NVDEC_MAX_BIT_DEPTH[codec]:
+        return f"{what}: {depth or 'unknown'}-bit, NVDEC decodes {codec} up to {NVDEC_MAX_BIT_DEPTH[codec]}-bit"
+    return None
+
+
+def refuse_for_nvdec(files: list[VideoFile]):
+    """On GPU: refuse, before anything starts, a file NVDEC cannot decode (it would end the
+    run at its first sample), naming the file and the commands that fix it."""
+    for file in files:
+        stream = getattr(file, "stream", None)
+        root = getattr(file, "root", "") or str(Path(file).parent)
+        if stream is None:
+            raise VideoIndexError(
+                f"{file}: the video index does not record its pixel format, bit depth and profile (written by an "
+                "older version), so whether NVDEC can decode it is unknown; re-index: python -m preprocessing "
+                f"index-videos --videos {root} --out INDEX.json")
+        problem = nvdec_problem(stream)
+        if problem:
+            raise VideoIndexError(
+                f"{file}: {problem}, so it cannot be decoded on the GPU. Transcode the dataset to 8-bit 4:2:0 H.264 "
+                f"and index the copy: python -m preprocessing transcode --videos {root} --out {root}_nvdec && "
+                f"python -m preprocessing index-videos --videos {root}_nvdec --out INDEX.json (or train on an LMDB: "
+                f"python -m preprocessing build-lmdb --videos {root} --out DB)")
 
 
 def video_stamps(index: dict | str) -> list[dict | None]:
@@ -93,8 +149,10 @@ def read_video_file(file: str, stamp: dict | None) -> np.ndarray:
 
 
 def refuse_undecodable(metas: list[VideoMeta], files: list[str], device: str):
-    """On CPU, DALI cannot decode H.264/HEVC/MPEG-4/AV1: say so before anything starts."""
+    """On CPU, DALI cannot decode H.264/HEVC/MPEG-4/AV1; on GPU, NVDEC takes 4:2:0 of a
+    limited bit depth only: say so before anything starts."""
     if device == "gpu":
+        refuse_for_nvdec(files)
         return
     for meta, file in zip(metas, files):
         codec = meta.source.lower()

@@ -156,7 +156,8 @@ def _describe_stream(path: Path, stream: dict, fmt: dict) -> dict:
     return dict(path=str(path), has_video=True, stream_index=int(stream["index"]), width=width,
                 height=height, fps=fps, codec=stream.get("codec_name", "unknown"),
                 nb_frames=nb_frames, duration=duration, rotation=rotation,
-                pix_fmt=stream.get("pix_fmt"), color_range=stream.get("color_range"))
+                pix_fmt=stream.get("pix_fmt"), color_range=stream.get("color_range"), profile=stream.get("profile"),
+                bits_per_raw_sample=stream.get("bits_per_raw_sample"))
 
 
 def _rotation_degrees(stream: dict) -> int:

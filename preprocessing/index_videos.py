@@ -21,6 +21,7 @@ from pipelines.video_source import VIDEO_INDEX_FORMAT
 from .build_lmdb import plan_build
 from .ffmpeg_io import VideoError, probe_video, summarize_stderr
 from .ffmpeg_tools import executable
+from .probe import bit_depth_of, chroma_of
 
 COUNT_TIMEOUT_S = 600
 
@@ -58,7 +59,18 @@ def index_one(job) -> dict:
         return {"file": job.source, "reason": err.reason}
     return {"name": job.name, "file": job.source, "label": job.label, "frames": frames,
             "height": info["height"], "width": info["width"], "fps": info["fps"], "codec": info["codec"],
+            **stream_format(info),
             **stamp}  # size, mtime_ns: readers refuse the file once it changes (pipelines/faults.py)
+
+
+def stream_format(info: dict) -> dict:
+    """What the GPU path checks against NVDEC's limits before training (video_source.nvdec_problem)."""
+    pix_fmt = info.get("pix_fmt") or ""
+    try:
+        depth = int(info.get("bits_per_raw_sample") or 0) or bit_depth_of(pix_fmt)
+    except ValueError:
+        depth = bit_depth_of(pix_fmt)
+    return {"pix_fmt": pix_fmt, "chroma": chroma_of(pix_fmt), "bit_depth": depth, "profile": info.get("profile") or ""}
 
 
 def index_videos(videos_dir, out_path, list_file=None, workers: int = 4, progress: bool = True) -> dict:
@@ -74,7 +86,7 @@ def index_videos(videos_dir, out_path, list_file=None, workers: int = 4, progres
     videos = [r for r in results if "reason" not in r]
     failed = [{"file": f.job.source, "reason": f.reason} for f in plan.failed] + \
         [r for r in results if "reason" in r]
-    index = {"format": VIDEO_INDEX_FORMAT, "version": 1, "root": str(Path(videos_dir).absolute()),
+    index = {"format": VIDEO_INDEX_FORMAT, "version": 2, "root": str(Path(videos_dir).absolute()),
              "classes": plan.classes, "videos": videos, "failed": failed,
              "seconds": round(time.perf_counter() - start, 2)}
     out = Path(out_path)

@@ -14,11 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".git", ".venv", "runs", "data", "__pycache__", "node_modules", ".pytest_cache"}
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".sbatch", ".toml", ".txt", ".cfg", ".ini", ""}
 
-# Pages that another branch adds. A link to one passes while the file is absent;
-# once the page is in the tree its anchors are checked like any other.
-# docs/gpu.md: written on branch i15 (remove it from here once it is merged).
-MERGED_SEPARATELY = {"docs/gpu.md"}
-
 # Background documents that were never part of the repository; built from parts so
 # that this file does not match itself.
 OUTSIDE_DOCUMENTS = [
@@ -95,7 +90,7 @@ def check_target(source: Path, target: str) -> str | None:
     dest = (source.parent / path_part).resolve() if path_part else source
     rel = dest.relative_to(REPO).as_posix() if dest.is_relative_to(REPO) else str(dest)
     if not dest.exists():
-        return None if rel in MERGED_SEPARATELY else f"{target}: no such file ({rel})"
+        return f"{target}: no such file ({rel})"
     if anchor:
         if dest.suffix != ".md":
             return f"{target}: an anchor into a file that is not markdown"
