@@ -37,6 +37,8 @@ examples:
   python benchmark.py e2e --config configs/k400.yaml --device gpu --batch 64 --threads 4 --workers 6 \\
       --data data/k400_320.lmdb --json runs/bench/e2e.json
 
+`benchmark.py source --data DB|INDEX.json ...`: the host side of a data path alone (plan, read,
+checks, hand-over; storage bytes per sample): see bench/host_source.py.
 `benchmark.py gpu-check-summary WORK OUT`: scripts/gpu_check.sh's headline table of its runs.
 
 Any config value can be overridden with key=value as in train.py (model.width=0.5,
@@ -145,8 +147,15 @@ def gpu_check_command(argv: list[str]) -> int:
     return 0
 
 
+def source_command(argv: list[str]) -> int:
+    """The host side of a data path alone: bench/host_source.py (imported only when asked for)."""
+    from bench.host_source import main as source_main
+
+    return source_main(argv)
+
+
 # Commands with arguments of their own (not the modes' flags): name -> function(argv) -> exit status.
-COMMANDS = {"gpu-check-summary": gpu_check_command}
+COMMANDS = {"source": source_command, "gpu-check-summary": gpu_check_command}
 
 
 def main(argv=None) -> int:

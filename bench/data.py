@@ -51,13 +51,14 @@ def write_synthetic_db(path: Path, cfg: dict, videos: int) -> str:
         buf = io.BytesIO()
         Image.fromarray(frame).save(buf, format="JPEG", quality=90)
         pool.append(buf.getvalue())
-    value = fmt.pack([pool[f % 32] for f in range(length)])
-    env = lmdb.open(str(path), map_size=len(value) * videos * 2 + (64 << 20))
+    frames = [pool[f % 32] for f in range(length)]
+    env = lmdb.open(str(path), map_size=sum(map(len, frames)) * videos * 2 + (64 << 20))
     metas = [fmt.VideoMeta(f"synthetic/video{v:05d}", 0, length, height, width, 25.0, "synthetic").to_dict()
              for v in range(videos)]
     with env.begin(write=True) as txn:
         for v in range(videos):
-            txn.put(fmt.video_key(v), value)
+            for key, value in fmt.layout_entries(v, frames):
+                txn.put(key, value)
         for key, entry in _index_entries(fmt, metas, ["synthetic"], {"format": fmt.FORMAT_NAME,
                                                                      "version": fmt.FORMAT_VERSION}).items():
             txn.put(key, entry)
@@ -66,7 +67,9 @@ def write_synthetic_db(path: Path, cfg: dict, videos: int) -> str:
 
 
 def write_repeated_db(source: str, path: Path, copies: int) -> None:
-    """`source` with every video stored `copies` times (names get a #k suffix)."""
+    """`source` with every video stored `copies` times (names get a #k suffix), each copy
+    its own entries (its own pages), in the source's layout; version 2 copies get read
+    hints, as build-lmdb writes them."""
     import lmdb
 
     from pipelines import lmdb_store as fmt
@@ -78,18 +81,32 @@ def write_repeated_db(source: str, path: Path, copies: int) -> None:
     info = fmt.unpack(raw_info) if raw_info is not None else {}
     size = db_bytes(source)
     env = lmdb.open(str(path), map_size=int(size * copies * 1.2) + (64 << 20))
-    out_metas = []
+    out_metas, hinted = [], []
     for k in range(copies):
         with src.begin(buffers=False) as read, env.begin(write=True) as write:
             for v, meta in enumerate(metas):
-                value = read.get(fmt.video_key(v))
-                if value is None:
-                    raise BenchmarkError(f"{source}: no entry for video {v}")
-                write.put(fmt.video_key(k * len(metas) + v), value)
+                entry, new_entry = meta.key if meta.key >= 0 else v, k * len(metas) + v
+                try:   # either layout, as stored
+                    entries = fmt.stored_video_entries(read, entry, new_entry)
+                except KeyError:
+                    raise BenchmarkError(f"{source}: no entry for video {v}") from None
+                for key, value in entries:
+                    write.put(key, value)
+                if len(entries) > 1:   # version 2: a header and its frames
+                    hinted.append((new_entry, len(entries) - 1))
                 out_metas.append({**meta.to_dict(), "name": f"{meta.name}#{k}"})
     with env.begin(write=True) as txn:
         for key, entry in _index_entries(fmt, out_metas, classes, info).items():
             txn.put(key, entry)
+
+    def put(pairs):
+        with env.begin(write=True) as txn:
+            for key, value in pairs:
+                txn.put(key, value)
+
+    for new_entry, frames in hinted:
+        fmt.hint_entry(put, env, str(path), new_entry, frames)
+    env.sync(True)
     env.close()
 
 

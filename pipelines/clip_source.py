@@ -1,6 +1,7 @@
 """Per-sample `external_source` callables for supervised clips (finetune / val / test):
 (epoch, position) -> the item this rank reads there, its ClipPlan and the encoded
-bytes the plan needs. Modelled on sources.PretrainLmdbSource: deterministic from
+bytes the plan needs. Like sources.PretrainLmdbSource (both build on
+sample_source.EpochSampleSource): deterministic from
 DALI's SampleInfo, so a pipeline restarted at (start_epoch, start_sample) produces
 exactly what an uninterrupted run would have.
 
@@ -14,27 +15,22 @@ Sharding:
   Every item is read exactly once with valid = True over all ranks.
 
 A video that cannot be read is replaced by another item, chosen deterministically
-(sources.MAX_SUBSTITUTIONS in a row means the database is broken), and flagged
+(sample_source.MAX_SUBSTITUTIONS in a row means the database is broken), and flagged
 `substituted`. In val/test a replacement is also flagged invalid: it is another
 video's clip, and counting it would weigh that video twice.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-
 import numpy as np
 
 from .clip_plan import JITTER_KEYS, MODES, ClipPlan, ClipPlanConfig, jitter_arrays, num_test_clips, test_clip_plan, \
     train_clip_plan, val_clip_plan
-from .faults import DecodeFailedError, SubstitutesUndecodable
-from .lmdb_store import LmdbFrameReader, VideoMeta, lmdb_keys
-from .sharding import samples_per_rank, shard_indices
-from .sources import MAX_SUBSTITUTIONS, BadSampleError, _guard_worker_process, read_checked_jpegs
+from .lmdb_store import VideoMeta
+from .sample_source import EpochSampleSource
+from .sharding import samples_per_rank
+from .sources import read_checked_jpegs
 from .video_source import read_video_file, video_stamps
-
-log = logging.getLogger(__name__)
 
 # The batch keys every clip loader yields (both executors, both data paths).
 # crop_index (last, so the older keys keep their positions): which spatial crop of a
@@ -70,20 +66,23 @@ def eval_samples_per_rank(num_items: int, world_size: int, batch_size: int) -> i
     return max(1, -(-largest // batch_size)) * batch_size
 
 
-class ClipLmdbSource(SubstitutesUndecodable):
+class ClipLmdbSource(EpochSampleSource):
     """Sample source of the clip pipeline over an LMDB of JPEG frames.
 
     Returns, per sample: the T JPEG buffers of the plan's frames, then the arrays named
     in CLIP_PARAM_OUTPUTS (ROI anchor/shape in (x, y) order for decoders.image_slice,
     the jitter parameters, the labels)."""
 
+    # A clip plan raises ValueError for a video without frames, IndexError past its end.
+    SUBSTITUTED_ERRORS = (*EpochSampleSource.SUBSTITUTED_ERRORS, ValueError, IndexError)
+
     def __init__(self, db_path: str, metas: list[VideoMeta], cfg: ClipPlanConfig, mode: str, *, seed: int,
                  batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  start_epoch: int = 0, start_sample: int = 0, videos=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if start_sample % batch_size:
-            raise ValueError(f"start_sample {start_sample} must be a multiple of the batch size {batch_size}")
+        super().__init__(db_path, metas, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size,
+                         shuffle=shuffle, start_epoch=start_epoch, start_sample=start_sample)
         self.videos = np.arange(len(metas), dtype=np.int64) if videos is None else np.asarray(videos, np.int64)
         if len(self.videos) == 0:
             raise ValueError(f"{db_path}: no videos to read")
@@ -91,20 +90,8 @@ class ClipLmdbSource(SubstitutesUndecodable):
             raise ValueError(f"video ids must lie in [0, {len(metas)}) for {db_path}")
         if len(np.unique(self.videos)) != len(self.videos):
             raise ValueError("the `videos` subset lists a video twice")
-        # Videos of a reference LMDB read through a list file sit at other entry ids
-        # (VideoMeta.key): video i reads entry metas[i].key.
-        self.reader = LmdbFrameReader(db_path, lmdb_keys(metas))
-        self.path = db_path
-        self.metas = metas
         self.cfg = cfg
         self.mode = mode
-        self.seed = seed
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.start_epoch = start_epoch
-        self.start_sample = start_sample
         if mode == "train":
             self.items = None
             self.per_rank = samples_per_rank(len(self.videos), world_size, batch_size)
@@ -118,10 +105,6 @@ class ClipLmdbSource(SubstitutesUndecodable):
             # A checkpoint taken after the epoch's last step: the next sample is the next
             # epoch's first (DALI cannot start on an empty epoch).
             self.start_epoch, self.start_sample = start_epoch + 1, 0
-        self._guarded_pid = os.getpid()
-        self._order_epoch = None
-        self._order = None
-        self._reported: set[int] = set()
 
     @property
     def num_outputs(self) -> int:
@@ -132,20 +115,10 @@ class ClipLmdbSource(SubstitutesUndecodable):
         """Distinct samples of an epoch over all ranks (train: videos read per epoch)."""
         return self.per_rank * self.world_size if self.items is None else len(self.items)
 
-    def position(self, sample_info) -> tuple[int, int]:
-        """(epoch, index within this rank's epoch) of a DALI SampleInfo."""
-        epoch = sample_info.epoch_idx + self.start_epoch
-        offset = self.start_sample if sample_info.epoch_idx == 0 else 0
-        return epoch, sample_info.idx_in_epoch + offset
-
     def item_for(self, epoch: int, position: int) -> tuple[int, int, int, bool]:
         """(video, clip_index, crop_index, valid) this rank reads at `position` of `epoch`."""
         if self.items is None:
-            if self._order_epoch != epoch:
-                self._order = shard_indices(len(self.videos), self.rank, self.world_size, self.batch_size,
-                                            self.seed, epoch, self.shuffle)
-                self._order_epoch = epoch
-            return int(self.videos[self._order[position]]), 0, 0, True
+            return int(self.videos[self.epoch_order(epoch, len(self.videos))[position]]), 0, 0, True
         if position < len(self.block):
             return (*self.items[self.block[position]], True)
         # Padding: repeat the block's last item (the first item when the block is empty).
@@ -159,30 +132,20 @@ class ClipLmdbSource(SubstitutesUndecodable):
             return val_clip_plan(video, meta, self.cfg)
         return test_clip_plan(video, meta, self.cfg, clip_index, crop_index)
 
-    def _guard_if_worker(self):
-        if os.getpid() != self._guarded_pid:
-            _guard_worker_process()
-            self._guarded_pid = os.getpid()
-
     def sample(self, epoch: int, position: int):
         """(plan, payload, substituted, valid) at `position` of `epoch`; the one place
         both executors take their samples from."""
         video, clip, crop, valid = self.item_for(epoch, position)
-        for attempt in range(MAX_SUBSTITUTIONS):
-            try:
-                self.check_not_failed(epoch, position, attempt, video)
-                plan = self.plan(epoch, video, clip, crop)
-                payload = self.read_payload(plan)
-            except (BadSampleError, DecodeFailedError, ValueError, IndexError) as err:  # ValueError: no frames
-                self._report_once(video, err)
-                video, clip, crop = self.replacement(epoch, position, attempt)
-                continue
-            replaced = attempt > 0
-            self.last_attempt, self.last_video = attempt, video
-            # val/test: a replacement is another video's clip; it must not count twice
-            return plan, payload, int(replaced), valid and not (replaced and self.items is not None)
-        raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable videos in a row in {self.path}; the database "
-                           "looks broken (rebuild it with `python -m preprocessing build-lmdb`)")
+        (plan, payload), attempt = self.first_readable(epoch, position, (video, clip, crop),
+                                                       lambda *item: self.read_item(epoch, *item))
+        replaced = attempt > 0
+        # val/test: a replacement is another video's clip; it must not count twice
+        return plan, payload, int(replaced), valid and not (replaced and self.items is not None)
+
+    def read_item(self, epoch: int, video: int, clip: int, crop: int) -> tuple:
+        """(plan, payload) of one (video, clip, crop)."""
+        plan = self.plan(epoch, video, clip, crop)
+        return plan, self.read_payload(plan)
 
     def __call__(self, sample_info):
         self._guard_if_worker()
@@ -210,12 +173,6 @@ class ClipLmdbSource(SubstitutesUndecodable):
         if self.items is None:
             return int(self.videos[rng.integers(0, len(self.videos))]), 0, 0
         return self.items[int(rng.integers(0, len(self.items)))]
-
-    def _report_once(self, video: int, err: Exception):
-        if video not in self._reported:
-            self._reported.add(video)
-            log.warning("skipping video %d (%s) of %s: %s; another sample takes its place", video,
-                        self.metas[video].name, self.path, err)
 
 
 def label_arrays(plan: ClipPlan, substituted: int, valid: bool) -> tuple[np.ndarray, ...]:

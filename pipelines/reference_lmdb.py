@@ -24,8 +24,8 @@ from pathlib import Path
 
 import msgpack
 
-from .lmdb_store import (KEYS_KEY, MAX_FRAMES_PER_VIDEO, ORDER_KEY, LmdbFormatError, VideoMeta, jpeg_size,
-                         shared_env, unpack, video_key)
+from .lmdb_store import (KEYS_KEY, MAX_FRAMES_PER_VIDEO, ORDER_KEY, LmdbFormatError, VideoMeta, frame_key,
+                         header_frames, jpeg_size, shared_env, unpack, video_key)
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,18 @@ def read_reference_list(path: str | Path) -> list[tuple[str, int, int | None]]:
 
 
 def entry_header(txn, entry: int) -> tuple[int, int, int] | None:
-    """(frames, height, width) of an LMDB entry from its msgpack array header and its
-    first frame's JPEG header; None when the entry is missing or unreadable."""
+    """(frames, height, width) of an LMDB entry from its msgpack array header (or
+    version 2 video header) and its first frame's JPEG header; None when the entry is
+    missing or unreadable."""
     raw = txn.get(video_key(entry))
     if raw is None:
+        return None
+    try:
+        frames = header_frames(raw)
+        if frames is not None:   # a converted reference LMDB: the header, then frame 0's JPEG header
+            first = txn.get(frame_key(entry, 0)) if frames else None
+            return None if first is None else (frames, *jpeg_size(first))
+    except (LmdbFormatError, ValueError):
         return None
     try:
         # raw=True: frames packed as msgpack str by old msgpack versions come back as bytes too.

@@ -6,25 +6,15 @@ sample of any epoch and produce exactly what an uninterrupted run would have.
 
 from __future__ import annotations
 
-import ctypes
-import logging
 import math
-import os
-import signal
 
 import msgpack
 import numpy as np
 
-from .faults import DecodeFailedError, SubstitutesUndecodable
-from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem, lmdb_keys
+from .lmdb_store import LmdbFormatError, LmdbFrameReader, VideoMeta, jpeg_problem
 from .plan import PlanConfig, PretrainPlan, ViewPlan, make_pretrain_plan
-from .sharding import samples_per_rank, shard_indices
-
-log = logging.getLogger(__name__)
-
-
-class BadSampleError(RuntimeError):
-    """A video whose planned frames cannot be read or would break the decoder."""
+from .sample_source import BadSampleError, EpochSampleSource
+from .sharding import samples_per_rank
 
 # Per view, the parameters of its appearance augmentation (plan.Appearance), neutral
 # when it is off: view 1's, then view 2's.
@@ -40,24 +30,8 @@ PRETRAIN_PARAM_OUTPUTS = (
     "substituted",
 )
 
-# A sample whose video cannot be read is replaced by another, chosen deterministically;
-# this many bad videos in a row means the database itself is broken.
-MAX_SUBSTITUTIONS = 16
 
-
-def _guard_worker_process():
-    """In a DALI worker process: die with the parent rank and leave SIGTERM/SIGINT to
-    it (docs/architecture.md#signals-and-orphans): otherwise a SIGKILLed rank leaves orphans that
-    hold its sockets, and a preempted rank loses its workers before it can save."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class PretrainLmdbSource(SubstitutesUndecodable):
+class PretrainLmdbSource(EpochSampleSource):
     """Sample source of the CSTP pretraining pipeline over an LMDB of JPEG frames.
 
     Returns, per sample: view 1's T JPEG buffers, view 2's T JPEG buffers, then the
@@ -68,50 +42,21 @@ class PretrainLmdbSource(SubstitutesUndecodable):
     def __init__(self, db_path: str, metas: list[VideoMeta], plan_cfg: PlanConfig, *, seed: int,
                  batch_size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  start_epoch: int = 0, start_sample: int = 0):
-        if start_sample % batch_size:
-            raise ValueError(f"start_sample {start_sample} must be a multiple of the batch size {batch_size}")
-        self.reader = LmdbFrameReader(db_path, lmdb_keys(metas))
-        self.metas = metas
+        super().__init__(db_path, metas, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size,
+                         shuffle=shuffle, start_epoch=start_epoch, start_sample=start_sample)
         self.plan_cfg = plan_cfg
-        self.seed = seed
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.start_epoch = start_epoch
-        self.start_sample = start_sample
         self.per_rank = samples_per_rank(len(metas), world_size, batch_size)
-        self._creator_pid = os.getpid()
-        self._guarded_pid = os.getpid()
-        self._order_epoch = None
-        self._order = None
-        self._reported: set[int] = set()
 
     @property
     def num_outputs(self) -> int:
         return 2 * self.plan_cfg.frames + len(PRETRAIN_PARAM_OUTPUTS)
 
-    def position(self, sample_info) -> tuple[int, int]:
-        """(epoch, index within this rank's epoch) of a DALI SampleInfo."""
-        epoch = sample_info.epoch_idx + self.start_epoch
-        offset = self.start_sample if sample_info.epoch_idx == 0 else 0
-        return epoch, sample_info.idx_in_epoch + offset
-
     def video_for(self, epoch: int, position: int) -> int:
-        if self._order_epoch != epoch:
-            self._order = shard_indices(len(self.metas), self.rank, self.world_size, self.batch_size,
-                                        self.seed, epoch, self.shuffle)
-            self._order_epoch = epoch
-        return int(self._order[position])
+        return int(self.epoch_order(epoch, len(self.metas))[position])
 
     def plan(self, epoch: int, video: int) -> PretrainPlan:
         m = self.metas[video]
         return make_pretrain_plan(self.seed, epoch, video, m.frames, m.height, m.width, self.plan_cfg)
-
-    def _guard_if_worker(self):
-        if os.getpid() != self._guarded_pid:
-            _guard_worker_process()
-            self._guarded_pid = os.getpid()
 
     def __call__(self, sample_info):
         self._guard_if_worker()
@@ -126,19 +71,8 @@ class PretrainLmdbSource(SubstitutesUndecodable):
     def sample(self, epoch: int, position: int):
         """(plan, payload, attempt) at `position` of `epoch`: attempt > 0 when unreadable
         or undecodable videos were replaced (the one place both executors take samples from)."""
-        video = self.video_for(epoch, position)
-        for attempt in range(MAX_SUBSTITUTIONS):
-            try:
-                self.check_not_failed(epoch, position, attempt, video)
-                plan, payload = self.read_sample(epoch, video)
-                break
-            except (BadSampleError, DecodeFailedError) as err:
-                self._report_once(video, err)
-                video = self.replacement_video(epoch, position, attempt)
-        else:
-            raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable videos in a row in {self.reader.path}; "
-                               "the database looks broken (rebuild it with `python -m preprocessing build-lmdb`)")
-        self.last_attempt, self.last_video = attempt, video
+        (plan, payload), attempt = self.first_readable(epoch, position, (self.video_for(epoch, position),),
+                                                       lambda video: self.read_sample(epoch, video))
         return plan, payload, attempt
 
     def outputs(self, plan: PretrainPlan, jpegs: list[bytes], substituted: int) -> tuple:
@@ -158,22 +92,21 @@ class PretrainLmdbSource(SubstitutesUndecodable):
         rng = np.random.default_rng([self.seed, epoch, position, attempt, 0xBAD])
         return int(rng.integers(0, len(self.metas)))
 
-    def _report_once(self, video: int, err: Exception):
-        if video not in self._reported:
-            self._reported.add(video)
-            log.warning("skipping video %d (%s) of %s: %s; another sample takes its place", video,
-                        self.metas[video].name, self.reader.path, err)
+    def replacement(self, epoch: int, position: int, attempt: int) -> tuple[int]:
+        return (self.replacement_video(epoch, position, attempt),)
 
 
-def read_checked_jpegs(reader: LmdbFrameReader, video: int, frames, meta: VideoMeta) -> list[bytes]:
-    """The JPEG bytes of `frames` of `video`, each checked cheaply before DALI's decoder
-    sees it (a decoder error ends the pipeline), or BadSampleError saying what is wrong."""
+def read_checked_jpegs(reader: LmdbFrameReader, video: int, frames, meta: VideoMeta) -> list:
+    """The JPEG bytes of `frames` of `video` (slices of the LMDB map, not copies, on
+    the version 2 layout), each checked cheaply before DALI's decoder sees it (a
+    decoder error ends the pipeline), or BadSampleError saying what is wrong."""
     try:
         jpegs = reader.frames(video, frames)
     except (KeyError, IndexError, ValueError, TypeError, LmdbFormatError,
             msgpack.exceptions.UnpackException) as err:
         raise BadSampleError(f"{type(err).__name__}: {err}") from None
-    for jpeg in set(jpegs):
+    # Each distinct frame once, told apart by index (hashing the JPEG bytes would read them all).
+    for jpeg in dict(zip(np.asarray(frames).tolist(), jpegs)).values():
         problem = jpeg_problem(jpeg, meta.height, meta.width)
         if problem:
             raise BadSampleError(problem)
@@ -241,11 +174,19 @@ def saturation_hue_matrix(saturation: float, hue_shift: float) -> np.ndarray:
 def grey_matrices(channels, frames: int) -> np.ndarray:
     """(T, 3, 3) float32 colour matrices, one per frame, for fn.coord_transform: every
     output channel takes input channel channels[t]. Identity when there is no grey."""
-    matrices = np.tile(np.eye(3, dtype=np.float32), (frames, 1, 1))
-    if channels is not None:
-        matrices[:] = 0
-        matrices[np.arange(frames), :, np.asarray(channels)] = 1
+    if channels is None:   # most views: one shared read-only identity stack per length, not a new one
+        identity = _IDENTITY_STACKS.get(frames)
+        if identity is None:
+            identity = np.tile(np.eye(3, dtype=np.float32), (frames, 1, 1))
+            identity.flags.writeable = False
+            _IDENTITY_STACKS[frames] = identity
+        return identity
+    matrices = np.zeros((frames, 3, 3), np.float32)
+    matrices[np.arange(frames), :, np.asarray(channels)] = 1
     return matrices
+
+
+_IDENTITY_STACKS: dict[int, np.ndarray] = {}
 
 
 def blur_window(sigma: float) -> int:

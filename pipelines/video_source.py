@@ -24,7 +24,8 @@ import numpy as np
 from .faults import check_video_files, stamp_problem
 from .lmdb_store import VideoMeta
 from .plan import PlanConfig, PretrainPlan
-from .sources import APPEARANCE_OUTPUTS, BadSampleError, PretrainLmdbSource, appearance_arrays, view_angle
+from .sample_source import BadSampleError
+from .sources import APPEARANCE_OUTPUTS, PretrainLmdbSource, appearance_arrays, view_angle
 
 VIDEO_INDEX_FORMAT = "cstp-dali-video-index"
 # What DALI 2.4 decodes on the CPU; H.264, HEVC, AV1 and MPEG-4 need NVDEC (docs/data.md#video-index).

@@ -21,8 +21,9 @@ from .tools_cli import add_tool_commands
 BUILD_LMDB_HELP = """\
 Decode every video into JPEG frames (one ffmpeg process per video, several in
 parallel) and store them in an LMDB, the format read by pipelines/lmdb_store.py:
-key %09d = a video's frames, plus index entries (__keys__, __len__, __order__,
-__vlen__, __meta__, __classes__, __info__).
+key %09d = a video's frames (layout 2: a small header, and each frame under its
+own key %09d/%06d, so training reads only the frames it needs), plus index entries (__keys__,
+__len__, __order__, __vlen__, __meta__, __classes__, __info__).
 
 Without --list, every video file under --videos is used (recursively, sorted);
 its class is the folder it is in. With --list, each line is
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `%(prog)s <command> --help` for a command's options and examples.")
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     _add_build_lmdb(commands)
+    _add_convert(commands)
     _add_demo_data(commands)
     _add_index_videos(commands)
     _add_transcode(commands)
@@ -119,8 +121,59 @@ def _add_build_lmdb(commands) -> None:
     cmd.add_argument("--overwrite", action="store_true",
                      help="replace an existing database at --out, and discard a <DB>.partial that was started "
                           "with other settings (a matching one is continued)")
+    cmd.add_argument("--layout", type=int, choices=(1, 2), default=2,
+                     help="layout of the video entries: 2 = a key per frame, so training reads only the frames "
+                          "a sample needs; 1 = one msgpack list per video, which the reference project's own "
+                          "loader reads (every sample then reads its whole video) (default: %(default)s)")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar (skipped videos are still reported)")
     cmd.set_defaults(run=run_build_lmdb, command_parser=cmd)
+
+
+CONVERT_HELP = """\
+Rewrite an LMDB of JPEG frames in the whole-video layout (built by build-lmdb
+before layout version 2, or by the reference project's make_lmdb_kin.py) in
+layout version 2, in which training reads only the frames a sample needs instead
+of its whole video. Frames are copied byte for byte; keys, ids and index entries
+stay as they are. The old database is not changed.
+
+Resumable: the new database grows in <NEW>.partial, one video per transaction;
+after a crash, a kill or Ctrl-C, run the same command again to continue.
+Exit status: 0 done (even with skipped unreadable entries), 2 bad arguments or
+input, 130 interrupted (rerun to continue)."""
+
+CONVERT_EXAMPLES = """\
+examples:
+  python -m preprocessing convert --db data/k400_320.lmdb --out data/k400_320_v2.lmdb
+  python -m preprocessing verify --db data/k400_320_v2.lmdb --sample 4"""
+
+
+def _add_convert(commands) -> None:
+    cmd = add_command(commands, "convert", "rewrite an old whole-video LMDB in the frame-per-key layout (v2)",
+                      CONVERT_HELP, CONVERT_EXAMPLES)
+    cmd.add_argument("--db", required=True, metavar="OLD", help="the LMDB to convert (left unchanged)")
+    cmd.add_argument("--out", required=True, metavar="NEW", help="the LMDB to create (a folder)")
+    cmd.add_argument("--overwrite", action="store_true",
+                     help="replace an existing database at --out, and discard a <NEW>.partial of another source")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmd.set_defaults(run=run_convert, command_parser=cmd)
+
+
+def run_convert(args, parser) -> int:
+    from .build_lmdb import BuildError
+    from .convert_lmdb import ConvertInterrupted, convert_lmdb
+
+    try:
+        with _sigterm_as_interrupt():
+            report = convert_lmdb(args.db, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    except BuildError as err:   # ConvertError, OutputExistsError
+        print(f"convert: error: {err}", file=sys.stderr)
+        return 2
+    except ConvertInterrupted as err:
+        print(f"\nconvert: {err}", file=sys.stderr)
+        return 130
+    print(f"videos converted {report['converted']} / skipped {len(report['failed'])}, "
+          f"DB {human_bytes(report['db_bytes'])}, {report['seconds']:.1f} s -> {args.out}")
+    return 0
 
 
 def _add_demo_data(commands) -> None:
@@ -265,7 +318,7 @@ def run_build_lmdb(args, parser) -> int:
         with _sigterm_as_interrupt():
             report = build_lmdb(args.videos, args.out, list_file=args.list, short_side=args.short_side,
                                 fps=args.fps, quality=args.quality, encoder=args.encoder, workers=args.workers,
-                                progress=not args.quiet,
+                                progress=not args.quiet, layout=args.layout,
                                 overwrite=args.overwrite, map_size=map_size, blocklist=args.blocklist)
     except BuildError as err:
         print(f"build-lmdb: error: {err}", file=sys.stderr)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from pipelines.faults import parse_blocklist
 from pipelines.lmdb_store import (
     CLASSES_KEY, FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY,
-    VLEN_KEY, VideoMeta, jpeg_size, pack, unpack, video_key,
+    VLEN_KEY, WHOLE_VIDEO_VERSION, VideoMeta, hint_entry, jpeg_size, layout_entries, pack, unpack, video_key,
 )
 
 from .ffmpeg_io import DEFAULT_QUALITY, VideoError, iter_jpeg_frames, probe_video, resolve_quality, turbo_encoder
@@ -84,6 +84,7 @@ class ConvertSettings:
     fps: float | None = None
     quality: int = DEFAULT_QUALITY["turbo"]
     encoder: str = "turbo"
+    layout: int = FORMAT_VERSION   # video entries: 2 = a key per frame (ours), 1 = a msgpack list (the reference's)
 
 
 @dataclass
@@ -474,7 +475,7 @@ def _delete_prefix(txn, prefix: bytes) -> None:
 def metadata_entries(metas: list[VideoMeta], classes: list[str], settings: ConvertSettings) -> dict:
     """The index entries documented in pipelines/lmdb_store.py."""
     keys = [video_key(i) for i in range(len(metas))]
-    info = dict(format=FORMAT_NAME, version=FORMAT_VERSION, short_side=settings.short_side,
+    info = dict(format=FORMAT_NAME, version=settings.layout, short_side=settings.short_side,
                 fps=settings.fps, quality=settings.quality, encoder=settings.encoder)
     return {
         KEYS_KEY: pack(keys),
@@ -498,11 +499,12 @@ def build_fingerprint(plan: BuildPlan, settings: ConvertSettings) -> dict:
     return dict(format=FORMAT_NAME, state_version=1, videos=len(plan.jobs),
                 list_sha256=hashlib.sha256(listing.encode("utf-8")).hexdigest(),
                 short_side=settings.short_side, fps=settings.fps, quality=settings.quality,
-                encoder=settings.encoder)
+                encoder=settings.encoder, layout=settings.layout)
 
 
 def _mismatch(previous: dict, current: dict) -> str:
-    names = {"short_side": "--short-side", "fps": "--fps", "quality": "--quality", "encoder": "--encoder"}
+    names = {"short_side": "--short-side", "fps": "--fps", "quality": "--quality", "encoder": "--encoder",
+             "layout": "--layout"}
     parts = [f"{flag} {previous.get(key)} then, {current[key]} now" for key, flag in names.items()
              if previous.get(key) != current[key]]
     if previous.get("list_sha256") != current["list_sha256"]:
@@ -535,19 +537,21 @@ def load_progress(writer: LmdbWriter, plan: BuildPlan) -> Progress:
     return progress
 
 
-def open_partial(partial: Path, fingerprint: dict, map_size: int, overwrite: bool) -> tuple[LmdbWriter, bool]:
-    """The writer on `partial`, continuing an unfinished build with the same fingerprint.
-    Returns (writer, resumed). A partial from other settings is refused, or with
-    `overwrite` deleted."""
+def open_partial(partial: Path, fingerprint: dict, map_size: int, overwrite: bool, *, what: str = "build",
+                 error: type = BuildError, mismatch=None) -> tuple[LmdbWriter, bool]:
+    """The writer on `partial`, continuing an unfinished build (or `what`: e.g. a
+    conversion) with the same fingerprint. Returns (writer, resumed). A partial from
+    other settings is refused with `error`, or with `overwrite` deleted; `mismatch(then,
+    now)` says how the fingerprints differ (default: the build settings that changed)."""
     if partial.exists() and not (partial.is_dir() and {p.name for p in partial.iterdir()} <= LMDB_FILES):
-        raise BuildError(f"{partial} is in the way and is not an LMDB folder; remove it or choose another --out")
+        raise error(f"{partial} is in the way and is not an LMDB folder; remove it or choose another --out")
     writer = LmdbWriter(partial, map_size)
     raw_state = writer.get(BUILD_STATE_KEY)
     if raw_state is not None and unpack(raw_state) == fingerprint:
         return writer, True
     if raw_state is not None or not writer.is_empty():
         if raw_state is not None:
-            reason = _mismatch(unpack(raw_state), fingerprint)
+            reason = (mismatch or _mismatch)(unpack(raw_state), fingerprint)
         elif writer.get(LEN_KEY) is not None:
             reason = (f"it looks complete: the build stopped while renaming it; rename it to "
                       f"{partial.name[:-len('.partial')]} yourself")
@@ -555,10 +559,10 @@ def open_partial(partial: Path, fingerprint: dict, map_size: int, overwrite: boo
             reason = "no build record in it"
         writer.env.close()
         if not overwrite:
-            raise BuildError(f"{partial} holds an unfinished build that cannot be continued with these settings "
-                             f"({reason}). Rerun with the earlier settings to continue it, or pass --overwrite "
-                             "(or delete it) to start over")
-        logger.warning("discarding the unfinished build in %s (%s)", partial, reason)
+            raise error(f"{partial} holds an unfinished {what} that cannot be continued with these settings "
+                        f"({reason}). Rerun with the earlier settings to continue it, or pass --overwrite "
+                        "(or delete it) to start over")
+        logger.warning("discarding the unfinished %s in %s (%s)", what, partial, reason)
         _remove_lmdb_dir(partial)
         writer = LmdbWriter(partial, map_size)
     writer.write([(BUILD_STATE_KEY, pack(fingerprint))])
@@ -612,7 +616,8 @@ def partial_path(out_path) -> Path:
 # --------------------------------------------------------------------------- the build
 
 def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, quality=None, workers=None,
-               progress=True, overwrite=False, map_size=None, blocklist=None, encoder="turbo") -> dict:
+               progress=True, overwrite=False, map_size=None, blocklist=None, encoder="turbo",
+               layout=FORMAT_VERSION) -> dict:
     """Convert the videos under `videos_dir` into an LMDB of JPEG frames at `out_path`.
 
     list_file: optional `path [label ...]` lines (relative to videos_dir) that pick the
@@ -627,6 +632,9 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
         in bytes (default: estimated from the sources; it doubles whenever full).
     blocklist: a file of videos not to convert (`path<TAB>reason` lines, as `validate`
         writes); they are listed as failed with that reason.
+    layout: the video entries' layout (pipelines/lmdb_store.py): 2 (default), a key per
+        frame, so that a reader touches only the planned frames; 1, a msgpack list per
+        video, which the reference project's own loader reads.
 
     The database is built at `<out_path>.partial`, one video per transaction, and
     renamed to out_path when complete. If a `.partial` from an interrupted build with
@@ -652,8 +660,11 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
             turbo_encoder()  # refuse now, not once per video
     except (ValueError, RuntimeError) as err:
         raise BuildError(str(err)) from None
+    if layout not in (WHOLE_VIDEO_VERSION, FORMAT_VERSION):
+        raise BuildError(f"layout must be {WHOLE_VIDEO_VERSION} or {FORMAT_VERSION}, got {layout}")
     settings = ConvertSettings(short_side=None if short_side is None else int(short_side),
-                               fps=None if fps is None else float(fps), quality=quality, encoder=encoder)
+                               fps=None if fps is None else float(fps), quality=quality, encoder=encoder,
+                               layout=int(layout))
     _validate_settings(settings)
     check_output(out, overwrite)
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
@@ -753,8 +764,10 @@ def _convert_all(plan: BuildPlan, done: Progress, blocked: _Blocked, settings, w
                     logger.warning("skipped %s: %s", result.job.source, result.reason)
                 else:
                     meta = _video_meta(result)
-                    writer.write([(video_key(len(metas)), pack(result.frames)),
+                    writer.write([*layout_entries(len(metas), result.frames, settings.layout),
                                   (job_record_key(index), pack(dict(ok=True, meta=meta.to_dict())))])
+                    if settings.layout == FORMAT_VERSION:   # while its pages are in the page cache
+                        hint_entry(writer.write, writer.env, str(writer.path), len(metas), len(result.frames))
                     metas.append(meta)
                 bar.update(1)
                 bar.set_postfix(ok=len(metas), skipped=skipped, refresh=False)
@@ -784,7 +797,7 @@ def _report(videos_dir, list_file, out, settings, workers, plan, metas, failures
         "blocklist": None if blocklist is None else str(blocklist),
         "out": str(out),
         "settings": dict(short_side=settings.short_side, fps=settings.fps, quality=settings.quality,
-                         encoder=settings.encoder, workers=workers),
+                         encoder=settings.encoder, layout=settings.layout, workers=workers),
         "counts": dict(found=n_found, ok=len(metas), failed=len(failures),
                        frames=sum(m.frames for m in metas)),
         "blocklisted": sum(1 for f in failures if f.reason.startswith("blocklisted")),

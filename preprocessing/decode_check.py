@@ -18,10 +18,8 @@ import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-import msgpack
-
 from pipelines.faults import stamp_problem, write_blocklist
-from pipelines.lmdb_store import MAX_FRAMES_PER_VIDEO, jpeg_problem, read_metadata, shared_env, video_key
+from pipelines.lmdb_store import LmdbFormatError, jpeg_problem, read_metadata, read_video_frames, shared_env
 
 from .verify import decode_problem
 
@@ -31,16 +29,15 @@ MAX_FRAMES_NAMED = 3
 def _check_video(job) -> tuple[int, str | None]:
     """(video id, why it is damaged or None). Runs in a worker process."""
     db_path, video_id, height, width = job
-    with shared_env(db_path).begin(buffers=False) as txn:
-        raw = txn.get(video_key(video_id))
-    if raw is None:
-        return video_id, "entry missing"
     try:
-        frames = msgpack.unpackb(raw, raw=False)
-    except Exception as err:  # noqa: BLE001 - msgpack raises several kinds
-        return video_id, f"entry is not msgpack ({type(err).__name__})"
-    if not isinstance(frames, list) or not frames or len(frames) > MAX_FRAMES_PER_VIDEO:
-        return video_id, "entry is not a list of JPEG frames"
+        with shared_env(db_path).begin(buffers=False) as txn:   # either layout (lmdb_store)
+            frames = read_video_frames(txn, video_id)
+    except KeyError:
+        return video_id, "entry missing"
+    except LmdbFormatError as err:
+        return video_id, str(err)
+    if not frames:
+        return video_id, "entry holds no frames"
     bad = []
     for i, jpeg in enumerate(frames):
         why = (jpeg_problem(jpeg, height, width) if isinstance(jpeg, bytes) else "not bytes") or decode_problem(jpeg)

@@ -256,7 +256,7 @@ def run_verify(args, parser) -> int:
             size_text += f" (x{sizes['ratio']:.2f})"
     status = "OK" if not report["problems"] else f"{len(report['problems'])} PROBLEMS"
     print(f"verify {status}: {report['videos']} videos, {report['frames']} frames "
-          f"({report['frames_checked']} checked), {size_text}, {report['seconds']:.1f} s")
+          f"({report['frames_checked']} checked), layout {report['layout']}, {size_text}, {report['seconds']:.1f} s")
     return 1 if report["problems"] else 0
 
 

@@ -5,8 +5,9 @@ Checks, each problem reported with the video's name:
     len(__vlen__) (== len(__meta__) when present); __keys__ are %09d keys of ids 0..n-1
     (in id order for our databases; the reference project lists them in class order);
   - every key has an entry, and no video entry is left out of __keys__;
-  - each entry is a msgpack list of bytes whose length matches __vlen__ and __meta__
-    ("frames"), and __order__ matches __meta__ ("name");
+  - each entry is in the layout __info__ names (version 2: a header and every frame
+    under its own key; version 1 or none: a msgpack list of bytes), its frame count matches
+    __vlen__ and __meta__ ("frames"), and __order__ matches __meta__ ("name");
   - every frame (or --sample K frames per video, first and last included) passes
     lmdb_store.jpeg_problem (markers, header, size = metadata) and decodes with PIL.
 Then a size summary: LMDB bytes, and with --videos the source videos' bytes
@@ -24,8 +25,8 @@ from pathlib import Path
 import msgpack
 
 from pipelines.lmdb_store import (
-    CLASSES_KEY, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY, VLEN_KEY, MAX_FRAMES_PER_VIDEO, jpeg_problem, jpeg_size,
-    shared_env, video_key,
+    CLASSES_KEY, FORMAT_VERSION, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY, VLEN_KEY, LmdbFormatError,
+    header_frames, jpeg_problem, jpeg_size, layout_version, read_video_frames, shared_env, video_key,
 )
 
 _VIDEO_KEY = re.compile(rb"^\d{9}$")
@@ -70,6 +71,7 @@ def verify_db(db_path, videos_dir=None, sample: int | None = None, progress: boo
         env = shared_env(db_path)  # the process-wide read-only environment (py-lmdb opens a database once)
     except Exception as err:  # noqa: BLE001 - lmdb.Error and friends
         raise VerifyError(f"cannot open {db_path} as an LMDB: {err}") from None
+    layout = layout_version(db_path)
     problems: list[dict] = []
 
     def problem(video: str, text: str) -> None:
@@ -113,7 +115,7 @@ def verify_db(db_path, videos_dir=None, sample: int | None = None, progress: boo
                 else:
                     problem("(index)", "__keys__ are not the keys of ids 0..n-1" + ("" if sorted(keys) ==
                             expected_keys else f" (e.g. {_first_difference(sorted(keys), expected_keys)})"))
-            stored = {bytes(k) for k, _ in txn.cursor() if _VIDEO_KEY.match(bytes(k))}
+            stored = {bytes(k) for k in txn.cursor().iternext(keys=True, values=False) if _VIDEO_KEY.match(bytes(k))}
             for key in sorted(stored - set(keys)):
                 problem(f"(key {key.decode()})", "video entry not listed in __keys__ (orphan)")
             order = order if isinstance(order, list) else []
@@ -140,14 +142,15 @@ def verify_db(db_path, videos_dir=None, sample: int | None = None, progress: boo
                     continue
                 value_bytes += len(raw)
                 try:
-                    frames = _unpack(raw)
-                except Exception as err:  # noqa: BLE001
-                    problem(name, f"entry is not msgpack ({type(err).__name__})")
+                    frames = read_video_frames(txn, video_id)
+                    entry_layout = FORMAT_VERSION if header_frames(raw) is not None else 1
+                except LmdbFormatError as err:
+                    problem(name, str(err))
                     continue
-                if not isinstance(frames, list) or len(frames) > MAX_FRAMES_PER_VIDEO or \
-                        not all(isinstance(f, bytes) for f in frames):
-                    problem(name, "entry is not a list of JPEG bytes")
-                    continue
+                if entry_layout != min(layout, FORMAT_VERSION):
+                    problem(name, f"entry is in layout {entry_layout}, __info__ says version {layout}")
+                if entry_layout == FORMAT_VERSION:
+                    value_bytes += sum(len(f) for f in frames)
                 if not frames:
                     problem(name, "no frames")
                     continue
@@ -195,7 +198,7 @@ def verify_db(db_path, videos_dir=None, sample: int | None = None, progress: boo
                      ratio=round(db_bytes / source_bytes, 3) if source_bytes else None)
         if not ours:
             sizes["note"] = "no __meta__ (a reference-built LMDB): sources unknown"
-    return dict(db=db_path, videos=count, frames=frames_total, frames_checked=frames_checked,
+    return dict(db=db_path, layout=layout, videos=count, frames=frames_total, frames_checked=frames_checked,
                 sample=sample, problems=problems, sizes=sizes, missing_sources=missing_sources,
                 seconds=round(time.perf_counter() - start, 2))
 

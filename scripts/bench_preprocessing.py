@@ -195,6 +195,15 @@ def run_reference(videos: Path, clips: list[Path], work: Path, out: Path, short_
 
 # --------------------------------------------------------------------------- checks and report
 
+def read_video_frames(txn, entry: int) -> list:
+    """A video's frames from our LMDB, in either layout (this checkout's reader)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from pipelines.lmdb_store import read_video_frames as read
+
+    return read(txn, entry)
+
+
 def fidelity_psnr(db: Path, clips: list[Path], short_side: int, fps: int, every: int = 15, videos: int = 4) -> float:
     """RGB PSNR (dB) of the database's frames against the source decoded by ffmpeg at
     the same size and rate, over every `every`-th frame of the first `videos` clips:
@@ -210,7 +219,7 @@ def fidelity_psnr(db: Path, clips: list[Path], short_side: int, fps: int, every:
         errors = []
         for clip in clips[:videos]:
             index = next(i for i, name in enumerate(order) if name.split("/")[-1] == clip.stem)
-            jpegs = msgpack.loads(txn.get(b"%09d" % index), raw=False)
+            jpegs = [bytes(f) for f in read_video_frames(txn, index)]   # either LMDB layout
             first = Image.open(io.BytesIO(jpegs[0]))
             width, height = first.size
             raw = subprocess.run([executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-nostdin",
@@ -230,7 +239,7 @@ def frames_per_video(db: Path) -> dict[str, int]:
         order = msgpack.loads(txn.get(b"__order__"), raw=False)
         result = {}
         for i, name in enumerate(order):
-            result[str(name)] = len(msgpack.loads(txn.get(b"%09d" % i), raw=False))
+            result[str(name)] = len(read_video_frames(txn, i))
     env.close()
     return result
 

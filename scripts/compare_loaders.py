@@ -64,7 +64,7 @@ def frames_via_preprocessing(clips: Path, work: Path, short_side: int) -> list[l
 
     metas, _ = read_metadata(str(db))
     reader = LmdbFrameReader(str(db))
-    return [reader.all_frames(i) for i in range(len(metas))]
+    return [[bytes(f) for f in reader.all_frames(i)] for i in range(len(metas))]
 
 
 def real_clip_frames(clips: Path, work: Path, short_side: int) -> tuple[list[list[bytes]], str]:
@@ -112,7 +112,8 @@ def write_db(path: Path, videos: list[list[bytes]], copies: int):
                 height, width = fmt.jpeg_size(frames[0])
                 names.append(f"clips/video{v:03d}_copy{copy:02d}")
                 metas.append(fmt.VideoMeta(names[-1], 0, len(frames), height, width).to_dict())
-                txn.put(fmt.video_key(vid), fmt.pack(frames))
+                for key, value in fmt.layout_entries(vid, frames):
+                    txn.put(key, value)
         txn.put(fmt.KEYS_KEY, fmt.pack([fmt.video_key(i) for i in range(len(names))]))
         txn.put(fmt.LEN_KEY, fmt.pack(len(names)))
         txn.put(fmt.ORDER_KEY, fmt.pack(names))

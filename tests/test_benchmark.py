@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import benchmark
-from bench.data import prepare_data
+from bench.data import prepare_data, write_repeated_db
 from bench.gpu_check import gpu_check_summary
 from bench.measure import memory_slope
 from bench.report import write_report
 from bench.system import parse_gpu_utilisation, utilisation_between
-from tests.lmdb_fixtures import coded_video, write_lmdb
+from pipelines import lmdb_store as fmt
+from tests.lmdb_fixtures import assert_hints_exact, coded_video, write_lmdb
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES, CROP, BATCH, STEPS = 4, 32, 2, 3
@@ -77,6 +78,26 @@ def test_all_runs_every_mode_and_reports_the_ratios(tmp_path, tiny_db, capsys):
         assert out.with_suffix(".png").is_file()
     except ImportError:
         assert "matplotlib is not installed" in report and "no chart" in printed
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_repeated_database_keeps_the_layout_and_every_frame(tmp_path, version):
+    # frames of several KiB (overflow pages of their own): version 2 copies get exact read hints
+    source = write_lmdb(tmp_path / "src.lmdb", [coded_video(n, 240, 320) for n in (5, 3)], version=version)
+    write_repeated_db(str(source), tmp_path / "rep.lmdb", 3)
+    metas, _ = fmt.read_metadata(str(tmp_path / "rep.lmdb"))
+    assert [m.name for m in metas] == [f"class{v % 2}/video{v:03d}#{k}" for k in range(3) for v in range(2)]
+    assert fmt.layout_version(str(tmp_path / "rep.lmdb")) == version
+    src, rep = fmt.shared_env(str(source)), fmt.shared_env(str(tmp_path / "rep.lmdb"))
+    with src.begin() as read, rep.begin() as copy:
+        for entry in range(6):
+            frames = fmt.read_video_frames(copy, entry)
+            assert frames == fmt.read_video_frames(read, entry % 2)
+            header = copy.get(fmt.video_key(entry))
+            assert (fmt.header_frames(header) is None) == (version == 1)
+            if version == 2:
+                assert fmt.header_hints(header, len(frames)) is not None
+                assert_hints_exact(tmp_path / "rep.lmdb", header, frames)
 
 
 def test_a_small_database_is_repeated_and_synthetic_data_needs_none(tmp_path, tiny_db):

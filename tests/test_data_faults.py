@@ -46,9 +46,11 @@ def damage_header(jpeg: bytes, seed: int = 4) -> bytes:
 
 
 def put(path, video, frames):
+    """Replace a video's frames, in the database's layout (version 2: a header and a key per frame)."""
     env = lmdb.open(str(path), map_size=1 << 30)
     with env.begin(write=True) as txn:
-        txn.put(fmt.video_key(video), fmt.pack(frames))
+        for key, value in fmt.layout_entries(video, frames):
+            txn.put(key, value)
     env.close()
 
 

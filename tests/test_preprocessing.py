@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from pipelines import lmdb_store
+from tests.lmdb_fixtures import assert_hints_exact
 from pipelines.lmdb_store import VideoMeta, read_metadata, video_key
 from preprocessing.build_lmdb import (
     BuildError, OutputExistsError, build_lmdb, class_names, find_videos, parse_list_line, report_path,
@@ -323,7 +324,8 @@ def test_build_writes_every_index_entry_consistently(built_db):
     entries = read_all_entries(out)
     names = sorted(EXPECTED_FRAMES)
     n = len(names)
-    assert set(entries) == {video_key(i) for i in range(n)} | {
+    frame_keys = {lmdb_store.frame_key(i, f) for i, name in enumerate(names) for f in range(EXPECTED_FRAMES[name])}
+    assert set(entries) == {video_key(i) for i in range(n)} | frame_keys | {
         b"__keys__", b"__len__", b"__order__", b"__vlen__", b"__meta__", b"__classes__", b"__info__"}
     assert unpack(entries[b"__len__"]) == n
     assert unpack(entries[b"__keys__"]) == [video_key(i) for i in range(n)]
@@ -338,7 +340,11 @@ def test_build_writes_every_index_entry_consistently(built_db):
     assert [m["source"] for m in metas] == ["alpha/a0.mp4", "alpha/a1.mp4", "alpha/a2.mkv", "beta/b0.mp4", "beta/b1.avi"]
     assert all(m["fps"] == 25.0 for m in metas)
     for video_id, meta in enumerate(metas):
-        frames = unpack(entries[video_key(video_id)])
+        # layout 2: a header with the frame count and read hints, then one key per frame
+        header = entries[video_key(video_id)]
+        assert header[:8] == b"CSF2" + meta["frames"].to_bytes(4, "little")
+        frames = [entries[lmdb_store.frame_key(video_id, i)] for i in range(meta["frames"])]
+        assert_hints_exact(out, header, frames)
         assert len(frames) == meta["frames"] == EXPECTED_FRAMES[meta["name"]]
         assert min(meta["height"], meta["width"]) == 32
         for frame in (frames[0], frames[-1]):
@@ -346,6 +352,31 @@ def test_build_writes_every_index_entry_consistently(built_db):
             image.load()
             assert image.size == (meta["width"], meta["height"])
     assert (metas[2]["width"], metas[2]["height"]) == (32, 42)  # the portrait clip stays portrait
+
+
+def test_build_layout_1_stores_the_same_frames_as_msgpack_lists(built_db, videos_dir, tmp_path):
+    out, _ = built_db
+    old = tmp_path / "v1.lmdb"
+    build_lmdb(videos_dir, old, short_side=32, workers=2, progress=False, layout=1)
+    entries, new_entries = read_all_entries(old), read_all_entries(out)
+    assert unpack(entries[b"__info__"])["version"] == 1 and unpack(new_entries[b"__info__"])["version"] == 2
+    assert not any(b"/" in key for key in entries)
+    for video_id, meta in enumerate(unpack(entries[b"__meta__"])):
+        frames = unpack(entries[video_key(video_id)])
+        assert frames == [new_entries[lmdb_store.frame_key(video_id, i)] for i in range(meta["frames"])]
+    # convert turns it into the default build, entry for entry (__info__ also says where it came from)
+    result = subprocess.run([sys.executable, "-m", "preprocessing", "convert", "--db", str(old), "--out",
+                             str(tmp_path / "v2.lmdb"), "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0 and "videos converted 5 / skipped 0" in result.stdout, result.stderr
+    converted = read_all_entries(tmp_path / "v2.lmdb")
+    assert unpack(converted.pop(b"__info__")) == {**unpack(new_entries.pop(b"__info__")), "converted_from": 1}
+    for video_id in range(5):   # the headers' read hints name places in their own files: compare the rest
+        assert converted[video_key(video_id)][:8] == new_entries[video_key(video_id)][:8]
+        converted[video_key(video_id)] = new_entries[video_key(video_id)]
+    assert converted == new_entries
+    again = subprocess.run([sys.executable, "-m", "preprocessing", "convert", "--db", str(old), "--out",
+                            str(tmp_path / "v2.lmdb")], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr
 
 
 def test_build_is_readable_by_the_pipeline_reader(built_db):

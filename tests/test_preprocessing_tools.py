@@ -15,6 +15,7 @@ import lmdb
 import msgpack
 import pytest
 
+from pipelines.lmdb_store import frame_key, read_video_frames, video_entries
 from preprocessing.build_lmdb import build_lmdb
 from preprocessing.ffmpeg_tools import executable, missing_tools
 from preprocessing.probe import pts_irregular, rates_differ, read_table
@@ -376,11 +377,22 @@ def test_verify_passes_a_good_database(good_db):
     assert result.returncode == 0 and "(6 checked)" in result.stdout
 
 
+def _frames(txn, video: int) -> list[bytes]:
+    return [bytes(f) for f in read_video_frames(txn, video)]
+
+
+def _put_video(txn, video: int, frames) -> None:
+    """Replace a video by these frames (layout 2: the header and one key per frame)."""
+    for i in range(len(_frames(txn, video))):
+        txn.delete(frame_key(video, i))
+    for key, value in video_entries(video, frames):
+        txn.put(key, value)
+
+
 def test_verify_finds_a_truncated_frame(good_db, tmp_path):
     def cut_frame(txn):
-        frames = _unpack(txn.get(b"000000000"))
-        frames[3] = frames[3][: len(frames[3]) // 2]
-        txn.put(b"000000000", _pack(frames))
+        frame = txn.get(frame_key(0, 3))
+        txn.put(frame_key(0, 3), frame[: len(frame) // 2])
     bad = _corrupt_copy(good_db[0], tmp_path / "bad.lmdb", cut_frame)
     result = run_cli("verify", "--db", str(bad), "--report", str(tmp_path / "r.json"))
     assert result.returncode == 1
@@ -407,8 +419,7 @@ def test_verify_finds_count_mismatches(good_db, tmp_path):
         vlen = _unpack(txn.get(b"__vlen__"))
         vlen[2] += 1
         txn.put(b"__vlen__", _pack(vlen))
-        frames = _unpack(txn.get(b"000000001"))
-        txn.put(b"000000001", _pack(frames[:-1]))  # drop a frame: __meta__ and __vlen__ both disagree
+        _put_video(txn, 1, _frames(txn, 1)[:-1])  # drop a frame: __meta__ and __vlen__ both disagree
         txn.put(b"__len__", _pack(4))
         metas = _unpack(txn.get(b"__meta__"))
         metas[0]["label"] = 7
@@ -421,6 +432,37 @@ def test_verify_finds_count_mismatches(good_db, tmp_path):
     assert "problem a/clip1: 3 frames stored, __meta__ says 4" in result.stdout
     assert "problem (index): index lengths disagree" in result.stdout and "__len__=4" in result.stdout
     assert "problem a/clip0: label 7 is not an index into the 2 classes" in result.stdout
+
+
+def test_verify_checks_every_frame_key_and_the_layout(good_db, tmp_path):
+    def damage(txn):
+        txn.delete(frame_key(0, 4))
+        txn.put(b"000000001", b"CSF2" + (4).to_bytes(4, "little") + b"!")     # a header of 9 bytes
+        frames = _frames(txn, 2)
+        txn.put(b"000000002", _pack(frames))  # a version 1 entry in a version 2 database
+    bad = _corrupt_copy(good_db[0], tmp_path / "bad.lmdb", damage)
+    result = run_cli("verify", "--db", str(bad))
+    assert result.returncode == 1
+    assert "problem a/clip0: 1 of the 6 frames are missing (e.g. frame 4)" in result.stdout
+    assert "problem a/clip1: broken version 2 video header (9 bytes, 4 frames)" in result.stdout
+    assert "problem b/clip2: entry is in layout 1, __info__ says version 2" in result.stdout
+    assert "3 PROBLEMS" in result.stdout
+
+
+def test_verify_reads_the_whole_video_layout(good_db, tmp_path):
+    from preprocessing.verify import verify_db
+
+    def to_v1(txn):
+        for video in range(3):
+            frames = _frames(txn, video)
+            for i in range(len(frames)):
+                txn.delete(frame_key(video, i))
+            txn.put(b"%09d" % video, _pack(frames))
+        info = _unpack(txn.get(b"__info__"))
+        txn.put(b"__info__", _pack({**info, "version": 1}))
+    old = _corrupt_copy(good_db[0], tmp_path / "v1.lmdb", to_v1)
+    report = verify_db(old)
+    assert report["problems"] == [] and report["layout"] == 1 and report["frames_checked"] == 15
 
 
 def test_verify_api_in_a_process_that_already_reads_the_database(good_db):

@@ -195,7 +195,8 @@ def write_lmdb_from_jpegs(path, videos: list[list[bytes]], heights: list[int], w
     with env.begin(write=True) as txn:
         metas = []
         for vid, (frames, h, w) in enumerate(zip(videos, heights, widths)):
-            txn.put(fmt.video_key(vid), fmt.pack(frames))
+            for key, value in fmt.layout_entries(vid, frames):
+                txn.put(key, value)
             metas.append(fmt.VideoMeta(names[vid], 0, len(frames), h, w).to_dict())
         txn.put(fmt.KEYS_KEY, fmt.pack([fmt.video_key(i) for i in range(len(videos))]))
         txn.put(fmt.LEN_KEY, fmt.pack(len(videos)))
