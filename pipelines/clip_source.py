@@ -147,16 +147,6 @@ class ClipLmdbSource(EpochSampleSource):
         plan = self.plan(epoch, video, clip, crop)
         return plan, self.read_payload(plan)
 
-    def __call__(self, sample_info):
-        self._guard_if_worker()
-        epoch, position = self.position(sample_info)
-        if position >= self.per_rank:
-            raise StopIteration
-        return self.sample_outputs(epoch, position)
-
-    def sample_outputs(self, epoch: int, position: int) -> tuple:
-        return self.outputs(*self.sample(epoch, position))
-
     def read_payload(self, plan: ClipPlan) -> list[bytes]:
         """The JPEG bytes of the plan's frames, or BadSampleError."""
         return read_checked_jpegs(self.reader, plan.video, plan.frames, self.metas[plan.video])

@@ -72,6 +72,18 @@ class EpochSampleSource(SubstitutesUndecodable):
         self._order = None
         self._reported: set[int] = set()
 
+    def __call__(self, sample_info):
+        """DALI's per-sample call: the outputs of this rank's sample at sample_info's
+        position (subclasses give per_rank, sample() and outputs())."""
+        self._guard_if_worker()
+        epoch, position = self.position(sample_info)
+        if position >= self.per_rank:
+            raise StopIteration
+        return self.sample_outputs(epoch, position)
+
+    def sample_outputs(self, epoch: int, position: int) -> tuple:
+        return self.outputs(*self.sample(epoch, position))
+
     def position(self, sample_info) -> tuple[int, int]:
         """(epoch, index within this rank's epoch) of a DALI SampleInfo."""
         epoch = sample_info.epoch_idx + self.start_epoch

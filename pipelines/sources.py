@@ -58,16 +58,6 @@ class PretrainLmdbSource(EpochSampleSource):
         m = self.metas[video]
         return make_pretrain_plan(self.seed, epoch, video, m.frames, m.height, m.width, self.plan_cfg)
 
-    def __call__(self, sample_info):
-        self._guard_if_worker()
-        epoch, position = self.position(sample_info)
-        if position >= self.per_rank:
-            raise StopIteration
-        return self.sample_outputs(epoch, position)
-
-    def sample_outputs(self, epoch: int, position: int) -> tuple:
-        return self.outputs(*self.sample(epoch, position))
-
     def sample(self, epoch: int, position: int):
         """(plan, payload, attempt) at `position` of `epoch`: attempt > 0 when unreadable
         or undecodable videos were replaced (the one place both executors take samples from)."""
