@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--config", default=str(ROOT / "configs" / "proof.yaml"), help="pretraining recipe")
     p.add_argument("--finetune-config", default=str(ROOT / "configs" / "finetune_proof.yaml"),
                    help="few-labels finetuning recipe")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps of every pretraining run, heads alone "
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps of every pretraining run, heads alone "
                    "included; half of them warm-up (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
     p.add_argument("--videos-per-class", type=int, default=24, help="dataset size when generating it; ~80 %% "
@@ -126,14 +126,16 @@ def pretrain(name: str, out: Path, args, db: Path, seed: int, weights: dict) -> 
         return json.loads(summary.read_text())
     shutil.rmtree(run, ignore_errors=True)
     from pipelines.lmdb_store import read_metadata
-    batch = _config_value(args.config, "data.batch_size")
-    steps_per_epoch = max(1, len(read_metadata(str(db))[0]) // batch)
+    # a tiny dataset (the tests') cannot fill a batch: take all of it; the LR follows the linear rule
+    videos = len(read_metadata(str(db))[0])
+    batch = min(_config_value(args.config, "data.batch_size"), videos)
+    steps_per_epoch = max(1, videos // batch)
     epochs = max(2, math.ceil(args.steps / steps_per_epoch))
     say(f"{name}: pretraining {args.steps} steps (seed {seed}, loss weights {weights})")
     started = time.perf_counter()
     code = train.main(["--config", args.config, "--out", str(run), f"data.path={db}", f"run.seed={seed}",
                        f"run.epochs={epochs}", f"optim.warmup_epochs={epochs // 2}", f"run.max_steps={args.steps}",
-                       f"run.progress={not args.no_progress}",
+                       f"run.progress={not args.no_progress}", f"data.batch_size={batch}",
                        *[f"loss.{k}={v}" for k, v in weights.items()]])
     if code:
         raise SystemExit(f"proof: pretraining {name} failed (exit {code}); see above")
