@@ -85,7 +85,7 @@ def plan_videos(videos_per_class: int, seed: int) -> list[DemoVideo]:
 def split_train_test(videos: list[DemoVideo], seed: int) -> tuple[list[DemoVideo], list[DemoVideo]]:
     """About TEST_FRACTION of each class goes to test (stratified), the rest to train."""
     train, test = [], []
-    for label, _ in enumerate(CLASSES):
+    for label in sorted({v.label for v in videos}):
         members = [v for v in videos if v.label == label]
         n_test = max(1, round(TEST_FRACTION * len(members))) if len(members) >= 2 else 0
         chosen = set(_video_rng(seed, label, 0, 1).permutation(len(members))[:n_test].tolist())
@@ -257,11 +257,12 @@ def encode_args(path: Path, width: int, height: int) -> list[str]:
     return [executable("ffmpeg"), "-hide_banner", "-loglevel", "error", "-y", *ffmpeg.get_args(output)]
 
 
-def write_video(video: DemoVideo, videos_dir: Path) -> int:
-    """Render and encode one video; returns its frame count."""
+def write_video(video: DemoVideo, videos_dir: Path, render=render_video) -> int:
+    """Render (with `render`, a module-level function of the video) and encode one video;
+    returns its frame count."""
     path = videos_dir / video.relative_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames = render_video(video)
+    frames = render(video)
     result = subprocess.run(encode_args(path, video.width, video.height), input=frames.tobytes(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
     if result.returncode != 0:
@@ -271,12 +272,12 @@ def write_video(video: DemoVideo, videos_dir: Path) -> int:
     return len(frames)
 
 
-def _write_all(videos: list[DemoVideo], videos_dir: Path, workers: int) -> list[int]:
+def _write_all(videos: list[DemoVideo], videos_dir: Path, workers: int, render=render_video) -> list[int]:
     if workers <= 1:
-        return [write_video(v, videos_dir) for v in videos]
+        return [write_video(v, videos_dir, render) for v in videos]
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(pool.map(write_video, videos, [videos_dir] * len(videos)))
+        return list(pool.map(write_video, videos, [videos_dir] * len(videos), [render] * len(videos)))
 
 
 def _remove_stale_videos(videos_dir: Path, keep: set[str]) -> None:

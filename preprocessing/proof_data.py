@@ -1,0 +1,235 @@
+"""A synthetic dataset on which every CSTP pretext task is observable, for `make proof`.
+
+The demo dataset (demo_data.py) is built to look like outdoor footage, and on it
+three of the four pretext labels are ambiguous by construction: the background
+pans and the shapes move at random speeds (so a playback rate cannot be told from
+the pixels), the sky is flat (so crops of it cannot be compared), and nothing in
+a scene says what time it is. This generator removes each ambiguity on purpose:
+
+* **Playback rate (speed)** — everything that moves has ONE fixed natural speed:
+  the background texture translates at exactly BACKGROUND_SPEED px/frame (in a
+  random direction per video), and the foreground shape's motion runs at fixed
+  rates (FOREGROUND_SPEED px/frame, fixed periods). The texture is a sum of
+  sinusoids of fixed wavelengths, a ruler that does not depend on the crop's
+  scale: the displacement per frame in wavelengths is BACKGROUND_SPEED × stride /
+  wavelength whatever the box size, so the stride classes (×1/×2/×4/×8) differ
+  by a factor two in observable motion. The fastest (stride 8: 4 px/frame) stays
+  below half the shortest wavelength, so it does not alias.
+* **Rotation** — a static colour map lies over the whole frame: red grows to the
+  right, green grows downwards, the same for every video. It gives an "up" AND a
+  handedness, so all eight (rotation, flip) combinations look different: the
+  rotation label stays observable under the independent horizontal flip of each
+  view. (On mirror-symmetric footage, such as the demo's, 90° and 270° become
+  the same after a flip, which caps rotation accuracy at 0.75.)
+* **Spatial overlap** — the colour map encodes position (a crop's mean red and
+  green say where its box is) and the texture's fixed wavelengths say how large
+  the box is; together they determine how much two boxes share. The texture
+  covers the whole frame, so every crop has content to compare, but it is a small
+  luminance ripple (TEXTURE_CONTRAST): stronger, it drowns a crop's mean colour
+  (measured: with a texture as strong as the colour map, a classifier on the two
+  crops' mean/std of red and green stayed at the majority rate).
+* **Temporal overlap** — the content changes over time in a known way: the blue
+  channel is a clock that rises by CLOCK_RATE per frame over the whole video, so
+  the blue difference between two windows, against the blue change within a
+  window, gives the share of time they have in common; nothing else is blue, and
+  the moving texture and shape change too.
+
+Classes (evaluation labels; none is a pretext label): a shape (disc, square or
+triangle, random colour, the same kinds in every class) moves in one of six ways,
+each with a fixed rate:
+    blink   still, shown for half of each BLINK_PERIOD and hidden for the other half
+    glide   straight line at FOREGROUND_SPEED px/frame, bouncing off the frame edges
+    orbit   a circle of radius ORBIT_RADIUS at one turn per ORBIT_PERIOD frames
+    pulse   still, its size swings by ±PULSE_AMPLITUDE with period PULSE_PERIOD
+    spin    still, turning once per SPIN_PERIOD frames (square or triangle)
+    swing   back and forth along a line, SWING_AMPLITUDE either side, period SWING_PERIOD
+Each direction (of gliding, orbiting, spinning, swinging) is drawn at random
+within a class, so no two classes are mirror images or rotations of each other:
+the pretraining flips and rotates each view independently, so features learnt
+from it cannot tell mirror images apart, and the classes do not ask them to.
+
+Layout written under out_dir (as demo_data.py, so the same tools read it):
+    videos/<class>/<class>_<nnn>.mp4, classes.txt, train.txt, test.txt
+Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .demo_data import (DemoVideo, _blend, _list_lines, _saturated_colour, _to_u8, _video_rng, _write_all,
+                        split_train_test)
+
+CLASSES = tuple(sorted(("blink", "glide", "orbit", "pulse", "spin", "swing")))
+SHAPES = ("disc", "square", "triangle")
+WIDTH, HEIGHT = 96, 72            # every video: speeds are in pixels of this frame
+FRAMES = 144                      # long enough for every temporal-overlap class at stride 8 (T = 8)
+
+BACKGROUND_SPEED = 0.5            # px/frame: stride 8 moves 4 px per sampled frame
+WAVELENGTHS = (12.0, 24.0)        # px: the texture's two bands (the speed and scale "ruler")
+WAVES_PER_BAND = 5
+FOREGROUND_SPEED = 0.75           # px/frame (glide)
+ORBIT_RADIUS = 14.0               # px
+ORBIT_PERIOD = 96                 # frames per turn
+SPIN_PERIOD = 48
+PULSE_PERIOD = 48
+PULSE_AMPLITUDE = 0.4
+BLINK_PERIOD = 48
+SWING_PERIOD = 64
+SWING_AMPLITUDE = 20.0            # px
+SHAPE_RADIUS = 9.0                # px
+CLOCK_RATE = 0.9 / FRAMES         # blue rises by this much per frame (x 0.8 in the frame)
+TEXTURE_CONTRAST = 0.1            # amplitude of the texture ripple (0-1 scale)
+
+
+class ProofScene:
+    """All random choices of one video; `render(t)` draws frames t (an int array).
+    `background_offset(t)` is where the texture has moved to (px, exactly
+    BACKGROUND_SPEED × t along the video's direction); `shape_state(t)` is the
+    shape's centre, angle, scale and visibility."""
+
+    def __init__(self, video: DemoVideo):
+        rng = _video_rng(video.seed, video.label, video.index, 2)
+        self.video = video
+        # texture: WAVES_PER_BAND plane waves per wavelength, random orientations and phases
+        angles = rng.uniform(0, np.pi, (len(WAVELENGTHS), WAVES_PER_BAND))
+        k = 2 * np.pi / np.asarray(WAVELENGTHS)[:, None]
+        self.wave_kx = (k * np.cos(angles)).ravel().astype(np.float32)
+        self.wave_ky = (k * np.sin(angles)).ravel().astype(np.float32)
+        self.wave_phase = rng.uniform(0, 2 * np.pi, self.wave_kx.size).astype(np.float32)
+        self.direction = float(rng.uniform(0, 2 * np.pi))
+        self.map_gain = rng.uniform(0.8, 1.0, 2).astype(np.float32)         # red (x) and green (y) ramps
+        self.clock_start = float(rng.uniform(0.0, 0.1))
+        self._init_shape(rng, video.class_name)
+
+    # ---- what moves, and how (pure functions of t)
+    def background_offset(self, t) -> tuple[np.ndarray, np.ndarray]:
+        t = np.asarray(t, np.float64)
+        return BACKGROUND_SPEED * t * np.cos(self.direction), BACKGROUND_SPEED * t * np.sin(self.direction)
+
+    def clock(self, t) -> np.ndarray:
+        return self.clock_start + CLOCK_RATE * np.asarray(t, np.float64)
+
+    def _init_shape(self, rng, class_name):
+        kinds = ("square", "triangle") if class_name == "spin" else SHAPES  # a spinning disc looks still
+        self.kind = kinds[rng.integers(len(kinds))]
+        self.colour = _saturated_colour(rng)
+        self.angle0 = float(rng.uniform(0, 2 * np.pi))
+        self.sense = float(rng.choice([-1.0, 1.0]))        # turning / orbiting direction
+        self.heading = float(rng.uniform(0, 2 * np.pi))    # glide and swing direction
+        margin = SHAPE_RADIUS * 1.6
+        reach = {"orbit": ORBIT_RADIUS, "swing": SWING_AMPLITUDE}.get(class_name, 0.0) + margin
+        reach_x, reach_y = min(reach, WIDTH / 2 - 1), min(reach, HEIGHT / 2 - 1)
+        self.cx0 = float(rng.uniform(reach_x, WIDTH - reach_x))
+        self.cy0 = float(rng.uniform(reach_y, HEIGHT - reach_y))
+        self.phase = float(rng.uniform(0, 1))               # where in its cycle the motion starts
+        self.margin = margin
+
+    def shape_state(self, t):
+        """(cx, cy, angle, scale, visible) arrays for frames t."""
+        t = np.asarray(t, np.float64)
+        name = self.video.class_name
+        cx, cy = np.full(t.shape, self.cx0), np.full(t.shape, self.cy0)
+        angle, scale, visible = np.full(t.shape, self.angle0), np.ones(t.shape), np.ones(t.shape, bool)
+        if name == "glide":
+            cx = _bounce(self.cx0 + FOREGROUND_SPEED * t * np.cos(self.heading), self.margin, WIDTH - self.margin)
+            cy = _bounce(self.cy0 + FOREGROUND_SPEED * t * np.sin(self.heading), self.margin, HEIGHT - self.margin)
+        elif name == "orbit":
+            a = 2 * np.pi * (self.phase + self.sense * t / ORBIT_PERIOD)
+            cx, cy = self.cx0 + ORBIT_RADIUS * np.cos(a), self.cy0 + ORBIT_RADIUS * np.sin(a)
+        elif name == "swing":
+            s = SWING_AMPLITUDE * np.sin(2 * np.pi * (self.phase + t / SWING_PERIOD))
+            cx, cy = self.cx0 + s * np.cos(self.heading), self.cy0 + s * np.sin(self.heading)
+        elif name == "spin":
+            angle = self.angle0 + self.sense * 2 * np.pi * t / SPIN_PERIOD
+        elif name == "pulse":
+            scale = 1 + PULSE_AMPLITUDE * np.sin(2 * np.pi * (self.phase + t / PULSE_PERIOD))
+        elif name == "blink":
+            visible = ((self.phase + t / BLINK_PERIOD) % 1.0) < 0.5
+        return cx, cy, angle, scale, visible
+
+    # ---- drawing
+    def texture(self, t: np.ndarray) -> np.ndarray:
+        """The moving texture in [-1, 1], (len(t), HEIGHT, WIDTH), float32."""
+        ox, oy = self.background_offset(t)
+        xs = np.arange(WIDTH, dtype=np.float32)[None, None, :] - ox.astype(np.float32)[:, None, None]
+        ys = np.arange(HEIGHT, dtype=np.float32)[None, :, None] - oy.astype(np.float32)[:, None, None]
+        value = np.zeros((len(t), HEIGHT, WIDTH), np.float32)
+        for kx, ky, phase in zip(self.wave_kx, self.wave_ky, self.wave_phase):
+            value += np.cos(kx * xs + ky * ys + phase)
+        return value / np.float32(np.sqrt(self.wave_kx.size / 2) * 2)  # ~unit spread, rarely beyond ±1
+
+    def render(self, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t)
+        texture = np.clip(self.texture(t), -1, 1)[..., None]                     # (n, H, W, 1)
+        red = (self.map_gain[0] * np.linspace(0, 1, WIDTH, dtype=np.float32))[None, None, :]
+        green = (self.map_gain[1] * np.linspace(0, 1, HEIGHT, dtype=np.float32))[None, :, None]
+        blue = self.clock(t).astype(np.float32)[:, None, None]
+        colour_map = np.stack(np.broadcast_arrays(red + 0 * blue, green + 0 * blue, blue + 0 * red), -1)
+        # The codes (position in red and green, time in blue) carry most of the signal; the texture
+        # is a luminance ripple small enough that a crop's mean colour still says where and when it is.
+        rgb = 0.1 + 0.8 * colour_map + TEXTURE_CONTRAST * texture
+        frames = _to_u8(np.clip(rgb, 0, 1))
+        self._draw_shape(frames, t)
+        return frames
+
+    def _draw_shape(self, frames: np.ndarray, t: np.ndarray) -> None:
+        cx, cy, angle, scale, visible = self.shape_state(t)
+        xs = np.arange(WIDTH, dtype=np.float32)[None, None, :]
+        ys = np.arange(HEIGHT, dtype=np.float32)[None, :, None]
+        size = (SHAPE_RADIUS * scale).astype(np.float32)[:, None, None]
+        dx, dy = xs - cx.astype(np.float32)[:, None, None], ys - cy.astype(np.float32)[:, None, None]
+        cos, sin = np.cos(angle).astype(np.float32)[:, None, None], np.sin(angle).astype(np.float32)[:, None, None]
+        u, v = (cos * dx + sin * dy) / size, (-sin * dx + cos * dy) / size
+        if self.kind == "disc":
+            distance = np.sqrt(u * u + v * v) - 1.0
+        elif self.kind == "square":
+            distance = np.maximum(np.abs(u), np.abs(v)) - 0.8
+        else:
+            distance = np.max([np.cos(a) * u + np.sin(a) * v for a in np.deg2rad((90, 210, 330))], axis=0) - 0.5
+        alpha = np.clip(0.5 - distance * size, 0.0, 1.0) * visible[:, None, None]
+        _blend(frames, alpha[..., None].astype(np.float32), self.colour * np.float32(255.0))
+
+
+def _bounce(position: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Reflect a straight-line position into [low, high] (a ball bouncing off walls)."""
+    span = high - low
+    x = np.mod(position - low, 2 * span)
+    return low + np.where(x > span, 2 * span - x, x)
+
+
+def plan_proof_videos(videos_per_class: int, seed: int) -> list[DemoVideo]:
+    return [DemoVideo(name, label, index, WIDTH, HEIGHT, FRAMES, seed)
+            for label, name in enumerate(CLASSES) for index in range(videos_per_class)]
+
+
+def render_proof_video(video: DemoVideo) -> np.ndarray:
+    scene = ProofScene(video)
+    out = np.empty((video.frames, HEIGHT, WIDTH, 3), np.uint8)
+    for start in range(0, video.frames, 24):
+        t = np.arange(start, min(start + 24, video.frames))
+        out[t] = scene.render(t)
+    return out
+
+
+def generate_proof_dataset(out_dir, videos_per_class: int = 24, seed: int = 0, workers: int = 2) -> dict:
+    """Write the dataset under out_dir (see the module docstring); returns a summary like
+    demo_data.generate_demo_dataset's."""
+    if videos_per_class < 2:
+        raise ValueError(f"videos_per_class must be at least 2, got {videos_per_class}")
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    videos_dir = out_dir / "videos"
+    videos_dir.mkdir(parents=True, exist_ok=True)
+    videos = plan_proof_videos(videos_per_class, seed)
+    train, test = split_train_test(videos, seed)
+    frame_counts = _write_all(videos, videos_dir, int(workers), render=render_proof_video)
+    (out_dir / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES), encoding="utf-8")
+    (out_dir / "train.txt").write_text(_list_lines(train), encoding="utf-8")
+    (out_dir / "test.txt").write_text(_list_lines(test), encoding="utf-8")
+    return dict(out_dir=str(out_dir), videos_dir=str(videos_dir), classes=list(CLASSES), videos=len(videos),
+                train=len(train), test=len(test), frames=int(sum(frame_counts)),
+                seconds=round(time.monotonic() - started, 2))

@@ -1,0 +1,87 @@
+"""scripts/proof.py (`make proof`) at a tiny budget: every stage runs through the real
+train/finetune/evaluate machinery and the report has the documented layout; plus the
+pure helpers it is built from."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_proof():
+    spec = importlib.util.spec_from_file_location("proof_script", ROOT / "scripts" / "proof.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+proof = load_proof()
+
+
+def test_final_accuracy_weights_records_by_the_steps_they_cover(tmp_path):
+    records = [{"step": 5, "speed_accuracy": 0.0}, {"step": 10, "speed_accuracy": 0.2},
+               {"step": 15, "speed_accuracy": 0.4}, {"step": 17, "speed_accuracy": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # the last 7 steps: 2 steps at 1.0 and 5 at 0.4
+    assert proof.final_accuracy(tmp_path, "speed", 7) == pytest.approx((2 * 1.0 + 5 * 0.4) / 7)
+    # the last 4 steps: 2 at 1.0, then 2 of the record covering steps 11-15
+    assert proof.final_accuracy(tmp_path, "speed", 4) == pytest.approx((2 * 1.0 + 2 * 0.4) / 4)
+
+
+def test_few_lines_takes_the_first_videos_of_each_class():
+    lines = ["a/1.mp4 0", "a/2.mp4 0", "a/3.mp4 0", "b/1.mp4 1", "b/2.mp4 1", "c/1.mp4 2"]
+    assert proof.few_lines(lines, 2) == "a/1.mp4 0\na/2.mp4 0\nb/1.mp4 1\nb/2.mp4 1\nc/1.mp4 2\n"
+
+
+def test_targets_follow_the_issue_margins():
+    report = {"heads": {"speed": {"alone": 0.41, "joint": 0.31, "majority": 0.25}},
+              "linear_probe": {"cstp": [0.5, 0.5], "byol": [0.5, 0.4], "random": [0.39, 0.41]},
+              "few_labels": {"cstp": [0.3, 0.3], "scratch": [0.3, 0.3]}}
+    targets = proof.check_targets(report)
+    assert targets == {"every_head_alone_above_majority_plus_0.15": True,
+                       "every_head_joint_above_majority_plus_0.05": True,
+                       "linear_probe_cstp_above_random_plus_0.10": True,
+                       "linear_probe_cstp_at_least_byol": True,
+                       "few_labels_cstp_above_scratch": False}
+    report["heads"]["speed"]["alone"] = 0.39
+    report["linear_probe"]["random"] = [0.41, 0.41]
+    targets = proof.check_targets(report)
+    assert not targets["every_head_alone_above_majority_plus_0.15"]
+    assert not targets["linear_probe_cstp_above_random_plus_0.10"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+def test_proof_runs_end_to_end_at_a_tiny_budget(tmp_path, capsys):
+    out = tmp_path / "proof"
+    code = proof.main(["--out", str(out), "--data", str(tmp_path / "data"), "--steps", "2", "--seeds", "1",
+                       "--videos-per-class", "3", "--few-per-class", "2", "--finetune-epochs", "1", "--last", "2",
+                       "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["heads"]) == {"rotation", "speed", "temporal", "spatial"}
+    for head in report["heads"].values():
+        assert set(head) == {"alone", "joint", "majority"}
+        assert all(0.0 <= v <= 1.0 for v in head.values())
+    for section, names in (("linear_probe", {"cstp", "byol", "random"}), ("knn", {"cstp", "byol", "random"}),
+                           ("few_labels", {"cstp", "scratch"})):
+        assert set(report[section]) == names
+        for values in report[section].values():
+            assert len(values) == 1 and all(0.0 <= v <= 1.0 for v in values)
+    assert report["seconds"] > 0 and isinstance(report["machine"], str) and report["machine"]
+    assert report["test_videos"] == 6 and report["train_videos"] == 12
+    # every run went through train.py / finetune.py with the requested budget
+    for run in ("alone_rotation", "alone_speed", "alone_temporal", "alone_spatial", "cstp_s1", "byol_s1"):
+        assert json.loads((out / "runs" / run / "summary.json").read_text())["steps"] == 2
+    alone = (out / "runs" / "alone_speed" / "config.yaml").read_text()
+    assert "speed: 1.0" in alone and "byol: 0.0" in alone and "rotation: 0.0" in alone
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    md = (out / "report.md").read_text()
+    assert "| speed |" in md and "linear probe" in md and "report.png" in md

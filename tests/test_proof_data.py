@@ -1,0 +1,121 @@
+"""The proof dataset (preprocessing/proof_data.py): fixed speeds, the documented classes,
+and cues that make each pretext label observable."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from preprocessing import proof_data as pd
+from preprocessing.demo_data import DemoVideo
+
+
+def video(class_name: str, index: int = 0, seed: int = 0) -> DemoVideo:
+    return DemoVideo(class_name, pd.CLASSES.index(class_name), index, pd.WIDTH, pd.HEIGHT, pd.FRAMES, seed)
+
+
+def best_shift(a: np.ndarray, b: np.ndarray, reach: int) -> tuple[int, int]:
+    """Integer (dx, dy) with b(x, y) ≈ a(x - dx, y - dy), by exhaustive search."""
+    best, errors = None, {}
+    h, w = a.shape
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            a_part = a[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+            b_part = b[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+            errors[(dx, dy)] = float(np.mean((a_part - b_part) ** 2))
+    best = min(errors, key=errors.get)
+    return best
+
+
+def test_classes_are_the_documented_six_and_no_pretext_label():
+    assert pd.CLASSES == ("blink", "glide", "orbit", "pulse", "spin", "swing")
+    for name in pd.CLASSES:
+        assert name in pd.__doc__
+    videos = pd.plan_proof_videos(3, seed=0)
+    assert [v.label for v in videos] == [i for i in range(6) for _ in range(3)]
+    assert all((v.width, v.height, v.frames) == (pd.WIDTH, pd.HEIGHT, pd.FRAMES) for v in videos)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_background_moves_at_exactly_the_fixed_speed(index):
+    scene = pd.ProofScene(video("pulse", index))
+    t = np.arange(0, pd.FRAMES, 7)
+    ox, oy = scene.background_offset(t)
+    np.testing.assert_allclose(np.hypot(ox, oy), pd.BACKGROUND_SPEED * t, rtol=0, atol=1e-9)
+    # and the rendered texture really moves by that much: 16 frames -> 8 px
+    frames = scene.texture(np.array([40, 56]))
+    dx, dy = best_shift(frames[0], frames[1], reach=11)
+    expected = pd.BACKGROUND_SPEED * 16
+    assert abs(np.hypot(dx, dy) - expected) <= 1.0
+    assert abs(dx - expected * np.cos(scene.direction)) <= 1.0 and abs(dy - expected * np.sin(scene.direction)) <= 1.0
+
+
+def test_fastest_stride_does_not_alias_the_texture():
+    # stride 8 of the playback rates moves the texture 8 x speed per sampled frame: below half a wavelength
+    assert 8 * pd.BACKGROUND_SPEED < min(pd.WAVELENGTHS) / 2
+
+
+def test_foreground_motions_have_their_fixed_rates():
+    t = np.arange(pd.FRAMES)
+    glide = pd.ProofScene(video("glide", 1))
+    cx, cy, *_ = glide.shape_state(t)
+    steps = np.hypot(np.diff(cx), np.diff(cy))
+    # the speed is FOREGROUND_SPEED except at a bounce
+    assert np.mean(np.isclose(steps, pd.FOREGROUND_SPEED, atol=1e-9)) > 0.9
+    orbit = pd.ProofScene(video("orbit", 2))
+    cx, cy, *_ = orbit.shape_state(t)
+    np.testing.assert_allclose(np.hypot(cx - orbit.cx0, cy - orbit.cy0), pd.ORBIT_RADIUS)
+    np.testing.assert_allclose(cx[pd.ORBIT_PERIOD], cx[0], atol=1e-9)
+    spin = pd.ProofScene(video("spin", 0))
+    _, _, angle, *_ = spin.shape_state(t)
+    np.testing.assert_allclose(np.abs(angle[pd.SPIN_PERIOD] - angle[0]), 2 * np.pi)
+    assert spin.kind in ("square", "triangle")
+    blink = pd.ProofScene(video("blink", 0))
+    visible = blink.shape_state(np.arange(pd.BLINK_PERIOD * 2))[4]
+    assert visible.sum() == pd.BLINK_PERIOD  # shown half the time
+    pulse = pd.ProofScene(video("pulse", 0))
+    scale = pulse.shape_state(t)[3]
+    assert scale.max() == pytest.approx(1 + pd.PULSE_AMPLITUDE, abs=0.01)
+    # still classes do not move
+    for name in ("blink", "pulse", "spin"):
+        cx, cy, *_ = pd.ProofScene(video(name, 3)).shape_state(t)
+        assert np.ptp(cx) == 0 and np.ptp(cy) == 0
+    # the shape stays inside the frame
+    for name in pd.CLASSES:
+        for i in range(5):
+            cx, cy, *_ = pd.ProofScene(video(name, i)).shape_state(t)
+            assert cx.min() >= 0 and cx.max() <= pd.WIDTH and cy.min() >= 0 and cy.max() <= pd.HEIGHT
+
+
+def test_colour_map_gives_position_and_the_clock_gives_time():
+    frames = pd.render_proof_video(video("blink", 0)).astype(np.float64)
+    mean_over_time = frames.mean(axis=0)
+    # red grows to the right, green downwards (position and handedness cues)
+    assert mean_over_time[:, -8:, 0].mean() - mean_over_time[:, :8, 0].mean() > 60
+    assert mean_over_time[-8:, :, 1].mean() - mean_over_time[:8, :, 1].mean() > 60
+    # blue rises with time at the clock rate (~0.5 x 0.8 x 255 over the video)
+    blue = frames[..., 2].mean(axis=(1, 2))
+    assert blue[-1] - blue[0] > 70
+    assert np.all(np.diff(blue[::12]) > 0)
+
+
+def test_rendering_is_deterministic_and_videos_differ():
+    a = pd.render_proof_video(video("orbit", 0))
+    assert a.shape == (pd.FRAMES, pd.HEIGHT, pd.WIDTH, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, pd.render_proof_video(video("orbit", 0)))
+    assert np.abs(a.astype(int) - pd.render_proof_video(video("orbit", 1))).mean() > 10
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+def test_generate_writes_lists_and_videos(tmp_path):
+    summary = pd.generate_proof_dataset(tmp_path, videos_per_class=3, seed=0, workers=1)
+    assert summary["classes"] == list(pd.CLASSES) and summary["videos"] == 18
+    assert (tmp_path / "classes.txt").read_text().splitlines() == list(pd.CLASSES)
+    train = (tmp_path / "train.txt").read_text().splitlines()
+    test = (tmp_path / "test.txt").read_text().splitlines()
+    assert len(train) == 12 and len(test) == 6 and not set(train) & set(test)
+    for line in train + test:
+        name, label = line.split()
+        assert (tmp_path / "videos" / name).is_file() and name.startswith(pd.CLASSES[int(label)] + "/")
