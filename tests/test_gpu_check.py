@@ -30,10 +30,17 @@ def test_dry_run_is_cut_at_its_hard_deadline_and_still_ends_with_the_summary(tmp
     checked between parts), every later part is skipped, and the summary still comes, in
     the files the device tool brings back."""
     out = tmp_path / "out"
+    # The GPU tests must still be running at the deadline on any machine, however fast:
+    # a pytest plugin (loaded only by the script's pytest run) stalls them.
+    (tmp_path / "stall_gpu_tests.py").write_text("import time\n\n\ndef pytest_sessionstart(session):\n"
+                                                 "    time.sleep(600)\n")
+    env = {**os.environ, "GPU_CHECK_DEADLINE_S": "30", "GPU_CHECK_MIN_PART_S": "3",
+           "PYTEST_ADDOPTS": "-p stall_gpu_tests",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     start = time.monotonic()
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--cpu-dry-run", "--data", tiny_db,
                            "--out", str(out)],
-                          env={**os.environ, "GPU_CHECK_DEADLINE_S": "30", "GPU_CHECK_MIN_PART_S": "3"},
+                          env=env,
                           capture_output=True, text=True, timeout=240)
     wall = time.monotonic() - start
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -7,7 +7,6 @@ re-indexes it (and still works on the CPU).
 Loaders are only constructed here (device="gpu", nothing built: that needs CUDA)."""
 
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -18,15 +17,15 @@ from pipelines.loader import LoaderSettings, PretrainLoader
 from pipelines.plan import PlanConfig
 from pipelines.video_source import VideoIndexError, nvdec_problem
 from preprocessing.__main__ import main as preprocessing_main
+from preprocessing.ffmpeg_tools import executable, missing_tools
 
-pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
-                                reason="needs ffmpeg and ffprobe")
+pytestmark = pytest.mark.skipif(bool(missing_tools()), reason="needs ffmpeg and ffprobe")
 
 PLAN = PlanConfig(frames=4, crop_size=32)
 
 
 def clip(path, pix_fmt: str, codec: str = "libx264"):
-    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25",
+    subprocess.run([executable("ffmpeg"), "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25",
                     "-t", "1.2", "-c:v", codec, "-pix_fmt", pix_fmt, str(path)], check=True)
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+
+from preprocessing.ffmpeg_tools import locate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,7 @@ def test_targets_follow_the_issue_margins():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+@pytest.mark.skipif(locate("ffmpeg") is None, reason="ffmpeg not installed")
 def test_proof_runs_end_to_end_at_a_tiny_budget(tmp_path, capsys):
     out = tmp_path / "proof"
     code = proof.main(["--out", str(out), "--data", str(tmp_path / "data"), "--steps", "2", "--seeds", "1",

@@ -3,10 +3,11 @@ and cues that make each pretext label observable."""
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
+
+from preprocessing.ffmpeg_tools import locate
 
 from preprocessing import proof_data as pd
 from preprocessing.demo_data import DemoVideo
@@ -108,7 +109,7 @@ def test_rendering_is_deterministic_and_videos_differ():
     assert np.abs(a.astype(int) - pd.render_proof_video(video("orbit", 1))).mean() > 10
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+@pytest.mark.skipif(locate("ffmpeg") is None, reason="ffmpeg not installed")
 def test_generate_writes_lists_and_videos(tmp_path):
     summary = pd.generate_proof_dataset(tmp_path, videos_per_class=3, seed=0, workers=1)
     assert summary["classes"] == list(pd.CLASSES) and summary["videos"] == 18
