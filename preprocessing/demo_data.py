@@ -280,10 +280,10 @@ def _write_all(videos: list[DemoVideo], videos_dir: Path, workers: int, render=r
         return list(pool.map(write_video, videos, [videos_dir] * len(videos), [render] * len(videos)))
 
 
-def _remove_stale_videos(videos_dir: Path, keep: set[str]) -> None:
+def _remove_stale_videos(videos_dir: Path, keep: set[str], classes) -> None:
     """Delete videos of an earlier, larger run in this folder (only files named like ours),
     so that building an LMDB from the folder sees exactly this dataset."""
-    for class_name in CLASSES:
+    for class_name in classes:
         for path in (videos_dir / class_name).glob(f"{class_name}_*.mp4"):
             if f"{class_name}/{path.name}" not in keep:
                 path.unlink()
@@ -300,19 +300,23 @@ def generate_demo_dataset(out_dir, videos_per_class: int = 12, seed: int = 0, wo
         raise ValueError(f"videos_per_class must be at least 1, got {videos_per_class}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    return write_dataset(out_dir, plan_videos(videos_per_class, seed), CLASSES, seed, workers, render_video)
+
+
+def write_dataset(out_dir, videos: list[DemoVideo], classes, seed: int, workers: int, render) -> dict:
+    """Render `videos` into out_dir/videos/<class>/, split them, write classes.txt, train.txt
+    and test.txt; returns the summary: out_dir, videos_dir, classes, videos, train, test,
+    frames, seconds. Shared by the demo and the proof generators."""
     started = time.monotonic()
     out_dir = Path(out_dir)
     videos_dir = out_dir / "videos"
     videos_dir.mkdir(parents=True, exist_ok=True)
-
-    videos = plan_videos(videos_per_class, seed)
     train, test = split_train_test(videos, seed)
-    _remove_stale_videos(videos_dir, {v.relative_path for v in videos})
-    frame_counts = _write_all(videos, videos_dir, int(workers))
-
-    (out_dir / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES), encoding="utf-8")
+    _remove_stale_videos(videos_dir, {v.relative_path for v in videos}, classes)
+    frame_counts = _write_all(videos, videos_dir, int(workers), render)
+    (out_dir / "classes.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
     (out_dir / "train.txt").write_text(_list_lines(train), encoding="utf-8")
     (out_dir / "test.txt").write_text(_list_lines(test), encoding="utf-8")
-    return dict(out_dir=str(out_dir), videos_dir=str(videos_dir), classes=list(CLASSES), videos=len(videos),
+    return dict(out_dir=str(out_dir), videos_dir=str(videos_dir), classes=list(classes), videos=len(videos),
                 train=len(train), test=len(test), frames=int(sum(frame_counts)),
                 seconds=round(time.monotonic() - started, 2))

@@ -55,13 +55,10 @@ Everything is a pure function of the seed.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 
 import numpy as np
 
-from .demo_data import (DemoVideo, _blend, _list_lines, _saturated_colour, _to_u8, _video_rng, _write_all,
-                        split_train_test)
+from .demo_data import DemoVideo, _blend, _saturated_colour, _to_u8, _video_rng, write_dataset
 
 CLASSES = tuple(sorted(("blink", "glide", "orbit", "pulse", "spin", "swing")))
 SHAPES = ("disc", "square", "triangle")
@@ -220,16 +217,5 @@ def generate_proof_dataset(out_dir, videos_per_class: int = 24, seed: int = 0, w
     demo_data.generate_demo_dataset's."""
     if videos_per_class < 2:
         raise ValueError(f"videos_per_class must be at least 2, got {videos_per_class}")
-    started = time.monotonic()
-    out_dir = Path(out_dir)
-    videos_dir = out_dir / "videos"
-    videos_dir.mkdir(parents=True, exist_ok=True)
-    videos = plan_proof_videos(videos_per_class, seed)
-    train, test = split_train_test(videos, seed)
-    frame_counts = _write_all(videos, videos_dir, int(workers), render=render_proof_video)
-    (out_dir / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES), encoding="utf-8")
-    (out_dir / "train.txt").write_text(_list_lines(train), encoding="utf-8")
-    (out_dir / "test.txt").write_text(_list_lines(test), encoding="utf-8")
-    return dict(out_dir=str(out_dir), videos_dir=str(videos_dir), classes=list(CLASSES), videos=len(videos),
-                train=len(train), test=len(test), frames=int(sum(frame_counts)),
-                seconds=round(time.monotonic() - started, 2))
+    return write_dataset(out_dir, plan_proof_videos(videos_per_class, seed), CLASSES, seed, workers,
+                         render_proof_video)
