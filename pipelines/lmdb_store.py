@@ -447,11 +447,10 @@ class LmdbFrameReader:
         """Ask the kernel for the wanted frames' bytes all at once (the header's read
         hints), so that the page faults of the reads that follow find them in the page
         cache: one request per frame instead of a synchronous fault per 4 KiB page."""
-        fd = self._fd
-        if fd is None:
+        fd, hints = self._fd, header_hints(raw, n)
+        if fd is None or hints is None:
             return
-        offsets = np.frombuffer(raw, "<u8", n, _VIDEO_HEADER_SIZE)
-        lengths = np.frombuffer(raw, "<u4", n, _VIDEO_HEADER_SIZE + 8 * n)
+        offsets, lengths = hints
         advise, willneed = os.posix_fadvise, os.POSIX_FADV_WILLNEED
         for offset, length in zip(offsets[wanted].tolist(), lengths[wanted].tolist()):
             if offset:
@@ -484,8 +483,7 @@ class LmdbFrameReader:
         wanted = np.asarray(indices, dtype=np.int64).tolist()
         if wanted and (min(wanted) < 0 or max(wanted) >= n):
             raise IndexError(f"frame {max(wanted)} of a video with {n} frames")
-        if len(raw) != _VIDEO_HEADER_SIZE:
-            self._prefetch(raw, n, list(dict.fromkeys(wanted)))
+        self._prefetch(raw, n, list(dict.fromkeys(wanted)))
         get, found = txn.get, {}
         for i in wanted:   # each distinct frame once (views overlap)
             if i not in found:
