@@ -14,28 +14,39 @@ a scene says what time it is. This generator removes each ambiguity on purpose:
   scale: the displacement per frame in wavelengths is BACKGROUND_SPEED × stride /
   wavelength whatever the box size, so the stride classes (×1/×2/×4/×8) differ
   by a factor two in observable motion. The fastest (stride 8: 4 px/frame) stays
-  below half the shortest wavelength, so it does not alias.
-* **Rotation** — a static colour map lies over the whole frame: red grows to the
-  right, green grows downwards, the same for every video. It gives an "up" AND a
+  below half the shortest wavelength, so it does not alias. The ripple is grey and
+  strong (TEXTURE_CONTRAST): measured in the joint objective (docs/proof.md), with
+  a ripple of 0.1 the static map's rotation cue took the whole backbone and the
+  speed head stayed at chance (ln 4) while it learnt alone; at 0.25 both learn.
+* **Rotation** — a static map lies over the whole frame: the grey level grows to
+  the right (LUMA_LOW to LUMA_HIGH) and the colour saturation grows downwards
+  (CHROMA_TOP to CHROMA_BOTTOM), the same in every video. It gives an "up" AND a
   handedness, so all eight (rotation, flip) combinations look different: the
   rotation label stays observable under the independent horizontal flip of each
   view. (On mirror-symmetric footage, such as the demo's, 90° and 270° become
   the same after a flip, which caps rotation accuracy at 0.75.)
-* **Spatial overlap** — the colour map encodes position (a crop's mean red and
-  green say where its box is) and the texture's fixed wavelengths say how large
-  the box is; together they determine how much two boxes share. The texture
-  covers the whole frame, so every crop has content to compare, but it is a small
-  luminance ripple (TEXTURE_CONTRAST): stronger, it drowns a crop's mean colour
-  (measured: with a texture as strong as the colour map, a classifier on the two
-  crops' mean/std of red and green stayed at the majority rate).
-* **Temporal overlap** — the content changes over time in a known way: the blue
-  channel is a clock that rises by CLOCK_RATE per frame over the whole video, so
-  the blue difference between two windows, against the blue change within a
-  window, gives the share of time they have in common; nothing else is blue, and
-  the moving texture and shape change too.
+* **Spatial overlap** — the same map encodes position: a crop's mean grey level
+  says how far right its box is, its mean saturation how far down; the boxes of
+  a pair have the same size, so how far apart they are gives how much they share.
+* **Temporal overlap** — the content changes over time in a known way: the hue of
+  the whole frame turns once every CLOCK_PERIOD frames (from a random start per
+  video), so the hue difference between two windows, against the hue turn within
+  a window, gives the share of time they have in common. The code is a circle,
+  not a level: measured with the reference head on ideal per-view features, a hue
+  circle is learnt to ~0.6 where a rising level (the first proof data's blue
+  clock) stays near the majority rate, because a level's value over the video
+  swamps the small difference between two windows. Nothing else is coloured
+  (texture and shape are grey), so a crop's mean colour is time alone.
+
+The codes are photometric, so the proof recipe (configs/proof.yaml) turns the
+reference's colour jitter off: it shifts hue by up to a tenth of a turn and
+scales brightness and saturation by up to ±40 %, which randomises the very
+codes the pretext labels are read from (measured on real loader batches: the
+reference head on per-view colour statistics reaches 0.57 on the temporal label
+without the jitter, 0.37 with it).
 
 Classes (evaluation labels; none is a pretext label): a shape (disc, square or
-triangle, random colour, the same kinds in every class) moves in one of six ways,
+triangle, dark or light grey, the same kinds in every class) moves in one of six ways,
 each with a fixed rate:
     blink   still, shown for half of each BLINK_PERIOD and hidden for the other half
     glide   straight line at FOREGROUND_SPEED px/frame, bouncing off the frame edges
@@ -58,7 +69,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .demo_data import DemoVideo, _blend, _saturated_colour, _to_u8, _video_rng, write_dataset
+from .demo_data import DemoVideo, _blend, _to_u8, _video_rng, write_dataset
 
 CLASSES = tuple(sorted(("blink", "glide", "orbit", "pulse", "spin", "swing")))
 SHAPES = ("disc", "square", "triangle")
@@ -78,8 +89,14 @@ BLINK_PERIOD = 48
 SWING_PERIOD = 64
 SWING_AMPLITUDE = 20.0            # px
 SHAPE_RADIUS = 9.0                # px
-CLOCK_RATE = 0.9 / FRAMES         # blue rises by this much per frame (x 0.8 in the frame)
-TEXTURE_CONTRAST = 0.1            # amplitude of the texture ripple (0-1 scale)
+CLOCK_PERIOD = 96                 # frames per turn of the hue clock (a window at stride 8 spans 56)
+LUMA_LOW, LUMA_HIGH = 0.2, 0.8    # grey level at the left and right edges (position x, "right")
+CHROMA_TOP, CHROMA_BOTTOM = 0.08, 0.35   # colour saturation (distance from grey) at the top and bottom
+TEXTURE_CONTRAST = 0.25           # amplitude of the grey texture ripple (0-1 scale)
+SHAPE_GREYS = (0.1, 0.9)          # the shape is dark or light grey: no colour, so it cannot move the hue
+# two unit directions spanning the colour plane orthogonal to grey (R = G = B): hue turns in it
+_CHROMA_U = np.array([1.0, -1.0, 0.0], np.float32) / np.sqrt(2.0)
+_CHROMA_V = np.array([1.0, 1.0, -2.0], np.float32) / np.sqrt(6.0)
 
 
 class ProofScene:
@@ -98,8 +115,7 @@ class ProofScene:
         self.wave_ky = (k * np.sin(angles)).ravel().astype(np.float32)
         self.wave_phase = rng.uniform(0, 2 * np.pi, self.wave_kx.size).astype(np.float32)
         self.direction = float(rng.uniform(0, 2 * np.pi))
-        self.map_gain = rng.uniform(0.8, 1.0, 2).astype(np.float32)         # red (x) and green (y) ramps
-        self.clock_start = float(rng.uniform(0.0, 0.1))
+        self.clock_start = float(rng.uniform(0.0, 2 * np.pi))              # hue at frame 0
         self._init_shape(rng, video.class_name)
 
     # ---- what moves, and how (pure functions of t)
@@ -108,12 +124,13 @@ class ProofScene:
         return BACKGROUND_SPEED * t * np.cos(self.direction), BACKGROUND_SPEED * t * np.sin(self.direction)
 
     def clock(self, t) -> np.ndarray:
-        return self.clock_start + CLOCK_RATE * np.asarray(t, np.float64)
+        """The hue angle (radians, unwrapped) of frames t: one turn per CLOCK_PERIOD frames."""
+        return self.clock_start + 2 * np.pi * np.asarray(t, np.float64) / CLOCK_PERIOD
 
     def _init_shape(self, rng, class_name):
         kinds = ("square", "triangle") if class_name == "spin" else SHAPES  # a spinning disc looks still
         self.kind = kinds[rng.integers(len(kinds))]
-        self.colour = _saturated_colour(rng)
+        self.colour = np.full(3, SHAPE_GREYS[rng.integers(len(SHAPE_GREYS))], np.float32)
         self.angle0 = float(rng.uniform(0, 2 * np.pi))
         self.sense = float(rng.choice([-1.0, 1.0]))        # turning / orbiting direction
         self.heading = float(rng.uniform(0, 2 * np.pi))    # glide and swing direction
@@ -162,13 +179,14 @@ class ProofScene:
     def render(self, t: np.ndarray) -> np.ndarray:
         t = np.asarray(t)
         texture = np.clip(self.texture(t), -1, 1)[..., None]                     # (n, H, W, 1)
-        red = (self.map_gain[0] * np.linspace(0, 1, WIDTH, dtype=np.float32))[None, None, :]
-        green = (self.map_gain[1] * np.linspace(0, 1, HEIGHT, dtype=np.float32))[None, :, None]
-        blue = self.clock(t).astype(np.float32)[:, None, None]
-        colour_map = np.stack(np.broadcast_arrays(red + 0 * blue, green + 0 * blue, blue + 0 * red), -1)
-        # The codes (position in red and green, time in blue) carry most of the signal; the texture
-        # is a luminance ripple small enough that a crop's mean colour still says where and when it is.
-        rgb = 0.1 + 0.8 * colour_map + TEXTURE_CONTRAST * texture
+        grey = (LUMA_LOW + (LUMA_HIGH - LUMA_LOW) * np.linspace(0, 1, WIDTH, dtype=np.float32))[None, None, :, None]
+        saturation = (CHROMA_TOP + (CHROMA_BOTTOM - CHROMA_TOP) *
+                      np.linspace(0, 1, HEIGHT, dtype=np.float32))[None, :, None, None]
+        hue = self.clock(t).astype(np.float32)[:, None, None, None]
+        colour = saturation * (np.cos(hue) * _CHROMA_U + np.sin(hue) * _CHROMA_V)      # (n, H, 1, 3)
+        # Position in grey level and saturation, time in hue; the grey ripple averages out of a crop's
+        # mean colour, and is strong enough for motion to compete with the static map in the joint objective.
+        rgb = grey + colour + TEXTURE_CONTRAST * texture
         frames = _to_u8(np.clip(rgb, 0, 1))
         self._draw_shape(frames, t)
         return frames

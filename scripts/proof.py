@@ -59,15 +59,17 @@ def parse_args(argv=None):
     p.add_argument("--config", default=str(ROOT / "configs" / "proof.yaml"), help="pretraining recipe")
     p.add_argument("--finetune-config", default=str(ROOT / "configs" / "finetune_proof.yaml"),
                    help="few-labels finetuning recipe")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps of every pretraining run, heads alone "
-                   "included; half of them warm-up (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps of every pretraining run, heads alone "
+                   "included (default: %(default)s)")
+    p.add_argument("--warmup-share", type=float, default=0.1, help="share of the steps spent in linear warm-up "
+                   "(the reference: 0.5 of ~560k steps; default: %(default)s, see configs/proof.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
-    p.add_argument("--videos-per-class", type=int, default=24, help="dataset size when generating it; ~80 %% "
+    p.add_argument("--videos-per-class", type=int, default=40, help="dataset size when generating it; ~80 %% "
                    "train, ~20 %% test (default: %(default)s)")
     p.add_argument("--few-per-class", type=int, default=4, help="labelled training videos per class for the "
                    "few-labels finetune; one of them is its validation video (default: %(default)s)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="override the few-labels recipe's epochs")
-    p.add_argument("--last", type=int, default=20, help="steps averaged for a head's final accuracy "
+    p.add_argument("--last", type=int, default=50, help="steps averaged for a head's final accuracy "
                    "(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -134,7 +136,7 @@ def pretrain(name: str, out: Path, args, db: Path, seed: int, weights: dict) -> 
     say(f"{name}: pretraining {args.steps} steps (seed {seed}, loss weights {weights})")
     started = time.perf_counter()
     code = train.main(["--config", args.config, "--out", str(run), f"data.path={db}", f"run.seed={seed}",
-                       f"run.epochs={epochs}", f"optim.warmup_epochs={epochs // 2}", f"run.max_steps={args.steps}",
+                       f"run.epochs={epochs}", f"optim.warmup_epochs={round(args.warmup_share * epochs)}", f"run.max_steps={args.steps}",
                        f"run.progress={not args.no_progress}", f"data.batch_size={batch}",
                        *[f"loss.{k}={v}" for k, v in weights.items()]])
     if code:
@@ -297,7 +299,8 @@ def check_targets(report: dict) -> dict:
 def write_markdown(report: dict, path: Path):
     r = report
     lines = [f"# Proof that CSTP-DALI learns ({r['machine']}, {r['date']})", "",
-             f"Total time {r['seconds'] / 60:.1f} min; {r['steps']} steps per pretraining run, seeds {r['seeds']}, "
+             f"Total time {r['seconds'] / 60:.1f} min; {r['steps']} steps per pretraining run "
+             f"({r.get('warmup_share', 0.5):.0%} warm-up), seeds {r['seeds']}, "
              f"{r['train_videos']} training / {r['test_videos']} test videos, {r['classes']} classes "
              f"(chance {1 / r['classes']:.3f}).", "",
              "## Pretext heads (accuracy: mean of the last steps; majority: on the labels drawn)", "",
@@ -382,6 +385,9 @@ def main(argv=None) -> int:
     if len(args.seeds) < 1 or args.steps < 2:
         print("proof: need at least one seed and 2 steps", file=sys.stderr)
         return 2
+    if not 0 <= args.warmup_share <= 1:
+        print(f"proof: --warmup-share must be in [0, 1], got {args.warmup_share}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     out, data = Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
@@ -427,6 +433,7 @@ def main(argv=None) -> int:
     report = {"heads": heads, "linear_probe": linear, "knn": knn, "few_labels": few,
               "seconds": round(time.perf_counter() - started, 1), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": args.steps,
+              "warmup_share": args.warmup_share,
               "seeds": args.seeds, "last_steps_averaged": args.last,
               "train_videos": len(read_metadata(str(dbs["train"]))[0]),
               "test_videos": len(read_metadata(str(dbs["test"]))[0]),

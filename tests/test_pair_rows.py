@@ -1,9 +1,9 @@
 """Rows of the loader's batches: each row's two views and its labels belong together.
 
-On proof videos (preprocessing/proof_data.py) the blue channel is a clock: each frame's
-mean blue is its time. So, per row of a real PretrainLoader batch, the blue difference
-between view 2 and view 1 must be the temporal shift the row's labels imply
-(int((1 - rate) · (T - 1) · stride) frames, pipelines/plan.py), and the blue slope within a
+On proof videos (preprocessing/proof_data.py) the hue is a clock: each frame's mean colour
+turns by 2π / CLOCK_PERIOD per frame. So, per row of a real PretrainLoader batch, the hue
+difference between view 2 and view 1 must be the temporal shift the row's labels imply
+(int((1 - rate) · (T - 1) · stride) frames, pipelines/plan.py), and the hue turn within a
 view must be the row's stride. A row of view 1, view 2 and labels taken from different
 samples breaks both; the pairwise heads cannot learn from such rows (tests/test_pairwise_heads.py
 shows they learn from aligned ones). Checked for both graphs (data.graph views and frames).
@@ -21,8 +21,7 @@ from preprocessing.demo_data import DemoVideo
 from .lmdb_fixtures import write_lmdb
 
 FRAMES = 8
-# one frame of clock in the loader's [-1, 1] pixels: CLOCK_RATE per frame, x 0.8 in the frame
-BLUE_PER_FRAME = pd.CLOCK_RATE * 0.8 * 2
+HUE_PER_FRAME = 2 * np.pi / pd.CLOCK_PERIOD       # radians of hue per frame of video
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +45,30 @@ def rows(db: str, graph: str) -> dict:
     return out
 
 
-def blue_level_and_slope(view: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: mean blue over the view, and its rise per frame of the view."""
-    blue = view[:, 2].float().mean(dim=(2, 3)).numpy()            # (B, T)
-    t = np.arange(blue.shape[1]) - (blue.shape[1] - 1) / 2
-    return blue.mean(1), (blue * t).sum(1) / (t * t).sum()
+def hue_and_turn(view: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the view's mean hue (radians), and its turn per frame of the view. Hue is the
+    angle of the mean colour in the plane orthogonal to grey (rotation, flip and the loader's
+    pixel offset and scale do not change it)."""
+    rgb = view.float().mean(dim=(3, 4)).numpy()                    # (B, 3, T)
+    u = (rgb[:, 0] - rgb[:, 1]) / np.sqrt(2)
+    v = (rgb[:, 0] + rgb[:, 1] - 2 * rgb[:, 2]) / np.sqrt(6)
+    angle = np.unwrap(np.arctan2(v, u), axis=1)                    # (B, T)
+    t = np.arange(angle.shape[1]) - (angle.shape[1] - 1) / 2
+    return angle.mean(1), (angle * t).sum(1) / (t * t).sum()
 
 
 @pytest.mark.parametrize("graph", ["views", "frames"])
 def test_each_rows_views_differ_by_the_time_its_labels_say(db, graph):
     r = rows(db, graph)
-    level1, slope1 = blue_level_and_slope(r["view1"])
-    level2, slope2 = blue_level_and_slope(r["view2"])
-    shift_seen = np.abs(level2 - level1) / BLUE_PER_FRAME          # frames between the windows
-    stride_seen = (slope1 + slope2) / 2 / BLUE_PER_FRAME           # frames per step of a window
+    hue1, turn1 = hue_and_turn(r["view1"])
+    hue2, turn2 = hue_and_turn(r["view2"])
+    difference = np.angle(np.exp(1j * (hue2 - hue1)))              # wrapped; shifts stay under half a turn
+    shift_seen = np.abs(difference) / HUE_PER_FRAME                # frames between the windows
+    stride_seen = (turn1 + turn2) / 2 / HUE_PER_FRAME              # frames per step of a window
     shift, stride = r["shift"].numpy(), r["stride"].numpy()
     assert len(shift) == 24 and len(set(shift.tolist())) >= 4      # enough different shifts to tell
     # each row's pixels say its own labels; the stride and the shift in most rows (a moving
-    # shape in a small crop shifts the blue level of a view now and then) ...
+    # shape in a small crop dilutes a view's colour now and then) ...
     nearest = 2.0 ** np.clip(np.round(np.log2(np.maximum(stride_seen, 0.1))), 0, 3)   # strides 1, 2, 4, 8
     assert (nearest == stride).mean() >= 0.9, (stride_seen.round(2), stride)
     fits = np.abs(shift_seen - shift) <= 1.0 + 0.1 * shift

@@ -90,16 +90,24 @@ def test_foreground_motions_have_their_fixed_rates():
             assert cx.min() >= 0 and cx.max() <= pd.WIDTH and cy.min() >= 0 and cy.max() <= pd.HEIGHT
 
 
-def test_colour_map_gives_position_and_the_clock_gives_time():
-    frames = pd.render_proof_video(video("blink", 0)).astype(np.float64)
-    mean_over_time = frames.mean(axis=0)
-    # red grows to the right, green downwards (position and handedness cues)
-    assert mean_over_time[:, -8:, 0].mean() - mean_over_time[:, :8, 0].mean() > 60
-    assert mean_over_time[-8:, :, 1].mean() - mean_over_time[:8, :, 1].mean() > 60
-    # blue rises with time at the clock rate (~0.5 x 0.8 x 255 over the video)
-    blue = frames[..., 2].mean(axis=(1, 2))
-    assert blue[-1] - blue[0] > 70
-    assert np.all(np.diff(blue[::12]) > 0)
+def test_the_map_gives_position_and_the_hue_gives_time():
+    scene = pd.ProofScene(video("blink", 0))
+    frames = pd.render_proof_video(video("blink", 0)).astype(np.float64) / 255
+    grey = frames.mean(axis=3)                                   # (T, H, W)
+    chroma_u = (frames[..., 0] - frames[..., 1]) / np.sqrt(2)
+    chroma_v = (frames[..., 0] + frames[..., 1] - 2 * frames[..., 2]) / np.sqrt(6)
+    saturation = np.hypot(chroma_u, chroma_v)
+    # the grey level grows to the right, the saturation downwards (position and handedness cues)
+    columns = grey.mean(axis=(0, 1))
+    assert columns[-8:].mean() - columns[:8].mean() > 0.5 * (pd.LUMA_HIGH - pd.LUMA_LOW)
+    rows = saturation.mean(axis=(0, 2))
+    assert rows[-8:].mean() - rows[:8].mean() > 0.5 * (pd.CHROMA_BOTTOM - pd.CHROMA_TOP)
+    # the frame's mean colour turns by exactly one CLOCK_PERIOD-th of a turn per frame
+    hue = np.unwrap(np.arctan2(chroma_v.mean(axis=(1, 2)), chroma_u.mean(axis=(1, 2))))
+    np.testing.assert_allclose(np.diff(hue), 2 * np.pi / pd.CLOCK_PERIOD, atol=0.02)
+    np.testing.assert_allclose(np.angle(np.exp(1j * (hue[0] - scene.clock(0)))), 0, atol=0.05)
+    # the clock is the only colour: frames one period apart have the same mean colour
+    np.testing.assert_allclose(frames[pd.CLOCK_PERIOD].mean(axis=(0, 1)), frames[0].mean(axis=(0, 1)), atol=0.02)
 
 
 def test_rendering_is_deterministic_and_videos_differ():
