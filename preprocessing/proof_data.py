@@ -32,9 +32,9 @@ a scene says what time it is. This generator removes each ambiguity on purpose:
   the whole frame turns once every CLOCK_PERIOD frames (from a random start per
   video), so the hue difference between two windows, against the hue turn within
   a window, gives the share of time they have in common. The code is a circle,
-  not a level: measured with the reference head on ideal per-view features, a hue
-  circle is learnt to ~0.6 where a rising level (the first proof data's blue
-  clock) stays near the majority rate, because a level's value over the video
+  not a level: the reference head on exact per-view features of simulated windows
+  learns a hue circle to ~0.6 where a rising level (the first proof data's blue
+  clock) stays near the majority rate (docs/proof.md), because a level's value over the video
   swamps the small difference between two windows. Nothing else is coloured
   (texture and shape are grey), so a crop's mean colour is time alone.
 
