@@ -8,16 +8,19 @@ a scene says what time it is. This generator removes each ambiguity on purpose:
 
 * **Playback rate (speed)** — everything that moves has ONE fixed natural speed:
   the background texture translates at exactly BACKGROUND_SPEED px/frame (in a
-  random direction per video), and the foreground shape's motion runs at fixed
-  rates (FOREGROUND_SPEED px/frame, fixed periods). The texture is a sum of
+  random direction per video), and the shapes move at fixed rates
+  (FOREGROUND_SPEED px/frame, fixed periods). The texture is a sum of
   sinusoids of fixed wavelengths, a ruler that does not depend on the crop's
   scale: the displacement per frame in wavelengths is BACKGROUND_SPEED × stride /
   wavelength whatever the box size, so the stride classes (×1/×2/×4/×8) differ
   by a factor two in observable motion. The fastest (stride 8: 4 px/frame) stays
-  below half the shortest wavelength, so it does not alias. The ripple is grey and
-  strong (TEXTURE_CONTRAST): measured in the joint objective (docs/proof.md), with
-  a ripple of 0.1 the static map's rotation cue took the whole backbone and the
-  speed head stayed at chance (ln 4) while it learnt alone; at 0.25 both learn.
+  below half the shortest wavelength, so it does not alias. The ripple is weak
+  (TEXTURE_CONTRAST 0.1) and the shapes are many and strong, so the playback rate
+  is read from the shapes' motion as much as from the ripple, and what the speed
+  head teaches the backbone is how the shapes move, which is what the classes are
+  about (measured in docs/proof.md: with one dark or light shape the joint
+  objective needed a 0.25 ripple for the speed head to start, and its features
+  did not separate the classes).
 * **Rotation** — a static map lies over the whole frame: the grey level grows to
   the right (LUMA_LOW to LUMA_HIGH) and the colour saturation grows downwards
   (CHROMA_TOP to CHROMA_BOTTOM), the same in every video. It gives an "up" AND a
@@ -36,7 +39,8 @@ a scene says what time it is. This generator removes each ambiguity on purpose:
   learns a hue circle to ~0.6 where a rising level (the first proof data's blue
   clock) stays near the majority rate (docs/proof.md), because a level's value over the video
   swamps the small difference between two windows. Nothing else is coloured
-  (texture and shape are grey), so a crop's mean colour is time alone.
+  (the texture and the shapes change brightness only), so a crop's mean hue is
+  time alone.
 
 The codes are photometric, so the proof recipe (configs/proof.yaml) turns the
 reference's colour jitter off: it shifts hue by up to a tenth of a turn and
@@ -45,19 +49,28 @@ codes the pretext labels are read from (measured on real loader batches: the
 reference head on per-view colour statistics reaches 0.57 on the temporal label
 without the jitter, 0.37 with it).
 
-Classes (evaluation labels; none is a pretext label): a shape (disc, square or
-triangle, dark or light grey, the same kinds in every class) moves in one of six ways,
-each with a fixed rate:
+Classes (evaluation labels; none is a pretext label): SHAPES_PER_VIDEO shapes (each a
+disc, square or triangle, lighter or darker than what lies under it, drawn
+independently) move in one of six ways, all shapes of a video the same way, each with
+a fixed rate:
     blink   still, shown for half of each BLINK_PERIOD and hidden for the other half
     glide   straight line at FOREGROUND_SPEED px/frame, bouncing off the frame edges
     orbit   a circle of radius ORBIT_RADIUS at one turn per ORBIT_PERIOD frames
     pulse   still, its size swings by ±PULSE_AMPLITUDE with period PULSE_PERIOD
-    spin    still, turning once per SPIN_PERIOD frames (square or triangle)
+    spin    still, turning once per SPIN_PERIOD frames (squares and triangles)
     swing   back and forth along a line, SWING_AMPLITUDE either side, period SWING_PERIOD
-Each direction (of gliding, orbiting, spinning, swinging) is drawn at random
-within a class, so no two classes are mirror images or rotations of each other:
-the pretraining flips and rotates each view independently, so features learnt
+Each direction (of gliding, orbiting, spinning, swinging), place, phase and polarity
+is drawn at random per shape, so no two classes are mirror images or rotations of each
+other: the pretraining flips and rotates each view independently, so features learnt
 from it cannot tell mirror images apart, and the classes do not ask them to.
+With several shapes nearly every crop holds one, so what two views of a video share
+is the class's motion; and the texture is the same in every video (only its direction
+differs), so the background cannot tell one video from another and BYOL cannot match
+two views by it (measured in docs/proof.md: with one shape and a texture per video the
+frozen features did not separate the classes). A shape changes only the brightness
+under it (by SHAPE_CONTRAST, R, G and B alike), so it has no colour of its own and
+leaves the hue and the saturation of the map under it as they are: with grey shapes
+that covered the colour, the temporal head alone learnt more slowly.
 
 Layout written under out_dir (as demo_data.py, so the same tools read it):
     videos/<class>/<class>_<nnn>.mp4, classes.txt, train.txt, test.txt
@@ -66,11 +79,15 @@ Everything is a pure function of the seed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import numpy as np
 
-from .demo_data import DemoVideo, _blend, _to_u8, _video_rng, write_dataset
+from .demo_data import DemoVideo, _to_u8, _video_rng, write_dataset
 
+# Bumped whenever the rendering changes, so that scripts/proof.py rebuilds an older dataset
+# instead of measuring on it (3: four shapes that change brightness only, one shared texture).
+GENERATOR_VERSION = 3
 CLASSES = tuple(sorted(("blink", "glide", "orbit", "pulse", "spin", "swing")))
 SHAPES = ("disc", "square", "triangle")
 WIDTH, HEIGHT = 96, 72            # every video: speeds are in pixels of this frame
@@ -92,60 +109,48 @@ SHAPE_RADIUS = 9.0                # px
 CLOCK_PERIOD = 96                 # frames per turn of the hue clock (a window at stride 8 spans 56)
 LUMA_LOW, LUMA_HIGH = 0.2, 0.8    # grey level at the left and right edges (position x, "right")
 CHROMA_TOP, CHROMA_BOTTOM = 0.08, 0.35   # colour saturation (distance from grey) at the top and bottom
-TEXTURE_CONTRAST = 0.25           # amplitude of the grey texture ripple (0-1 scale)
-SHAPE_GREYS = (0.1, 0.9)          # the shape is dark or light grey: no colour, so it cannot move the hue
+TEXTURE_CONTRAST = 0.1            # amplitude of the grey texture ripple (0-1 scale)
+SHAPES_PER_VIDEO = 4              # every shape of a video moves the class's way
+SHAPE_CONTRAST = 0.35             # a shape brightens or darkens what lies under it by this (R, G, B alike)
+_TEXTURE_PURPOSE = 999            # seeds the texture shared by every video of a dataset
 # two unit directions spanning the colour plane orthogonal to grey (R = G = B): hue turns in it
 _CHROMA_U = np.array([1.0, -1.0, 0.0], np.float32) / np.sqrt(2.0)
 _CHROMA_V = np.array([1.0, 1.0, -2.0], np.float32) / np.sqrt(6.0)
 
 
-class ProofScene:
-    """All random choices of one video; `render(t)` draws frames t (an int array).
-    `background_offset(t)` is where the texture has moved to (px, exactly
-    BACKGROUND_SPEED × t along the video's direction); `shape_state(t)` is the
-    shape's centre, angle, scale and visibility."""
+@dataclass(frozen=True)
+class MovingShape:
+    """One shape of a video and how it moves: `state(t)` gives its centre, angle, scale and
+    visibility at frames t, `coverage(t)` how much of each pixel it covers."""
 
-    def __init__(self, video: DemoVideo):
-        rng = _video_rng(video.seed, video.label, video.index, 2)
-        self.video = video
-        # texture: WAVES_PER_BAND plane waves per wavelength, random orientations and phases
-        angles = rng.uniform(0, np.pi, (len(WAVELENGTHS), WAVES_PER_BAND))
-        k = 2 * np.pi / np.asarray(WAVELENGTHS)[:, None]
-        self.wave_kx = (k * np.cos(angles)).ravel().astype(np.float32)
-        self.wave_ky = (k * np.sin(angles)).ravel().astype(np.float32)
-        self.wave_phase = rng.uniform(0, 2 * np.pi, self.wave_kx.size).astype(np.float32)
-        self.direction = float(rng.uniform(0, 2 * np.pi))
-        self.clock_start = float(rng.uniform(0.0, 2 * np.pi))              # hue at frame 0
-        self._init_shape(rng, video.class_name)
+    class_name: str
+    kind: str
+    polarity: float       # +1: it brightens what lies under it, -1: it darkens it
+    angle0: float
+    sense: float          # turning / orbiting direction
+    heading: float        # glide and swing direction
+    cx0: float
+    cy0: float
+    phase: float          # where in its cycle the motion starts
+    margin: float
 
-    # ---- what moves, and how (pure functions of t)
-    def background_offset(self, t) -> tuple[np.ndarray, np.ndarray]:
-        t = np.asarray(t, np.float64)
-        return BACKGROUND_SPEED * t * np.cos(self.direction), BACKGROUND_SPEED * t * np.sin(self.direction)
-
-    def clock(self, t) -> np.ndarray:
-        """The hue angle (radians, unwrapped) of frames t: one turn per CLOCK_PERIOD frames."""
-        return self.clock_start + 2 * np.pi * np.asarray(t, np.float64) / CLOCK_PERIOD
-
-    def _init_shape(self, rng, class_name):
+    @classmethod
+    def draw(cls, rng, class_name: str) -> "MovingShape":
         kinds = ("square", "triangle") if class_name == "spin" else SHAPES  # a spinning disc looks still
-        self.kind = kinds[rng.integers(len(kinds))]
-        self.colour = np.full(3, SHAPE_GREYS[rng.integers(len(SHAPE_GREYS))], np.float32)
-        self.angle0 = float(rng.uniform(0, 2 * np.pi))
-        self.sense = float(rng.choice([-1.0, 1.0]))        # turning / orbiting direction
-        self.heading = float(rng.uniform(0, 2 * np.pi))    # glide and swing direction
+        kind = kinds[rng.integers(len(kinds))]
+        polarity = float(rng.choice([-1.0, 1.0]))
+        angle0, sense = float(rng.uniform(0, 2 * np.pi)), float(rng.choice([-1.0, 1.0]))
+        heading = float(rng.uniform(0, 2 * np.pi))
         margin = SHAPE_RADIUS * 1.6
         reach = {"orbit": ORBIT_RADIUS, "swing": SWING_AMPLITUDE}.get(class_name, 0.0) + margin
         reach_x, reach_y = min(reach, WIDTH / 2 - 1), min(reach, HEIGHT / 2 - 1)
-        self.cx0 = float(rng.uniform(reach_x, WIDTH - reach_x))
-        self.cy0 = float(rng.uniform(reach_y, HEIGHT - reach_y))
-        self.phase = float(rng.uniform(0, 1))               # where in its cycle the motion starts
-        self.margin = margin
+        cx0, cy0 = float(rng.uniform(reach_x, WIDTH - reach_x)), float(rng.uniform(reach_y, HEIGHT - reach_y))
+        return cls(class_name, kind, polarity, angle0, sense, heading, cx0, cy0, float(rng.uniform(0, 1)), margin)
 
-    def shape_state(self, t):
+    def state(self, t):
         """(cx, cy, angle, scale, visible) arrays for frames t."""
         t = np.asarray(t, np.float64)
-        name = self.video.class_name
+        name = self.class_name
         cx, cy = np.full(t.shape, self.cx0), np.full(t.shape, self.cy0)
         angle, scale, visible = np.full(t.shape, self.angle0), np.ones(t.shape), np.ones(t.shape, bool)
         if name == "glide":
@@ -165,34 +170,9 @@ class ProofScene:
             visible = ((self.phase + t / BLINK_PERIOD) % 1.0) < 0.5
         return cx, cy, angle, scale, visible
 
-    # ---- drawing
-    def texture(self, t: np.ndarray) -> np.ndarray:
-        """The moving texture in [-1, 1], (len(t), HEIGHT, WIDTH), float32."""
-        ox, oy = self.background_offset(t)
-        xs = np.arange(WIDTH, dtype=np.float32)[None, None, :] - ox.astype(np.float32)[:, None, None]
-        ys = np.arange(HEIGHT, dtype=np.float32)[None, :, None] - oy.astype(np.float32)[:, None, None]
-        value = np.zeros((len(t), HEIGHT, WIDTH), np.float32)
-        for kx, ky, phase in zip(self.wave_kx, self.wave_ky, self.wave_phase):
-            value += np.cos(kx * xs + ky * ys + phase)
-        return value / np.float32(np.sqrt(self.wave_kx.size / 2) * 2)  # ~unit spread, rarely beyond ±1
-
-    def render(self, t: np.ndarray) -> np.ndarray:
-        t = np.asarray(t)
-        texture = np.clip(self.texture(t), -1, 1)[..., None]                     # (n, H, W, 1)
-        grey = (LUMA_LOW + (LUMA_HIGH - LUMA_LOW) * np.linspace(0, 1, WIDTH, dtype=np.float32))[None, None, :, None]
-        saturation = (CHROMA_TOP + (CHROMA_BOTTOM - CHROMA_TOP) *
-                      np.linspace(0, 1, HEIGHT, dtype=np.float32))[None, :, None, None]
-        hue = self.clock(t).astype(np.float32)[:, None, None, None]
-        colour = saturation * (np.cos(hue) * _CHROMA_U + np.sin(hue) * _CHROMA_V)      # (n, H, 1, 3)
-        # Position in grey level and saturation, time in hue; the grey ripple averages out of a crop's
-        # mean colour, and is strong enough for motion to compete with the static map in the joint objective.
-        rgb = grey + colour + TEXTURE_CONTRAST * texture
-        frames = _to_u8(np.clip(rgb, 0, 1))
-        self._draw_shape(frames, t)
-        return frames
-
-    def _draw_shape(self, frames: np.ndarray, t: np.ndarray) -> None:
-        cx, cy, angle, scale, visible = self.shape_state(t)
+    def coverage(self, t) -> np.ndarray:
+        """(len(t), HEIGHT, WIDTH) float32 in [0, 1]: 1 inside the shape, 0 outside, antialiased edges."""
+        cx, cy, angle, scale, visible = self.state(t)
         xs = np.arange(WIDTH, dtype=np.float32)[None, None, :]
         ys = np.arange(HEIGHT, dtype=np.float32)[None, :, None]
         size = (SHAPE_RADIUS * scale).astype(np.float32)[:, None, None]
@@ -205,8 +185,71 @@ class ProofScene:
             distance = np.maximum(np.abs(u), np.abs(v)) - 0.8
         else:
             distance = np.max([np.cos(a) * u + np.sin(a) * v for a in np.deg2rad((90, 210, 330))], axis=0) - 0.5
-        alpha = np.clip(0.5 - distance * size, 0.0, 1.0) * visible[:, None, None]
-        _blend(frames, alpha[..., None].astype(np.float32), self.colour * np.float32(255.0))
+        return (np.clip(0.5 - distance * size, 0.0, 1.0) * visible[:, None, None]).astype(np.float32)
+
+
+class ProofScene:
+    """All random choices of one video; `render(t)` draws frames t (an int array).
+    `background_offset(t)` is where the texture has moved to (px, exactly
+    BACKGROUND_SPEED × t along the video's direction); `shapes` are the
+    SHAPES_PER_VIDEO shapes that all move the class's way."""
+
+    def __init__(self, video: DemoVideo):
+        self.video = video
+        # the texture is the same in every video of a dataset (only its direction differs), so a
+        # video cannot be told from another by its background: what two views of a video share
+        # beyond the background is their shapes and how they move
+        waves = np.random.default_rng([video.seed, _TEXTURE_PURPOSE])
+        angles = waves.uniform(0, np.pi, (len(WAVELENGTHS), WAVES_PER_BAND))
+        k = 2 * np.pi / np.asarray(WAVELENGTHS)[:, None]
+        self.wave_kx = (k * np.cos(angles)).ravel().astype(np.float32)
+        self.wave_ky = (k * np.sin(angles)).ravel().astype(np.float32)
+        self.wave_phase = waves.uniform(0, 2 * np.pi, self.wave_kx.size).astype(np.float32)
+        rng = _video_rng(video.seed, video.label, video.index, 2)
+        self.direction = float(rng.uniform(0, 2 * np.pi))
+        self.clock_start = float(rng.uniform(0.0, 2 * np.pi))              # hue at frame 0
+        self.shapes = [MovingShape.draw(_video_rng(video.seed, video.label, video.index, 10 + i), video.class_name)
+                       for i in range(SHAPES_PER_VIDEO)]
+
+    # ---- what moves, and how (pure functions of t)
+    def background_offset(self, t) -> tuple[np.ndarray, np.ndarray]:
+        t = np.asarray(t, np.float64)
+        return BACKGROUND_SPEED * t * np.cos(self.direction), BACKGROUND_SPEED * t * np.sin(self.direction)
+
+    def clock(self, t) -> np.ndarray:
+        """The hue angle (radians, unwrapped) of frames t: one turn per CLOCK_PERIOD frames."""
+        return self.clock_start + 2 * np.pi * np.asarray(t, np.float64) / CLOCK_PERIOD
+
+    # ---- drawing
+    def texture(self, t: np.ndarray) -> np.ndarray:
+        """The moving texture in [-1, 1], (len(t), HEIGHT, WIDTH), float32."""
+        ox, oy = self.background_offset(t)
+        xs = np.arange(WIDTH, dtype=np.float32)[None, None, :] - ox.astype(np.float32)[:, None, None]
+        ys = np.arange(HEIGHT, dtype=np.float32)[None, :, None] - oy.astype(np.float32)[:, None, None]
+        value = np.zeros((len(t), HEIGHT, WIDTH), np.float32)
+        for kx, ky, phase in zip(self.wave_kx, self.wave_ky, self.wave_phase):
+            value += np.cos(kx * xs + ky * ys + phase)
+        return value / np.float32(np.sqrt(self.wave_kx.size / 2) * 2)  # ~unit spread, rarely beyond ±1
+
+    def background(self, t: np.ndarray) -> np.ndarray:
+        """The frames without their shapes, float32 (n, H, W, 3), before clipping to [0, 1]."""
+        texture = np.clip(self.texture(t), -1, 1)[..., None]                     # (n, H, W, 1)
+        grey = (LUMA_LOW + (LUMA_HIGH - LUMA_LOW) * np.linspace(0, 1, WIDTH, dtype=np.float32))[None, None, :, None]
+        saturation = (CHROMA_TOP + (CHROMA_BOTTOM - CHROMA_TOP) *
+                      np.linspace(0, 1, HEIGHT, dtype=np.float32))[None, :, None, None]
+        hue = self.clock(t).astype(np.float32)[:, None, None, None]
+        colour = saturation * (np.cos(hue) * _CHROMA_U + np.sin(hue) * _CHROMA_V)      # (n, H, 1, 3)
+        # position in grey level and saturation, time in hue; the grey ripple averages out of a crop's mean colour
+        return grey + colour + TEXTURE_CONTRAST * texture
+
+    def render(self, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t)
+        rgb = self.background(t)
+        # a shape only brightens or darkens what lies under it (R, G and B alike): the colour
+        # under it, the hue clock and the saturation map, stays as it is
+        for shape in self.shapes:
+            rgb = rgb + np.float32(SHAPE_CONTRAST * shape.polarity) * shape.coverage(t)[..., None]
+        return _to_u8(np.clip(rgb, 0, 1))
 
 
 def _bounce(position: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -40,6 +40,39 @@ def test_few_lines_takes_the_first_videos_of_each_class():
     assert proof.few_lines(lines, 2) == "a/1.mp4 0\na/2.mp4 0\nb/1.mp4 1\nb/2.mp4 1\nc/1.mp4 2\n"
 
 
+def test_a_stale_or_foreign_dataset_is_rebuilt_or_refused(tmp_path, monkeypatch):
+    from preprocessing import proof_data
+
+    made = []
+
+    def fake_generate(out_dir, videos_per_class, seed, workers):
+        made.append(videos_per_class)
+        (out_dir / "videos").mkdir(parents=True)
+        (out_dir / "classes.txt").write_text("".join(c + "\n" for c in proof_data.CLASSES))
+        (out_dir / "train.txt").write_text(f"v{len(made)}\n")
+
+    monkeypatch.setattr(proof_data, "generate_proof_dataset", fake_generate)
+    data = tmp_path / "proof"
+    proof.ensure_dataset(data, 40)
+    proof.ensure_dataset(data, 40)                       # current: reused
+    assert made == [40] and (data / "train.txt").read_text() == "v1\n"
+    proof.ensure_dataset(data, 10)                       # another size: rebuilt
+    assert made == [40, 10] and (data / "train.txt").read_text() == "v2\n"
+    (data / "proof_dataset.json").unlink()               # an older generator wrote no stamp: rebuilt
+    (data / "leftover.lmdb").mkdir()
+    proof.ensure_dataset(data, 10)
+    assert made == [40, 10, 10] and not (data / "leftover.lmdb").exists()
+    monkeypatch.setattr(proof_data, "GENERATOR_VERSION", proof_data.GENERATOR_VERSION + 1)
+    proof.ensure_dataset(data, 10)                       # a newer generator: rebuilt
+    assert len(made) == 4
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="not a proof dataset"):
+        proof.ensure_dataset(foreign, 40)
+    assert (foreign / "precious.txt").read_text() == "keep" and len(made) == 4
+
+
 def test_targets_follow_the_issue_margins():
     report = {"heads": {"speed": {"alone": 0.41, "joint": 0.31, "majority": 0.25}},
               "linear_probe": {"cstp": [0.5, 0.5], "byol": [0.5, 0.4], "random": [0.39, 0.41]},

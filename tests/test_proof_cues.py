@@ -4,7 +4,9 @@ The temporal and spatial overlap heads read concat(y1, y2) through Linear → BN
 Linear (the reference's head). Whether such a head can learn a pair label depends on how the
 data codes it, and the first proof dataset got this wrong: its clock was a blue level rising
 over the whole video, and this test gave it temporal 0.354 against a majority rate of 0.240
-(the hue clock that replaced it: 0.510; docs/proof.md). So this test gives
+(the hue clock that replaced it: 0.510; docs/proof.md). On the current data (four shapes that
+change brightness only): temporal 0.513 (majority 0.240), spatial 0.477 (majority 0.373); grey
+shapes, which covered the colour code, gave spatial 0.458 and failed. So this test gives
 the reference head per-view colour statistics of real PretrainLoader batches of proof videos
 (the proof recipe's plan) and asks it to beat the majority rate clearly on held-out samples;
 with the labels moved to another row it must not.

@@ -60,34 +60,74 @@ def test_fastest_stride_does_not_alias_the_texture():
 
 def test_foreground_motions_have_their_fixed_rates():
     t = np.arange(pd.FRAMES)
-    glide = pd.ProofScene(video("glide", 1))
-    cx, cy, *_ = glide.shape_state(t)
+    glide = pd.ProofScene(video("glide", 1)).shapes[0]
+    cx, cy, *_ = glide.state(t)
     steps = np.hypot(np.diff(cx), np.diff(cy))
     # the speed is FOREGROUND_SPEED except at a bounce
     assert np.mean(np.isclose(steps, pd.FOREGROUND_SPEED, atol=1e-9)) > 0.9
-    orbit = pd.ProofScene(video("orbit", 2))
-    cx, cy, *_ = orbit.shape_state(t)
+    orbit = pd.ProofScene(video("orbit", 2)).shapes[1]
+    cx, cy, *_ = orbit.state(t)
     np.testing.assert_allclose(np.hypot(cx - orbit.cx0, cy - orbit.cy0), pd.ORBIT_RADIUS)
     np.testing.assert_allclose(cx[pd.ORBIT_PERIOD], cx[0], atol=1e-9)
-    spin = pd.ProofScene(video("spin", 0))
-    _, _, angle, *_ = spin.shape_state(t)
+    spin = pd.ProofScene(video("spin", 0)).shapes[2]
+    _, _, angle, *_ = spin.state(t)
     np.testing.assert_allclose(np.abs(angle[pd.SPIN_PERIOD] - angle[0]), 2 * np.pi)
-    assert spin.kind in ("square", "triangle")
-    blink = pd.ProofScene(video("blink", 0))
-    visible = blink.shape_state(np.arange(pd.BLINK_PERIOD * 2))[4]
+    blink = pd.ProofScene(video("blink", 0)).shapes[3]
+    visible = blink.state(np.arange(pd.BLINK_PERIOD * 2))[4]
     assert visible.sum() == pd.BLINK_PERIOD  # shown half the time
-    pulse = pd.ProofScene(video("pulse", 0))
-    scale = pulse.shape_state(t)[3]
+    pulse = pd.ProofScene(video("pulse", 0)).shapes[0]
+    scale = pulse.state(t)[3]
     assert scale.max() == pytest.approx(1 + pd.PULSE_AMPLITUDE, abs=0.01)
     # still classes do not move
     for name in ("blink", "pulse", "spin"):
-        cx, cy, *_ = pd.ProofScene(video(name, 3)).shape_state(t)
-        assert np.ptp(cx) == 0 and np.ptp(cy) == 0
-    # the shape stays inside the frame
+        for shape in pd.ProofScene(video(name, 3)).shapes:
+            cx, cy, *_ = shape.state(t)
+            assert np.ptp(cx) == 0 and np.ptp(cy) == 0
+
+
+def test_every_shape_of_a_video_moves_the_class_way_and_stays_inside():
+    t = np.arange(pd.FRAMES)
+    kinds = set()
     for name in pd.CLASSES:
         for i in range(5):
-            cx, cy, *_ = pd.ProofScene(video(name, i)).shape_state(t)
-            assert cx.min() >= 0 and cx.max() <= pd.WIDTH and cy.min() >= 0 and cy.max() <= pd.HEIGHT
+            scene = pd.ProofScene(video(name, i))
+            assert len(scene.shapes) == pd.SHAPES_PER_VIDEO
+            for shape in scene.shapes:
+                assert shape.class_name == name
+                kinds.add((name, shape.kind))
+                cx, cy, *_ = shape.state(t)
+                assert cx.min() >= 0 and cx.max() <= pd.WIDTH and cy.min() >= 0 and cy.max() <= pd.HEIGHT
+            # the shapes of one video are drawn independently: not four copies of one
+            assert len({(s.cx0, s.cy0, s.phase) for s in scene.shapes}) == pd.SHAPES_PER_VIDEO
+    # every kind of shape appears in every class (but spin: a spinning disc would look still)
+    assert kinds == {(name, kind) for name in pd.CLASSES for kind in pd.SHAPES} - {("spin", "disc")}
+
+
+def test_shapes_change_brightness_only_and_the_texture_is_shared():
+    t = np.arange(0, pd.FRAMES, 5)
+    scene = pd.ProofScene(video("orbit", 0))
+    assert {shape.polarity for shape in scene.shapes} <= {-1.0, 1.0}
+    background = np.clip(scene.background(t), 0, 1)
+    frames = scene.render(t).astype(np.float64) / 255
+    covered = np.max([shape.coverage(t) for shape in scene.shapes], axis=0) > 0.99
+    assert covered.mean() > 0.05                       # the shapes are drawn, lighter or darker ...
+    change = frames - background
+    assert np.abs(change).max(axis=3)[covered].mean() > 0.2
+    # ... by the same amount in R, G and B wherever nothing clips: the colour under them stays
+    unclipped = covered & (frames > 1 / 255).all(axis=3) & (frames < 254 / 255).all(axis=3)
+    assert unclipped.mean() > 0.03
+    assert np.ptp(change, axis=3)[unclipped].max() < 0.01
+
+    def hue(rgb):
+        u = (rgb[..., 0] - rgb[..., 1]).mean(axis=(1, 2))
+        v = (rgb[..., 0] + rgb[..., 1] - 2 * rgb[..., 2]).mean(axis=(1, 2)) / np.sqrt(3)
+        return np.arctan2(v, u)
+    np.testing.assert_allclose(np.angle(np.exp(1j * (hue(frames) - hue(background)))), 0, atol=0.05)
+    # the texture is the same in every video (only its direction of motion differs)
+    other = pd.ProofScene(video("swing", 7))
+    np.testing.assert_array_equal(other.wave_kx, scene.wave_kx)
+    np.testing.assert_array_equal(other.wave_phase, scene.wave_phase)
+    assert other.direction != scene.direction
 
 
 def test_the_map_gives_position_and_the_hue_gives_time():
