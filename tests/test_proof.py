@@ -73,6 +73,22 @@ def test_a_stale_or_foreign_dataset_is_rebuilt_or_refused(tmp_path, monkeypatch)
     assert (foreign / "precious.txt").read_text() == "keep" and len(made) == 4
 
 
+def test_linear_probe_does_not_depend_on_the_features_scale():
+    # a randomly initialised backbone outputs features of ~1e-7: the probe must see them as it
+    # sees the same features at unit scale (a floor on the spread once shrank them against the
+    # fixed weight decay, so the random baseline was regularised harder than the trained backbones)
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 16, generator=generator)
+    labels = torch.arange(6).repeat(20)
+    features = centres[labels] + 1.5 * torch.randn(len(labels), 16, generator=generator)
+    train, test = slice(0, 90), slice(90, None)
+    unit = proof.linear_probe(features[train], labels[train], features[test], labels[test], 6)
+    tiny = proof.linear_probe(features[train] * 1e-7, labels[train], features[test] * 1e-7, labels[test], 6)
+    assert unit > 0.4 and tiny == pytest.approx(unit, abs=1e-9)
+
+
 def test_targets_follow_the_issue_margins():
     report = {"heads": {"speed": {"alone": 0.41, "joint": 0.31, "majority": 0.25}},
               "linear_probe": {"cstp": [0.5, 0.5], "byol": [0.5, 0.4], "random": [0.39, 0.41]},
