@@ -199,16 +199,7 @@ class Scene:
         """Anti-aliased coverage (len(t), len(ys), len(xs)) of the shape, from a signed distance."""
         cx, cy = self.cx[t][:, None, None], self.cy[t][:, None, None]
         angle, size = self.angle[t][:, None, None], (self.radius * self.scale[t])[:, None, None]
-        dx, dy = xs[None, None, :] - cx, ys[None, :, None] - cy
-        cos, sin = np.cos(angle), np.sin(angle)
-        u, v = (cos * dx + sin * dy) / size, (-sin * dx + cos * dy) / size
-        if self.kind == "disc":
-            distance = np.sqrt(u * u + v * v) - 1.0
-        elif self.kind == "square":
-            distance = np.maximum(np.abs(u), np.abs(v)) - 0.8
-        else:  # equilateral triangle, circumradius 1: inside all three edges' half-planes
-            distance = np.max([np.cos(a) * u + np.sin(a) * v for a in np.deg2rad((90, 210, 330))], axis=0) - 0.5
-        return np.clip(0.5 - distance * size, 0.0, 1.0).astype(np.float32)
+        return shape_coverage(self.kind, xs[None, None, :] - cx, ys[None, :, None] - cy, angle, size)
 
     def render(self, t: np.ndarray) -> np.ndarray:
         """Frames t (int array) as (len(t), height, width, 3) uint8 RGB."""
@@ -216,6 +207,21 @@ class Scene:
         self._draw_background(frames, t)
         self._draw_shape(frames, t)
         return frames
+
+
+def shape_coverage(kind: str, dx: np.ndarray, dy: np.ndarray, angle, size) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] (float32) of a "disc", "square" or "triangle" of radius
+    `size` px turned by `angle` radians, at offsets (dx, dy) px from its centre, from a signed
+    distance; the arguments broadcast together. Shared by the demo and the proof generators."""
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    u, v = (cos * dx + sin * dy) / size, (-sin * dx + cos * dy) / size
+    if kind == "disc":
+        distance = np.sqrt(u * u + v * v) - 1.0
+    elif kind == "square":
+        distance = np.maximum(np.abs(u), np.abs(v)) - 0.8
+    else:  # equilateral triangle, circumradius 1: inside all three edges' half-planes
+        distance = np.max([np.cos(a) * u + np.sin(a) * v for a in np.deg2rad((90, 210, 330))], axis=0) - 0.5
+    return np.clip(0.5 - distance * size, 0.0, 1.0).astype(np.float32)
 
 
 def _to_u8(values: np.ndarray) -> np.ndarray:

@@ -83,7 +83,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .demo_data import DemoVideo, _to_u8, _video_rng, write_dataset
+from .demo_data import DemoVideo, _to_u8, _video_rng, shape_coverage, write_dataset
 
 # Bumped whenever the rendering changes, so that scripts/proof.py rebuilds an older dataset
 # instead of measuring on it (3: four shapes that change brightness only, one shared texture).
@@ -177,15 +177,7 @@ class MovingShape:
         ys = np.arange(HEIGHT, dtype=np.float32)[None, :, None]
         size = (SHAPE_RADIUS * scale).astype(np.float32)[:, None, None]
         dx, dy = xs - cx.astype(np.float32)[:, None, None], ys - cy.astype(np.float32)[:, None, None]
-        cos, sin = np.cos(angle).astype(np.float32)[:, None, None], np.sin(angle).astype(np.float32)[:, None, None]
-        u, v = (cos * dx + sin * dy) / size, (-sin * dx + cos * dy) / size
-        if self.kind == "disc":
-            distance = np.sqrt(u * u + v * v) - 1.0
-        elif self.kind == "square":
-            distance = np.maximum(np.abs(u), np.abs(v)) - 0.8
-        else:
-            distance = np.max([np.cos(a) * u + np.sin(a) * v for a in np.deg2rad((90, 210, 330))], axis=0) - 0.5
-        return (np.clip(0.5 - distance * size, 0.0, 1.0) * visible[:, None, None]).astype(np.float32)
+        return shape_coverage(self.kind, dx, dy, angle[:, None, None], size) * visible[:, None, None]
 
 
 class ProofScene:
