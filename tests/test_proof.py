@@ -89,6 +89,30 @@ def test_linear_probe_does_not_depend_on_the_features_scale():
     assert unit > 0.4 and tiny == pytest.approx(unit, abs=1e-9)
 
 
+def test_the_joint_accuracy_is_the_mean_over_the_seeds_runs(tmp_path):
+    runs = []
+    for seed, accuracies in ((1, [0.2, 0.3, 0.4]), (2, [0.5, 0.7, 0.9])):
+        run = tmp_path / f"cstp_s{seed}"
+        run.mkdir()
+        # records every 5 steps; the last 10 steps are the last two records
+        lines = [json.dumps({"step": 5 * (i + 1), "speed_accuracy": a, "loss": 1.0}) for i, a in enumerate(accuracies)]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        runs.append(run)
+    joint = proof.joint_accuracy(runs, "speed", last=10)
+    assert joint["joint_seeds"] == pytest.approx([0.35, 0.8])
+    assert joint["joint"] == pytest.approx(0.575)
+
+
+def test_the_few_label_recipe_finetunes_the_width_the_proof_pretrains():
+    # the few-labels finetune loads the pretrained backbone: another width would not load
+    from cstp.config import load_config
+    from cstp.finetune_config import load_finetune_config
+    pretrain = load_config(str(ROOT / "configs" / "proof.yaml"))
+    finetune = load_finetune_config(str(ROOT / "configs" / "finetune_proof.yaml"))
+    assert finetune["model"]["width"] == pretrain["model"]["width"]
+    assert finetune["clip"]["frames"] == pretrain["plan"]["frames"] == proof.EVAL_CLIP["frames"]
+
+
 def test_targets_follow_the_issue_margins():
     report = {"heads": {"speed": {"alone": 0.41, "joint": 0.31, "majority": 0.25}},
               "linear_probe": {"cstp": [0.5, 0.5], "byol": [0.5, 0.4], "random": [0.39, 0.41]},
@@ -117,8 +141,9 @@ def test_proof_runs_end_to_end_at_a_tiny_budget(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert set(report["heads"]) == {"rotation", "speed", "temporal", "spatial"}
     for head in report["heads"].values():
-        assert set(head) == {"alone", "joint", "majority"}
-        assert all(0.0 <= v <= 1.0 for v in head.values())
+        assert set(head) == {"alone", "joint", "majority", "joint_seeds"}
+        assert len(head["joint_seeds"]) == 1 and head["joint"] == head["joint_seeds"][0]
+        assert all(0.0 <= head[k] <= 1.0 for k in ("alone", "joint", "majority"))
     for section, names in (("linear_probe", {"cstp", "byol", "random"}), ("knn", {"cstp", "byol", "random"}),
                            ("few_labels", {"cstp", "scratch"})):
         assert set(report[section]) == names
