@@ -5,15 +5,20 @@ Linear (the reference's head). Whether such a head can learn a pair label depend
 data codes it, and the first proof dataset got this wrong: its clock was a blue level rising
 over the whole video, and this test gave it temporal 0.354 against a majority rate of 0.240
 (the hue clock that replaced it: 0.510; docs/proof.md). On the current data (four shapes that
-change brightness only): temporal 0.513 (majority 0.240), spatial 0.477 (majority 0.373); grey
-shapes, which covered the colour code, gave spatial 0.458 and failed. So this test gives
+change brightness only) and plan (24-px crops): temporal 0.523 (majority 0.240), spatial 0.497
+(majority 0.373); at 32 px 0.513 and 0.477; grey shapes, which covered the colour code, gave
+spatial 0.458 at 32 px and failed. So this test gives
 the reference head per-view colour statistics of real PretrainLoader batches of proof videos
 (the proof recipe's plan) and asks it to beat the majority rate clearly on held-out samples;
 with the labels moved to another row it must not.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
+
+from cstp.config import load_config
 
 from cstp.models.cstp_model import mlp
 from pipelines.loader import LoaderSettings, PretrainLoader
@@ -32,8 +37,10 @@ def samples(tmp_path_factory):
     plans = [DemoVideo(pd.CLASSES[i % 6], i % 6, i // 6, pd.WIDTH, pd.HEIGHT, pd.FRAMES, 0) for i in range(VIDEOS)]
     db = write_lmdb(tmp_path_factory.mktemp("proof_cues") / "db", [list(pd.render_proof_video(v)) for v in plans],
                     names=[v.relative_path for v in plans], labels=[v.label for v in plans])
-    # configs/proof.yaml's plan: 8 frames, 32-px crops, first box area <= 0.3, no colour jitter
-    cfg = PlanConfig(frames=8, crop_size=32, max_area=0.3, strong_prob=0.0)
+    # configs/proof.yaml's plan (8 frames, 24-px crops, first box area <= 0.3, no colour jitter)
+    plan = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "proof.yaml"))["plan"]
+    cfg = PlanConfig(frames=plan["frames"], crop_size=plan["crop_size"], max_area=plan["max_area"],
+                     strong_prob=plan["strong_prob"])
     loader = PretrainLoader(str(db), cfg, LoaderSettings(batch_size=16, num_threads=2, seed=11))
     batches = []
     while sum(len(b["temporal_label"]) for b in batches) < SAMPLES:
