@@ -22,7 +22,7 @@ from cstp.config import load_config
 
 from cstp.models.cstp_model import mlp
 from pipelines.loader import LoaderSettings, PretrainLoader
-from pipelines.plan import PlanConfig
+from pipelines.plan import plan_config_from
 from preprocessing import proof_data as pd
 from preprocessing.demo_data import DemoVideo
 
@@ -38,9 +38,7 @@ def samples(tmp_path_factory):
     db = write_lmdb(tmp_path_factory.mktemp("proof_cues") / "db", [list(pd.render_proof_video(v)) for v in plans],
                     names=[v.relative_path for v in plans], labels=[v.label for v in plans])
     # configs/proof.yaml's plan (8 frames, 24-px crops, first box area <= 0.3, no colour jitter)
-    plan = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "proof.yaml"))["plan"]
-    cfg = PlanConfig(frames=plan["frames"], crop_size=plan["crop_size"], max_area=plan["max_area"],
-                     strong_prob=plan["strong_prob"])
+    cfg = plan_config_from(load_config(str(Path(__file__).resolve().parents[1] / "configs" / "proof.yaml"))["plan"])
     loader = PretrainLoader(str(db), cfg, LoaderSettings(batch_size=16, num_threads=2, seed=11))
     batches = []
     while sum(len(b["temporal_label"]) for b in batches) < SAMPLES:
