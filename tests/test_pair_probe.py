@@ -1,26 +1,15 @@
 """scripts/pair_probe.py: reading a pair label off frozen features (a `make proof` diagnostic)."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from preprocessing import proof_data as pd
 from preprocessing.demo_data import DemoVideo
 
 from .lmdb_fixtures import write_lmdb
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("pair_probe_script", ROOT / "scripts" / "pair_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .scripts_loader import load_script
 
 
-pair_probe = load_script()
+pair_probe = load_script("pair_probe")
 
 
 def test_the_fresh_head_reads_a_label_coded_in_the_pair_and_not_one_that_is_not():

@@ -4,7 +4,6 @@ pure helpers it is built from."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,17 +11,12 @@ import pytest
 
 from preprocessing.ffmpeg_tools import locate
 
+from .scripts_loader import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_proof():
-    spec = importlib.util.spec_from_file_location("proof_script", ROOT / "scripts" / "proof.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-proof = load_proof()
+proof = load_script("proof")
 
 
 def test_final_accuracy_weights_records_by_the_steps_they_cover(tmp_path):

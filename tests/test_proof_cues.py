@@ -20,13 +20,15 @@ import torch
 
 from cstp.config import load_config
 
-from cstp.models.cstp_model import mlp
 from pipelines.loader import LoaderSettings, PretrainLoader
 from pipelines.plan import plan_config_from
 from preprocessing import proof_data as pd
 from preprocessing.demo_data import DemoVideo
 
 from .lmdb_fixtures import write_lmdb
+from .scripts_loader import load_script
+
+pair_probe = load_script("pair_probe")
 
 VIDEOS = 32                     # two batches of 16 per epoch
 SAMPLES = 1536
@@ -69,21 +71,7 @@ def held_out_accuracy(stats1, stats2, labels, steps=2000, seed=0) -> tuple[float
     both = torch.cat([stats1[:train], stats2[:train]])
     mean, std = both.mean(0), both.std(0) + 1e-6
     x = torch.cat([(stats1 - mean) / std, (stats2 - mean) / std], 1)
-    torch.manual_seed(seed)
-    head = mlp(x.shape[1], 256, 5)
-    opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        rows = torch.randint(0, train, (16,), generator=generator)
-        loss = torch.nn.functional.cross_entropy(head(x[rows]), labels[rows])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    head.eval()
-    with torch.no_grad():
-        accuracy = (head(x[train:]).argmax(1) == labels[train:]).float().mean().item()
-    majority = torch.bincount(labels[train:]).max().item() / (n - train)
-    return accuracy, majority
+    return pair_probe.fresh_head_accuracy(x, labels, steps=steps, seed=seed, hidden=256, lr=0.01, standardise=False)
 
 
 @pytest.mark.parametrize("task, margin", [("temporal_label", 0.15), ("spatial_label", 0.10)])
