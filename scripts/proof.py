@@ -388,6 +388,11 @@ def write_plot(report: dict, path: Path):
             for x, h in zip(xs, heads):
                 seeds = report["heads"][h].get("joint_seeds", [])
                 ax.scatter([x] * len(seeds), seeds, color="black", s=12, zorder=3)
+        if key != "majority":   # the target: majority + the margin
+            margin = TARGETS["head_alone_margin" if key == "alone" else "head_joint_margin"]
+            for x, h in zip(xs, heads):
+                ax.hlines(report["heads"][h]["majority"] + margin, x - 0.13, x + 0.13, color="black", lw=1.5,
+                          linestyles="dashed", label="target" if (key, h) == ("alone", heads[0]) else None)
     ax.set_xticks(range(len(heads)), heads)
     ax.set_ylim(0, 1)
     ax.set_title("pretext accuracy (final steps)")
