@@ -80,8 +80,10 @@ def fresh_head_accuracy(x, labels, steps: int = 3000, seed: int = 0, classes: in
     n = len(labels)
     train = int(0.8 * n)
     if standardise:
+        # the rule of proof.linear_probe: no floor on the spread, so features of ~1e-7 (a random
+        # backbone's) are read as at unit scale; only constant columns are left as they are
         mean, std = x[:train].mean(0), x[:train].std(0)
-        x = (x - mean) / std.clamp_min(std.max() * 1e-6 + 1e-30)   # scale-free: features of ~1e-7 stay readable
+        x = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
     torch.manual_seed(seed)
     head = mlp(x.shape[1], hidden or x.shape[1], classes)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
 
     from cstp.config import load_config
 
-    if not (ROOT / args.db).exists() and not Path(args.db).exists():
+    if not Path(args.db).exists():
         print(f"pair_probe: no LMDB at {args.db} (make proof builds data/proof/train.lmdb)", file=sys.stderr)
         return 2
     cfg = load_config(args.config)

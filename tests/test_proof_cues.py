@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from cstp.config import load_config
-
 from pipelines.loader import LoaderSettings, PretrainLoader
 from pipelines.plan import plan_config_from
 from preprocessing import proof_data as pd
