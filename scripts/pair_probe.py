@@ -13,6 +13,14 @@ docs/proof.md uses it to show that the joint objective's backbone carries no tim
 data (0.21 against a majority of 0.27) while the temporal-alone backbone does (0.48). The head
 sees ~2000 pairs, the pretraining heads tens of thousands: read the contrast between backbones,
 not the level. "random" is a randomly initialised backbone (reference init) of --width.
+
+--codes adds what each backbone carries of a single view: a ridge read-out (standardised
+features, 80/20 split, R² on the held-out views) of the proof data's per-view codes, measured
+on the view's own pixels: the grey level (the crop's x position), the colour saturation (its
+y position), the hue's cosine and sine (time) and the mean frame-to-frame change (motion, the
+playback rate). A pair head can only learn what the backbone carries: docs/proof.md uses it to
+show that the spatial head alone reads the grey level (x) but not the saturation (y), and that
+the joint backbones carry no hue.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LABELS = ("temporal_label", "spatial_label")
+CODES = ("grey", "saturation", "hue_cos", "hue_sin", "motion")
+# the colour plane orthogonal to grey (R = G = B), in which the proof data's hue turns
+_CHROMA_U = (0.5 ** 0.5, -(0.5 ** 0.5), 0.0)
+_CHROMA_V = (6 ** -0.5, 6 ** -0.5, -2 * 6 ** -0.5)
 
 
 def parse_args(argv=None):
@@ -37,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3000, help="SGD steps of the fresh head (default: %(default)s)")
     p.add_argument("--width", type=float, default=None, help="width of 'random' (default: the config's)")
     p.add_argument("--seed", type=int, default=7, help="loader seed (default: %(default)s)")
+    p.add_argument("--codes", action="store_true", help="also read the per-view colour and motion codes "
+                   "off each backbone (R² of a ridge read-out; see above)")
     return p.parse_args(argv)
 
 
@@ -66,6 +80,45 @@ def pair_features(backbone, view1, view2, batch: int = 16):
         for i in range(0, len(view1), batch):
             out.append(torch.cat([backbone(view1[i:i + batch].float()), backbone(view2[i:i + batch].float())], 1))
     return torch.cat(out)
+
+
+def view_codes(views) -> dict:
+    """Per-view codes of (N, 3, T, S, S) views, from their pixels: mean grey level, saturation
+    (length of the mean colour's component orthogonal to grey), the hue's cosine and sine, and
+    the mean absolute change between consecutive frames."""
+    import torch
+
+    views = views.float()
+    mean = views.mean(dim=(2, 3, 4))                                   # (N, 3)
+    u = mean @ torch.tensor(_CHROMA_U)
+    v = mean @ torch.tensor(_CHROMA_V)
+    saturation = torch.sqrt(u ** 2 + v ** 2)
+    safe = torch.where(saturation > 0, saturation, torch.ones_like(saturation))
+    motion = (views[:, :, 1:] - views[:, :, :-1]).abs().mean(dim=(1, 2, 3, 4))
+    return {"grey": mean.mean(1), "saturation": saturation, "hue_cos": u / safe, "hue_sin": v / safe,
+            "motion": motion}
+
+
+def linear_readout_r2(x, target, ridge: float = 10.0) -> float:
+    """Held-out R² of a ridge regression of `target` on the features x (first 80 % of the rows
+    to fit, the rest to score). Columns are standardised by the fitting rows; columns that are
+    numerically constant there (spread below 1e-6 of the largest: dead units) are dropped, so
+    that their rounding noise is not blown up to unit scale."""
+    import torch
+
+    x, target = x.double(), target.double()
+    n = len(target)
+    train = int(0.8 * n)
+    std = x[:train].std(0)
+    keep = std > 1e-6 * std.max()
+    x = (x[:, keep] - x[:train, keep].mean(0)) / std[keep]
+    design = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    fit = design[:train]
+    penalty = ridge * torch.eye(design.shape[1], dtype=x.dtype)
+    penalty[-1, -1] = 0                                                  # the intercept is not shrunk
+    weights = torch.linalg.solve(fit.T @ fit + penalty, fit.T @ target[:train])
+    residual = design[train:] @ weights - target[train:]
+    return float(1 - residual.pow(2).mean() / target[train:].var(unbiased=False))
 
 
 def fresh_head_accuracy(x, labels, steps: int = 3000, seed: int = 0, classes: int = 5, hidden: int | None = None,
@@ -131,6 +184,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(cfg["train"].get("threads") or 2)
     data = draw_pairs(args.db, cfg["plan"], args.pairs, args.seed)
     print(f"{len(data['temporal_label'])} pairs from {args.db}; fresh head, {args.steps} steps, 80/20 split")
+    codes = view_codes(data["view1"]) if args.codes else {}
     for source in args.backbones:
         x = pair_features(load(source, width), data["view1"], data["view2"])
         cells = []
@@ -138,6 +192,10 @@ def main(argv=None) -> int:
             accuracy, majority = fresh_head_accuracy(x, data[label], args.steps)
             cells.append(f"{label.split('_')[0]} {accuracy:.3f} (majority {majority:.3f})")
         print(f"{source}: " + ", ".join(cells), flush=True)
+        if codes:
+            view1_features = x[:, :x.shape[1] // 2]
+            print("  per-view codes, R²: " + ", ".join(
+                f"{name} {linear_readout_r2(view1_features, codes[name]):.2f}" for name in CODES), flush=True)
     return 0
 
 
