@@ -60,7 +60,10 @@ def draw_pairs(db: str, plan_section: dict, pairs: int, seed: int) -> dict:
 
     import torch
 
-    loader = PretrainLoader(db, plan_config_from(plan_section), LoaderSettings(batch_size=16, num_threads=2, seed=seed))
+    from pipelines.lmdb_store import read_metadata
+
+    batch = max(1, min(16, len(read_metadata(db)[0])))                 # a small LMDB still gives full batches
+    loader = PretrainLoader(db, plan_config_from(plan_section), LoaderSettings(batch_size=batch, num_threads=2, seed=seed))
     batches = []
     try:
         while sum(len(b["temporal_label"]) for b in batches) < pairs:
@@ -118,7 +121,10 @@ def linear_readout_r2(x, target, ridge: float = 10.0) -> float:
     penalty[-1, -1] = 0                                                  # the intercept is not shrunk
     weights = torch.linalg.solve(fit.T @ fit + penalty, fit.T @ target[:train])
     residual = design[train:] @ weights - target[train:]
-    return float(1 - residual.pow(2).mean() / target[train:].var(unbiased=False))
+    spread = target[train:].var(unbiased=False)
+    if spread == 0:
+        return 0.0                                                       # a constant code says nothing
+    return float(1 - residual.pow(2).mean() / spread)
 
 
 def fresh_head_accuracy(x, labels, steps: int = 3000, seed: int = 0, classes: int = 5, hidden: int | None = None,

@@ -19,6 +19,11 @@ by design; six motion classes that are no pretext label and no mirror pair):
                    the same seeds;
   4. few labels    finetuning on a small labelled subset of the training videos, CSTP
                    init vs scratch, the same seeds; top-1 on the test videos.
+  5. diagnosis     what each frozen backbone (random, each head alone, CSTP and BYOL per
+                   seed) carries (scripts/pair_probe.py): a fresh reference head reading the
+                   temporal and the spatial label off concat(y1, y2) of real loader pairs, and
+                   a linear read-out of the per-view codes (grey level = x, saturation = y,
+                   hue = time, motion); it says why a head that misses its target missed it.
 
 Everything runs through the project's own train.py, finetune.py and evaluate.py
 machinery (in this process). Writes OUT/report.json, OUT/report.md, OUT/report.png
@@ -71,6 +76,10 @@ def parse_args(argv=None):
                    "few-labels finetune; one of them is its validation video (default: %(default)s)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="override the few-labels recipe's epochs")
     p.add_argument("--last", type=int, default=50, help="steps averaged for a head's final accuracy "
+                   "(default: %(default)s)")
+    p.add_argument("--diagnosis-pairs", type=int, default=2400, help="loader pairs of the diagnosis (step 5); "
+                   "0 skips it (default: %(default)s)")
+    p.add_argument("--diagnosis-steps", type=int, default=3000, help="SGD steps of each fresh diagnosis head "
                    "(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -312,6 +321,43 @@ def few_labels(name: str, out: Path, args, dbs: dict, init: str, seed: int) -> f
 
 # ------------------------------------------------------------------------ report
 
+def _pair_probe():
+    """scripts/pair_probe.py (a script, not a package module) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pair_probe_for_proof", ROOT / "scripts" / "pair_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def diagnose(out: Path, config: str, db: Path, width: float, seeds: list[int], pairs: int, steps: int) -> dict:
+    """Step 5: for every backbone of the run (and a random one), the fresh pair heads' held-out
+    accuracy and the per-view codes' R² (scripts/pair_probe.py), on the same loader pairs."""
+    from cstp.config import load_config
+
+    probe = _pair_probe()
+    data = probe.draw_pairs(str(db), load_config(config)["plan"], pairs, seed=7)
+    codes = probe.view_codes(data["view1"])
+    runs = out / "runs"
+    sources = {"random": "random", **{f"alone_{h}": runs / f"alone_{h}" / "backbone.pt" for h in HEADS},
+               **{f"{kind}_s{seed}": runs / f"{kind}_s{seed}" / "backbone.pt"
+                  for kind in ("cstp", "byol") for seed in seeds}}
+    backbones, majority = {}, {}
+    for name, source in sources.items():
+        x = probe.pair_features(probe.load(str(source), width, seed=seeds[0]), data["view1"], data["view2"])
+        entry = {}
+        for label in probe.LABELS:
+            task = label.split("_")[0]
+            entry[f"{task}_probe"], majority[task] = probe.fresh_head_accuracy(x, data[label], steps)
+        view1 = x[:, :x.shape[1] // 2]
+        entry["codes_r2"] = {code: probe.linear_readout_r2(view1, codes[code]) for code in probe.CODES}
+        backbones[name] = entry
+        say(f"diagnosis {name}: temporal {entry['temporal_probe']:.3f}, spatial {entry['spatial_probe']:.3f}; "
+            + ", ".join(f"{c} {r:.2f}" for c, r in entry["codes_r2"].items()))
+    return {"pairs": len(data["temporal_label"]), "head_steps": steps, "majority": majority, "backbones": backbones}
+
+
 def mean(values) -> float:
     return sum(values) / len(values)
 
@@ -365,6 +411,20 @@ def write_markdown(report: dict, path: Path):
     for name in ("cstp", "scratch"):
         lines.append(f"| {name} | {_fmt(r['few_labels'][name])} |")
     lines += ["", "## Targets", ""] + [f"- {'met' if ok else 'MISSED'}: {name}" for name, ok in r["targets"].items()]
+    if r.get("diagnosis"):
+        d = r["diagnosis"]
+        lines += ["", "## Diagnosis: what each frozen backbone carries", "",
+                  f"Pair probe: a fresh reference head on concat(y1, y2) of {d['pairs']} loader pairs (80 % to train, "
+                  f"{d['head_steps']} steps; 20 % held out; majority temporal {d['majority']['temporal']:.3f}, spatial "
+                  f"{d['majority']['spatial']:.3f}). Codes: held-out R² of a linear read-out of view 1's grey level "
+                  "(x position), saturation (y), hue (time) and motion (playback rate), measured on its pixels. A "
+                  "pair head can only be as good as what its backbone carries (docs/proof.md).", "",
+                  "| backbone | temporal probe | spatial probe | grey (x) | saturation (y) | hue cos / sin (time) "
+                  "| motion |", "|---|---|---|---|---|---|---|"]
+        for name, e in d["backbones"].items():
+            c = e["codes_r2"]
+            lines.append(f"| {name} | {e['temporal_probe']:.3f} | {e['spatial_probe']:.3f} | {c['grey']:.2f} | "
+                         f"{c['saturation']:.2f} | {c['hue_cos']:.2f} / {c['hue_sin']:.2f} | {c['motion']:.2f} |")
     lines += ["", "![report](report.png)", ""]
     path.write_text("\n".join(lines))
 
@@ -441,6 +501,10 @@ def main(argv=None) -> int:
     if len(args.seeds) < 1 or args.steps < 2:
         print("proof: need at least one seed and 2 steps", file=sys.stderr)
         return 2
+    if args.diagnosis_pairs < 0 or (args.diagnosis_pairs and (args.diagnosis_pairs < 10 or args.diagnosis_steps < 1)):
+        print("proof: --diagnosis-pairs must be 0 (skip) or at least 10, with --diagnosis-steps at least 1",
+              file=sys.stderr)
+        return 2
     if not 0 <= args.warmup_share <= 1:
         print(f"proof: --warmup-share must be in [0, 1], got {args.warmup_share}", file=sys.stderr)
         return 2
@@ -496,6 +560,10 @@ def main(argv=None) -> int:
               "few_per_class": args.few_per_class, "eval_clip": EVAL_CLIP, "linear_probe_settings": LINEAR_PROBE,
               "knn_k": KNN_K, "config": args.config, "finetune_config": args.finetune_config}
     report["targets"] = check_targets(report)
+    if args.diagnosis_pairs > 0:
+        report["diagnosis"] = diagnose(out, args.config, dbs["train"], width, args.seeds, args.diagnosis_pairs,
+                                       args.diagnosis_steps)
+        report["seconds"] = round(time.perf_counter() - started, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_markdown(report, out / "report.md")
     write_plot(report, out / "report.png")

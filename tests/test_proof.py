@@ -130,7 +130,7 @@ def test_proof_runs_end_to_end_at_a_tiny_budget(tmp_path, capsys):
     out = tmp_path / "proof"
     code = proof.main(["--out", str(out), "--data", str(tmp_path / "data"), "--steps", "2", "--seeds", "1",
                        "--videos-per-class", "3", "--few-per-class", "2", "--finetune-epochs", "1", "--last", "2",
-                       "--no-progress"])
+                       "--diagnosis-pairs", "40", "--diagnosis-steps", "5", "--no-progress"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["heads"]) == {"rotation", "speed", "temporal", "spatial"}
@@ -154,3 +154,21 @@ def test_proof_runs_end_to_end_at_a_tiny_budget(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     md = (out / "report.md").read_text()
     assert "| speed |" in md and "linear probe" in md and "report.png" in md
+    # 5. the diagnosis: every backbone of the run and a random one, both pair probes, every per-view code
+    diagnosis = report["diagnosis"]
+    assert diagnosis["pairs"] == 40 and diagnosis["head_steps"] == 5
+    assert set(diagnosis["backbones"]) == {"random", "alone_rotation", "alone_speed", "alone_temporal",
+                                           "alone_spatial", "cstp_s1", "byol_s1"}
+    for entry in diagnosis["backbones"].values():
+        assert 0.0 <= entry["temporal_probe"] <= 1.0 and 0.0 <= entry["spatial_probe"] <= 1.0
+        assert set(entry["codes_r2"]) == {"grey", "saturation", "hue_cos", "hue_sin", "motion"}
+        assert all(r <= 1.0 for r in entry["codes_r2"].values())
+    assert "## Diagnosis" in md and "| alone_temporal |" in md
+
+
+@pytest.mark.parametrize("flags", [["--diagnosis-pairs", "-1"], ["--diagnosis-pairs", "5"],
+                                   ["--diagnosis-steps", "0"]])
+def test_bad_diagnosis_flags_are_refused_before_any_work(tmp_path, capsys, flags):
+    assert proof.main(["--out", str(tmp_path / "out"), "--data", str(tmp_path / "data"), *flags]) == 2
+    assert "--diagnosis-pairs" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
