@@ -45,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "scripts"))
 
 HEADS = ("rotation", "speed", "temporal", "spatial")
 # BYOL alone: its loss at weight 1 (at the reference's 0.1 it would run at a tenth of the LR)
@@ -321,22 +322,12 @@ def few_labels(name: str, out: Path, args, dbs: dict, init: str, seed: int) -> f
 
 # ------------------------------------------------------------------------ report
 
-def _pair_probe():
-    """scripts/pair_probe.py (a script, not a package module) as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pair_probe_for_proof", ROOT / "scripts" / "pair_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def diagnose(out: Path, config: str, db: Path, width: float, seeds: list[int], pairs: int, steps: int) -> dict:
     """Step 5: for every backbone of the run (and a random one), the fresh pair heads' held-out
     accuracy and the per-view codes' R² (scripts/pair_probe.py), on the same loader pairs."""
+    import pair_probe as probe                     # scripts/pair_probe.py, a sibling of this script
     from cstp.config import load_config
 
-    probe = _pair_probe()
     data = probe.draw_pairs(str(db), load_config(config)["plan"], pairs, seed=7)
     codes = probe.view_codes(data["view1"])
     runs = out / "runs"
