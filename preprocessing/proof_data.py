@@ -114,8 +114,8 @@ SHAPES_PER_VIDEO = 4              # every shape of a video moves the class's way
 SHAPE_CONTRAST = 0.35             # a shape brightens or darkens what lies under it by this (R, G, B alike)
 _TEXTURE_PURPOSE = 999            # seeds the texture shared by every video of a dataset
 # two unit directions spanning the colour plane orthogonal to grey (R = G = B): hue turns in it
-_CHROMA_U = np.array([1.0, -1.0, 0.0], np.float32) / np.sqrt(2.0)
-_CHROMA_V = np.array([1.0, 1.0, -2.0], np.float32) / np.sqrt(6.0)
+CHROMA_U = np.array([1.0, -1.0, 0.0], np.float32) / np.sqrt(2.0)
+CHROMA_V = np.array([1.0, 1.0, -2.0], np.float32) / np.sqrt(6.0)
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ class ProofScene:
         saturation = (CHROMA_TOP + (CHROMA_BOTTOM - CHROMA_TOP) *
                       np.linspace(0, 1, HEIGHT, dtype=np.float32))[None, :, None, None]
         hue = self.clock(t).astype(np.float32)[:, None, None, None]
-        colour = saturation * (np.cos(hue) * _CHROMA_U + np.sin(hue) * _CHROMA_V)      # (n, H, 1, 3)
+        colour = saturation * (np.cos(hue) * CHROMA_U + np.sin(hue) * CHROMA_V)      # (n, H, 1, 3)
         # position in grey level and saturation, time in hue; the grey ripple averages out of a crop's mean colour
         return grey + colour + TEXTURE_CONTRAST * texture
 

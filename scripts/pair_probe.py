@@ -34,9 +34,6 @@ sys.path.insert(0, str(ROOT))
 
 LABELS = ("temporal_label", "spatial_label")
 CODES = ("grey", "saturation", "hue_cos", "hue_sin", "motion")
-# the colour plane orthogonal to grey (R = G = B), in which the proof data's hue turns
-_CHROMA_U = (0.5 ** 0.5, -(0.5 ** 0.5), 0.0)
-_CHROMA_V = (6 ** -0.5, 6 ** -0.5, -2 * 6 ** -0.5)
 
 
 def parse_args(argv=None):
@@ -55,12 +52,11 @@ def parse_args(argv=None):
 
 
 def draw_pairs(db: str, plan_section: dict, pairs: int, seed: int) -> dict:
-    from pipelines.loader import LoaderSettings, PretrainLoader
-    from pipelines.plan import plan_config_from
-
     import torch
 
     from pipelines.lmdb_store import read_metadata
+    from pipelines.loader import LoaderSettings, PretrainLoader
+    from pipelines.plan import plan_config_from
 
     batch = max(1, min(16, len(read_metadata(db)[0])))                 # a small LMDB still gives full batches
     loader = PretrainLoader(db, plan_config_from(plan_section), LoaderSettings(batch_size=batch, num_threads=2, seed=seed))
@@ -88,13 +84,16 @@ def pair_features(backbone, view1, view2, batch: int = 16):
 def view_codes(views) -> dict:
     """Per-view codes of (N, 3, T, S, S) views, from their pixels: mean grey level, saturation
     (length of the mean colour's component orthogonal to grey), the hue's cosine and sine, and
-    the mean absolute change between consecutive frames."""
+    the mean absolute change between consecutive frames. The colour plane is the proof data's:
+    the one orthogonal to grey (R = G = B), spanned by the directions its hue turns in."""
     import torch
+
+    from preprocessing.proof_data import CHROMA_U, CHROMA_V
 
     views = views.float()
     mean = views.mean(dim=(2, 3, 4))                                   # (N, 3)
-    u = mean @ torch.tensor(_CHROMA_U)
-    v = mean @ torch.tensor(_CHROMA_V)
+    u = mean @ torch.as_tensor(CHROMA_U, dtype=mean.dtype)
+    v = mean @ torch.as_tensor(CHROMA_V, dtype=mean.dtype)
     saturation = torch.sqrt(u ** 2 + v ** 2)
     safe = torch.where(saturation > 0, saturation, torch.ones_like(saturation))
     motion = (views[:, :, 1:] - views[:, :, :-1]).abs().mean(dim=(1, 2, 3, 4))
@@ -112,6 +111,9 @@ def linear_readout_r2(x, target, ridge: float = 10.0) -> float:
     x, target = x.double(), target.double()
     n = len(target)
     train = int(0.8 * n)
+    spread = target[train:].var(unbiased=False)
+    if spread == 0:
+        return 0.0                                                       # a constant code says nothing
     std = x[:train].std(0)
     keep = std > 1e-6 * std.max()
     x = (x[:, keep] - x[:train, keep].mean(0)) / std[keep]
@@ -121,9 +123,6 @@ def linear_readout_r2(x, target, ridge: float = 10.0) -> float:
     penalty[-1, -1] = 0                                                  # the intercept is not shrunk
     weights = torch.linalg.solve(fit.T @ fit + penalty, fit.T @ target[:train])
     residual = design[train:] @ weights - target[train:]
-    spread = target[train:].var(unbiased=False)
-    if spread == 0:
-        return 0.0                                                       # a constant code says nothing
     return float(1 - residual.pow(2).mean() / spread)
 
 

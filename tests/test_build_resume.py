@@ -28,6 +28,8 @@ from preprocessing.build_lmdb import (
 from preprocessing.ffmpeg_tools import executable, missing_tools
 from preprocessing.validate import validate, write_outputs
 
+from .terminal import sigint_at_default
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHORT_SIDE = "32"
 N_GOOD = 10
@@ -96,14 +98,9 @@ def build_args(videos: Path, out: Path, *extra: str) -> list[str]:
 def start_and_stop_after(args: list[str], partial: Path, committed: int, sig: int, whole_group: bool):
     """Start the CLI in its own session, wait until `committed` jobs are in the .partial,
     then send `sig` (to the whole process group, like a terminal's Ctrl-C, or to the
-    main process only, like the OOM killer).
-
-    The build starts with SIGINT at its default, as from a terminal: a test run that was itself
-    started in the background of a non-interactive shell (`cmd &`, nohup) inherits SIGINT
-    ignored, Python then keeps it ignored, and a Ctrl-C could not reach the build at all."""
+    main process only, like the OOM killer). SIGINT starts at its default, as from a terminal."""
     process = subprocess.Popen(args, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               start_new_session=True, preexec_fn=sigint_at_default)
     deadline = time.monotonic() + 120
     try:
         while len(job_records(partial)) < committed:

@@ -51,7 +51,8 @@ def test_the_view_codes_are_the_views_grey_level_saturation_hue_and_motion():
     import math
 
     grey, saturation, hue = 0.2, 0.3, math.radians(60)
-    colour = torch.tensor(pair_probe._CHROMA_U) * math.cos(hue) + torch.tensor(pair_probe._CHROMA_V) * math.sin(hue)
+    u, v = (torch.as_tensor(axis, dtype=torch.float32) for axis in (pd.CHROMA_U, pd.CHROMA_V))
+    colour = u * math.cos(hue) + v * math.sin(hue)
     rgb = grey + saturation * colour                                    # (3,)
     views = rgb.view(1, 3, 1, 1, 1).expand(2, 3, 4, 5, 5).clone()
     views[1, :, 1::2] += 0.1                                            # view 2: every other frame brighter

@@ -21,6 +21,8 @@ import pytest
 from preprocessing.ffmpeg_tools import executable, missing_tools
 from preprocessing.transcode import REPORT_NAME, output_rate, scale_filter
 
+from .terminal import sigint_at_default
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ODD_NAME = "odd name (1) !.mkv"
 
@@ -210,11 +212,8 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_continues(tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "preprocessing", "transcode", "--videos", str(videos), "--out", str(out),
             "--workers", "2", "--quiet", "--preset", "veryfast"]
-    # SIGINT at its default, as from a terminal (a test run started in the background of a
-    # non-interactive shell inherits it ignored, and the Ctrl-C below would never arrive)
     process = subprocess.Popen(args, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               start_new_session=True, preexec_fn=sigint_at_default)
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob("clip_*.mp4")):
