@@ -83,7 +83,9 @@ def zoo(tmp_path_factory) -> Path:
                "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac",
                str(root / "b" / "with_audio.mp4"))
     (root / "c").mkdir()
-    (root / "c" / "random.mp4").write_bytes(os.urandom(3000))
+    # fixed garbage, not os.urandom: random bytes were once taken by ffprobe for a container
+    # without a video stream, which gave another reason than the one this file stands for
+    (root / "c" / "garbage.mp4").write_bytes(b"\x00garbage" * 375)
     ffmpeg_run("-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono", "-t", "0.5", "-c:a", "aac",
                str(root / "c" / "audio_only.mp4"))
     # Index first (+faststart), then the frame data cut off: ffprobe opens it, decoding stops early.
@@ -97,7 +99,7 @@ GOOD = {"a/good.mp4": ((42, 32), "25/1", 40), "a/rotated.mp4": ((32, 42), "25/1"
         "a/vfr.mp4": ((42, 32), "2551/200", 25), "b/ten_bit.mp4": ((42, 32), "25/1", 5),
         f"b/{ODD_NAME}": ((42, 32), "25/1", 7), "b/ntsc.mp4": ((42, 32), "30000/1001", 30),
         "b/with_audio.mp4": ((42, 32), "25/1", 25)}
-BAD = {"c/random.mp4": "ffprobe cannot read it", "c/audio_only.mp4": "no video stream",
+BAD = {"c/garbage.mp4": "ffprobe cannot read it", "c/audio_only.mp4": "no video stream",
        "c/cut.mp4": "source cut off or corrupt"}
 
 
@@ -170,7 +172,7 @@ def test_rerun_skips_finished_outputs_and_redoes_missing_ones(zoo, transcoded, t
 
 def test_other_settings_are_refused_unless_overwrite(zoo, tmp_path):
     list_file = tmp_path / "list.txt"
-    list_file.write_text("a/good.mp4 0\nc/random.mp4 1\nb/ntsc.mp4  1  30\n")
+    list_file.write_text("a/good.mp4 0\nc/garbage.mp4 1\nb/ntsc.mp4  1  30\n")
     out = tmp_path / "out"
     args = ["--videos", str(zoo), "--out", str(out), "--list", str(list_file), "--workers", "2", "--quiet",
             "--preset", "ultrafast"]
