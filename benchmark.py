@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="run loader(dali), loader(reference), model and e2e; "
                                                       "write the report")
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
-                   help="YAML recipe for model width and plan sizes (default: configs/demo.yaml)")
+                   help="YAML recipe for model width and plan sizes (default: configs/quick.yaml)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: DALI decodes on the GPU (mixed) and the model runs on CUDA (default: cpu)")
     p.add_argument("--loader", choices=("dali", "reference"), default="dali",

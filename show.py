@@ -1,7 +1,7 @@
 """See what the model sees: draw the first samples of an epoch as the training loader
 makes them, next to the source frames they were cut from.
 
-    python show.py --data data/demo/demo.lmdb --config configs/demo.yaml --n 4
+    python show.py --data data/proof/train.lmdb --config configs/proof.yaml --n 4
     python show.py --data DB --epoch 3 --device gpu plan.frames=16 crop_size=112
 
 One block per sample:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CSTP pretraining: DALI pipelines feed a (DDP) R(2+1)D BYOL trainer.
 
-  python train.py --config configs/demo.yaml
+  python train.py --config configs/proof.yaml --out runs/demo   # make demo's pretraining
   python train.py --config configs/ucf101.yaml --out runs/ucf data.path=data/ucf101.lmdb lr=0.03
   torchrun --nproc-per-node 8 train.py --config configs/k400.yaml --resume auto
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "quick.yaml"
 
 
 class BenchmarkError(RuntimeError):

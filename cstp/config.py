@@ -1,7 +1,7 @@
 """Run configuration: plain nested values, read from YAML, overridden from the
 command line with `key=value` (nanoGPT style, no framework).
 
-    cfg = load_config("configs/demo.yaml", ["optim.lr=0.1", "max_steps=200"])
+    cfg = load_config("configs/quick.yaml", ["optim.lr=0.1", "max_steps=200"])
 
 A key may be written in full (`optim.lr`) or by its last part when that is unique
 (`lr`, `max_steps`). Unknown keys and wrongly typed values are refused with a

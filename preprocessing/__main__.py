@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .ffmpeg_io import INSTALL_HINT
 from .ffmpeg_tools import missing_tools
-from .cli_args import (PROG, add_command, crf, even_short_side, fps, human_bytes, non_negative_int, positive_int,
+from .cli_args import (PROG, add_command, at_least_two, crf, even_short_side, fps, human_bytes, non_negative_int, positive_int,
                        quality, require_videos_and_list, short_side)
 from .tools_cli import add_tool_commands
 
@@ -76,6 +76,24 @@ examples:
   python -m preprocessing demo-data --out data/demo
   python -m preprocessing demo-data --out /tmp/demo --videos-per-class 20 --seed 1 --workers 4"""
 
+PROOF_DATA_HELP = """\
+Write the proof dataset (preprocessing/proof_data.py), on which every CSTP pretext
+label can be read from the pixels: 6 motion classes (blink, glide, orbit, pulse,
+spin, swing) of four shapes over a map that codes position in grey level and
+saturation and time in a turning hue, 144 frames of 96x72, H.264 mp4.
+Layout: DIR/videos/<class>/<class>_<nnn>.mp4, DIR/classes.txt, DIR/train.txt and
+DIR/test.txt (about 80/20 per class), and DIR/proof_dataset.json, which says what made it.
+`make demo` and `make proof` use it (40 videos per class).
+Does nothing when DIR already holds this generator's dataset of that size and seed;
+a dataset from another generator version, size or seed is deleted and rebuilt, with the
+LMDBs in DIR; a non-empty DIR that is not a proof dataset is refused (exit 2)."""
+
+PROOF_DATA_EXAMPLES = """\
+examples:
+  python -m preprocessing proof-data --out data/proof
+  python -m preprocessing build-lmdb --videos data/proof/videos --list data/proof/train.txt \\
+      --out data/proof/train.lmdb --workers 2"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -86,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_lmdb(commands)
     _add_convert(commands)
     _add_demo_data(commands)
+    _add_proof_data(commands)
     _add_index_videos(commands)
     _add_transcode(commands)
     add_tool_commands(commands)  # probe, validate, lists, verify: preprocessing/tools_cli.py
@@ -177,16 +196,30 @@ def run_convert(args, parser) -> int:
 
 
 def _add_demo_data(commands) -> None:
-    cmd = add_command(commands, "demo-data", "write a small synthetic action dataset (6 classes, mp4)",
-                      DEMO_DATA_HELP, DEMO_DATA_EXAMPLES)
+    _add_synthetic_dataset(commands, "demo-data", "write a small synthetic action dataset (6 classes, mp4)",
+                           DEMO_DATA_HELP, DEMO_DATA_EXAMPLES, run_demo_data,
+                           videos_per_class=(positive_int, 12, "videos per class"))
+
+
+def _add_proof_data(commands) -> None:
+    _add_synthetic_dataset(commands, "proof-data", "write the proof dataset of make demo / make proof (6 classes, mp4)",
+                           PROOF_DATA_HELP, PROOF_DATA_EXAMPLES, run_proof_data,
+                           videos_per_class=(at_least_two, 40, "videos per class, at least 2"))
+
+
+def _add_synthetic_dataset(commands, name: str, help_text: str, description: str, epilog: str, run,
+                           videos_per_class: tuple) -> None:
+    """The options that both synthetic-dataset commands take."""
+    kind, default, help_per_class = videos_per_class
+    cmd = add_command(commands, name, help_text, description, epilog)
     cmd.add_argument("--out", required=True, metavar="DIR", help="folder to write the dataset into")
-    cmd.add_argument("--videos-per-class", type=positive_int, default=12, metavar="N",
-                     help="videos per class (default: %(default)s)")
+    cmd.add_argument("--videos-per-class", type=kind, default=default, metavar="N",
+                     help=help_per_class + " (default: %(default)s)")
     cmd.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
                      help="random seed; the same seed gives the same dataset (default: %(default)s)")
     cmd.add_argument("--workers", type=positive_int, default=2, metavar="N",
                      help="videos rendered and encoded in parallel (default: %(default)s)")
-    cmd.set_defaults(run=run_demo_data, command_parser=cmd)
+    cmd.set_defaults(run=run, command_parser=cmd)
 
 
 INDEX_VIDEOS_HELP = """\
@@ -367,13 +400,35 @@ def run_demo_data(args, parser) -> int:
 
     try:
         summary = generate_demo_dataset(args.out, videos_per_class=args.videos_per_class, seed=args.seed,
-                                        workers=args.workers)
+                                        workers=args.workers, progress=True)
     except (RuntimeError, OSError) as err:
         print(f"demo-data: error: {err}", file=sys.stderr)
         return 1
     print(f"demo data: {summary['videos']} videos ({summary['train']} train / {summary['test']} test), "
           f"{len(summary['classes'])} classes, {summary['frames']} frames, {summary['seconds']:.1f} s "
           f"-> {summary['out_dir']}")
+    return 0
+
+
+def run_proof_data(args, parser) -> int:
+    from . import proof_data
+
+    say = lambda message: print(f"proof-data: {message}", flush=True)  # noqa: E731
+    try:
+        made = proof_data.ensure_proof_dataset(args.out, args.videos_per_class, seed=args.seed,
+                                               workers=args.workers, log=say, progress=True)
+    except proof_data.NotAProofDataset as err:
+        print(f"proof-data: error: {err}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as err:
+        print(f"proof-data: error: {err}", file=sys.stderr)
+        return 1
+    if not made:
+        say(f"{args.out} already holds this dataset ({args.videos_per_class} videos per class, seed {args.seed}): "
+            f"nothing to do")
+    else:
+        lines = {split: len((Path(args.out) / f"{split}.txt").read_text().splitlines()) for split in ("train", "test")}
+        say(f"{lines['train'] + lines['test']} videos ({lines['train']} train / {lines['test']} test) -> {args.out}")
     return 0
 
 

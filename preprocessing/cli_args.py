@@ -28,6 +28,7 @@ def checked(kind: Callable, ok: Callable[[object], bool], requirement: str) -> C
 
 positive_int = checked(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = checked(int, lambda v: v >= 0, "a non-negative integer")
+at_least_two = checked(int, lambda v: v >= 2, "at least 2 (one test video per class)")
 short_side = checked(int, lambda v: v >= 2, "at least 2 pixels")
 even_short_side = checked(short_side, lambda v: v % 2 == 0, "even (4:2:0 video has even frame sizes)")
 fps = checked(float, lambda v: 0 < v <= 1000, "a frame rate in (0, 1000]")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import ffmpeg
 import numpy as np
+from tqdm import tqdm
 
 from .ffmpeg_tools import executable
 
@@ -278,12 +279,25 @@ def write_video(video: DemoVideo, videos_dir: Path, render=render_video) -> int:
     return len(frames)
 
 
-def _write_all(videos: list[DemoVideo], videos_dir: Path, workers: int, render=render_video) -> list[int]:
-    if workers <= 1:
-        return [write_video(v, videos_dir, render) for v in videos]
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return list(pool.map(write_video, videos, [videos_dir] * len(videos), [render] * len(videos)))
+def _write_all(videos: list[DemoVideo], videos_dir: Path, workers: int, render=render_video,
+               progress: bool = False) -> list[int]:
+    bar = tqdm(total=len(videos), unit="video", desc="render+encode", disable=not progress)
+    try:
+        if workers <= 1:
+            counts = []
+            for v in videos:
+                counts.append(write_video(v, videos_dir, render))
+                bar.update()
+            return counts
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            counts = []
+            for count in pool.map(write_video, videos, [videos_dir] * len(videos), [render] * len(videos)):
+                counts.append(count)
+                bar.update()
+            return counts
+    finally:
+        bar.close()
 
 
 def _remove_stale_videos(videos_dir: Path, keep: set[str], classes) -> None:
@@ -299,27 +313,30 @@ def _list_lines(videos: list[DemoVideo]) -> str:
     return "".join(f"{v.relative_path} {v.label}\n" for v in sorted(videos, key=lambda v: v.relative_path))
 
 
-def generate_demo_dataset(out_dir, videos_per_class: int = 12, seed: int = 0, workers: int = 2) -> dict:
+def generate_demo_dataset(out_dir, videos_per_class: int = 12, seed: int = 0, workers: int = 2,
+                          progress: bool = False) -> dict:
     """Write the synthetic dataset under out_dir (see the module docstring) and return a summary:
     out_dir, videos_dir, classes, videos, train, test, frames, seconds."""
     if videos_per_class < 1:
         raise ValueError(f"videos_per_class must be at least 1, got {videos_per_class}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    return write_dataset(out_dir, plan_videos(videos_per_class, seed), CLASSES, seed, workers, render_video)
+    return write_dataset(out_dir, plan_videos(videos_per_class, seed), CLASSES, seed, workers, render_video,
+                         progress)
 
 
-def write_dataset(out_dir, videos: list[DemoVideo], classes, seed: int, workers: int, render) -> dict:
+def write_dataset(out_dir, videos: list[DemoVideo], classes, seed: int, workers: int, render,
+                  progress: bool = False) -> dict:
     """Render `videos` into out_dir/videos/<class>/, split them, write classes.txt, train.txt
     and test.txt; returns the summary: out_dir, videos_dir, classes, videos, train, test,
-    frames, seconds. Shared by the demo and the proof generators."""
+    frames, seconds. Shared by the demo and the proof generators; `progress` shows a bar."""
     started = time.monotonic()
     out_dir = Path(out_dir)
     videos_dir = out_dir / "videos"
     videos_dir.mkdir(parents=True, exist_ok=True)
     train, test = split_train_test(videos, seed)
     _remove_stale_videos(videos_dir, {v.relative_path for v in videos}, classes)
-    frame_counts = _write_all(videos, videos_dir, int(workers), render)
+    frame_counts = _write_all(videos, videos_dir, int(workers), render, progress)
     (out_dir / "classes.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
     (out_dir / "train.txt").write_text(_list_lines(train), encoding="utf-8")
     (out_dir / "test.txt").write_text(_list_lines(test), encoding="utf-8")

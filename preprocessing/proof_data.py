@@ -1,7 +1,7 @@
-"""A synthetic dataset on which every CSTP pretext task is observable, for `make proof`.
+"""A synthetic dataset on which every CSTP pretext task is observable (`make demo`, `make proof`).
 
-The demo dataset (demo_data.py) is built to look like outdoor footage, and on it
-three of the four pretext labels are ambiguous by construction: the background
+The outdoor-looking dataset of demo_data.py (the first `make demo`'s) leaves three of
+the four pretext labels ambiguous by construction: the background
 pans and the shapes move at random speeds (so a playback rate cannot be told from
 the pixels), the sky is flat (so crops of it cannot be compared), and nothing in
 a scene says what time it is. This generator removes each ambiguity on purpose:
@@ -74,12 +74,17 @@ that covered the colour, the temporal head alone learnt more slowly.
 
 Layout written under out_dir (as demo_data.py, so the same tools read it):
     videos/<class>/<class>_<nnn>.mp4, classes.txt, train.txt, test.txt
+and, from ensure_proof_dataset (`python -m preprocessing proof-data`), STAMP: the generator
+version, size and seed that made the folder, so that a stale dataset is rebuilt, not reused.
 Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -88,6 +93,7 @@ from .demo_data import DemoVideo, _to_u8, _video_rng, shape_coverage, write_data
 # Bumped whenever the rendering changes, so that scripts/proof.py rebuilds an older dataset
 # instead of measuring on it (3: four shapes that change brightness only, one shared texture).
 GENERATOR_VERSION = 3
+STAMP = "proof_dataset.json"      # what made a dataset folder: generator version, size, seed
 CLASSES = tuple(sorted(("blink", "glide", "orbit", "pulse", "spin", "swing")))
 SHAPES = ("disc", "square", "triangle")
 WIDTH, HEIGHT = 96, 72            # every video: speeds are in pixels of this frame
@@ -265,10 +271,49 @@ def render_proof_video(video: DemoVideo) -> np.ndarray:
     return out
 
 
-def generate_proof_dataset(out_dir, videos_per_class: int = 24, seed: int = 0, workers: int = 2) -> dict:
+def generate_proof_dataset(out_dir, videos_per_class: int = 24, seed: int = 0, workers: int = 2,
+                           progress: bool = False) -> dict:
     """Write the dataset under out_dir (see the module docstring); returns a summary like
     demo_data.generate_demo_dataset's."""
     if videos_per_class < 2:
         raise ValueError(f"videos_per_class must be at least 2, got {videos_per_class}")
     return write_dataset(out_dir, plan_proof_videos(videos_per_class, seed), CLASSES, seed, workers,
-                         render_proof_video)
+                         render_proof_video, progress)
+
+
+class NotAProofDataset(RuntimeError):
+    """The output folder holds something else: it is never deleted."""
+
+
+def ensure_proof_dataset(out_dir, videos_per_class: int = 40, seed: int = 0, workers: int = 2, log=print,
+                         progress: bool = False) -> bool:
+    """Generate the dataset in out_dir unless the folder already holds this generator version's
+    dataset of that size and seed (its STAMP file says so); returns True when it generated it.
+    A dataset from another generator version, size or seed is deleted and rebuilt (with the LMDBs
+    built from it), never reused; a non-empty folder that is not a proof dataset is refused
+    (NotAProofDataset), so nothing of the user's is deleted."""
+    out_dir = Path(out_dir)
+    stamp = out_dir / STAMP
+    wanted = {"generator_version": GENERATOR_VERSION, "videos_per_class": videos_per_class, "seed": seed}
+    found = _read_stamp(stamp)
+    if found == wanted:
+        return False
+    if out_dir.exists() and any(out_dir.iterdir()):
+        classes = out_dir / "classes.txt"
+        if found is None and not (classes.is_file() and classes.read_text().split() == list(CLASSES)):
+            raise NotAProofDataset(f"{out_dir} exists and is not a proof dataset; remove it or choose another folder")
+        log(f"{out_dir} was made by another version of the generator or with another size or seed: rebuilding it")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    log(f"generating the proof dataset in {out_dir} ({videos_per_class} videos per class)")
+    generate_proof_dataset(out_dir, videos_per_class=videos_per_class, seed=seed, workers=workers, progress=progress)
+    stamp.write_text(json.dumps(wanted))
+    return True
+
+
+def _read_stamp(stamp: Path):
+    """What generated the dataset (a dict), or None when the stamp is missing or unreadable."""
+    try:
+        value = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,17 +1,17 @@
 #!/usr/bin/env python
 """The second half of `make demo`: downstream evaluation of the demo's pretrained backbone.
 
-After train.py has pretrained runs/demo (backbone.pt), this
-  1. builds data/demo/demo_test.lmdb from test.txt (short side 80, like demo.lmdb);
-  2. finetunes a classifier from runs/demo/backbone.pt, and one from scratch with the
+After train.py has pretrained runs/demo (backbone.pt) on the proof dataset's
+data/proof/train.lmdb (`make demo` builds it and data/proof/test.lmdb), this
+  1. finetunes a classifier from runs/demo/backbone.pt, and one from scratch with the
      same recipe and budget (configs/finetune_demo.yaml);
-  3. evaluates both (their final weights) on the test split (top-1), and measures
+  2. evaluates both (their final weights) on the test split (top-1), and measures
      retrieval R@1 of the pretrained backbone's features against a randomly initialised
      backbone's (test videos query the training videos; no finetuning: the VCOP/PRP protocol);
-  4. merges finetune_top1, scratch_top1, retrieval_r1, scratch_retrieval_r1 into
+  3. merges finetune_top1, scratch_top1, retrieval_r1, scratch_retrieval_r1 into
      runs/demo/summary.json and prints them side by side.
 
-  python scripts/demo_downstream.py [--run runs/demo] [--data data/demo] [key=value ...]
+  python scripts/demo_downstream.py [--run runs/demo] [--data data/proof] [key=value ...]
 (key=value go to both finetuning runs, e.g. epochs=4 for a quicker look.)
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,20 +31,11 @@ sys.path.insert(0, str(ROOT))
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo", help="the pretraining run (holds backbone.pt, summary.json)")
-    parser.add_argument("--data", default="data/demo", help="the demo dataset (videos/, train.txt, test.txt)")
+    parser.add_argument("--data", default="data/proof",
+                        help="the dataset folder, holding train.lmdb and test.lmdb (default: %(default)s)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "finetune_demo.yaml"))
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="finetuning overrides for both runs")
     return parser.parse_args(argv)
-
-
-def build_test_lmdb(data: Path) -> Path:
-    db = data / "demo_test.lmdb"
-    if db.exists():
-        return db
-    subprocess.run([sys.executable, "-m", "preprocessing", "build-lmdb", "--videos", str(data / "videos"),
-                    "--list", str(data / "test.txt"), "--out", str(db), "--short-side", "80", "--workers", "2",
-                    "--overwrite"], check=True, cwd=ROOT)
-    return db
 
 
 def main(argv=None) -> int:
@@ -60,8 +50,11 @@ def main(argv=None) -> int:
     if not backbone.is_file():
         print(f"demo_downstream.py: {backbone} not found; run the pretraining first (make demo)", file=sys.stderr)
         return 2
-    train_db = data / "demo.lmdb"
-    test_db = build_test_lmdb(data)
+    train_db, test_db = data / "train.lmdb", data / "test.lmdb"
+    missing = [str(db) for db in (train_db, test_db) if not (db / "data.mdb").is_file()]
+    if missing:
+        print(f"demo_downstream.py: no LMDB at {', '.join(missing)}; `make demo` builds them", file=sys.stderr)
+        return 2
     cfg = load_finetune_config(args.config, args.overrides)
     clip = [f"{k}={cfg['clip'][k]}" for k in ("frames", "stride", "crop_size", "test_short_side")]
     width = cfg["model"]["width"]

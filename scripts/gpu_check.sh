@@ -131,7 +131,7 @@ exec > >(tee -a "$OUTDIR/gpu_check.log") 2>&1
 if [ "$DRY" = 1 ]; then
   # Same parts, tiny: a 0.0625-wide model on 4-frame 32-px views, batches of 2 and 4.
   DEVICE=cpu BATCHES="2 4" STEPS=2 WARMUP=1 DECODE_STEPS=2
-  CFG=(--config configs/demo.yaml model.width=0.0625 proj_hidden=32 proj_dim=16 plan.frames=4 crop_size=32
+  CFG=(--config configs/quick.yaml model.width=0.0625 proj_hidden=32 proj_dim=16 plan.frames=4 crop_size=32
        train.threads=1)
   BENCH_ARGS=(--threads 1 --workers 0)
   DEADLINE_S=${GPU_CHECK_DEADLINE_S:-900}

@@ -92,9 +92,9 @@ def say(message: str):
 
 # ------------------------------------------------------------------------ data
 
-def prepare_data(data: Path, videos_per_class: int, few_per_class: int) -> dict:
+def prepare_data(data: Path, videos_per_class: int, few_per_class: int, progress: bool = False) -> dict:
     """The dataset, its train/test LMDBs and the few-labels LMDB (built once, reused)."""
-    ensure_dataset(data, videos_per_class)
+    ensure_dataset(data, videos_per_class, progress)
     few_list = data / f"few{few_per_class}.txt"
     if not few_list.is_file():
         few_list.write_text(few_lines((data / "train.txt").read_text().splitlines(), few_per_class))
@@ -110,36 +110,16 @@ def prepare_data(data: Path, videos_per_class: int, few_per_class: int) -> dict:
     return dbs
 
 
-def ensure_dataset(data: Path, videos_per_class: int) -> None:
-    """Generate the proof videos and lists in `data` unless that folder already holds them from
-    this generator version at this size (its proof_dataset.json says so). A dataset from an older
-    generator or of another size is rebuilt, never measured on; a folder that is not a proof
-    dataset at all is refused."""
+def ensure_dataset(data: Path, videos_per_class: int, progress: bool = False) -> None:
+    """The proof videos and lists in `data` (preprocessing/proof_data.py's ensure_proof_dataset:
+    generated unless that folder already holds them from this generator version at this size;
+    an older or other-sized dataset is rebuilt, a folder that is no proof dataset is refused)."""
     from preprocessing import proof_data
 
-    stamp = data / "proof_dataset.json"
-    wanted = {"generator_version": proof_data.GENERATOR_VERSION, "videos_per_class": videos_per_class, "seed": 0}
-    if _read_stamp(stamp) == wanted:
-        return
-    if data.exists() and any(data.iterdir()):
-        classes = data / "classes.txt"
-        if _read_stamp(stamp) is None and not (classes.is_file() and
-                                                classes.read_text().split() == list(proof_data.CLASSES)):
-            raise SystemExit(f"proof: {data} exists and is not a proof dataset; remove it or pass another --data")
-        say(f"{data} was made by another version of the generator or with another size: rebuilding it")
-    shutil.rmtree(data, ignore_errors=True)
-    say(f"generating the proof dataset in {data} ({videos_per_class} videos per class)")
-    proof_data.generate_proof_dataset(data, videos_per_class=videos_per_class, seed=0, workers=2)
-    stamp.write_text(json.dumps(wanted))
-
-
-def _read_stamp(stamp: Path):
-    """What generated the dataset (a dict), or None when the stamp is missing or unreadable."""
     try:
-        value = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+        proof_data.ensure_proof_dataset(data, videos_per_class, seed=0, workers=2, log=say, progress=progress)
+    except proof_data.NotAProofDataset as err:
+        raise SystemExit(f"proof: {err} (--data)") from None
 
 
 def few_lines(train_lines: list[str], per_class: int) -> str:
@@ -502,7 +482,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     out, data = Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
-    dbs = prepare_data(data, args.videos_per_class, args.few_per_class)
+    dbs = prepare_data(data, args.videos_per_class, args.few_per_class, progress=not args.no_progress)
     progress = not args.no_progress
     width = _config_value(args.config, "model.width")
     all_heads = {h: 0.0 for h in HEADS} | {"byol": 0.0}

@@ -39,7 +39,7 @@ def test_config_defaults_are_the_reference_recipe():
 
 
 def test_config_file_and_overrides():
-    cfg = load_config(str(ROOT / "configs" / "demo.yaml"), ["optim.lr=0.5", "max_steps=7", "batch_size=4",
+    cfg = load_config(str(ROOT / "configs" / "quick.yaml"), ["optim.lr=0.5", "max_steps=7", "batch_size=4",
                                                             "strides=[1, 2]"])
     assert cfg["optim"]["lr"] == 0.5 and cfg["run"]["max_steps"] == 7
     assert cfg["data"]["batch_size"] == 4 and cfg["plan"]["strides"] == [1, 2]

@@ -52,15 +52,15 @@ def test_without_ffmpeg_on_path_the_venv_build_is_found(tmp_path):
 
 @needs_package
 @pytest.mark.slow
-def test_demo_data_and_build_lmdb_run_with_no_ffmpeg_on_path(tmp_path):
+def test_proof_data_and_build_lmdb_run_with_no_ffmpeg_on_path(tmp_path):
     """What `make demo` runs first (H.264 encoding with ffmpeg, then ffprobe and ffmpeg
     decoding in build-lmdb), on a PATH without either binary."""
-    data = tmp_path / "demo"
-    made = run_without_ffmpeg_on_path(["-m", "preprocessing", "demo-data", "--out", str(data),
-                                       "--videos-per-class", "1", "--workers", "1"], tmp_path)
+    data = tmp_path / "proof"
+    made = run_without_ffmpeg_on_path(["-m", "preprocessing", "proof-data", "--out", str(data),
+                                       "--videos-per-class", "2", "--workers", "1"], tmp_path)
     assert made.returncode == 0, made.stderr[-2000:]
     videos = sorted((data / "videos").rglob("*.mp4"))
-    assert len(videos) == 6   # one per class
+    assert len(videos) == 12   # two per class
     db = tmp_path / "demo.lmdb"
     built = run_without_ffmpeg_on_path(["-m", "preprocessing", "build-lmdb", "--videos", str(data / "videos"),
                                         "--list", str(data / "train.txt"), "--out", str(db), "--short-side", "32",
@@ -75,7 +75,7 @@ def test_demo_data_and_build_lmdb_run_with_no_ffmpeg_on_path(tmp_path):
     # the video-file path's index: ffprobe counts the frames
     index = tmp_path / "videos.json"
     indexed = run_without_ffmpeg_on_path(["-m", "preprocessing", "index-videos", "--videos", str(data / "videos"),
-                                          "--out", str(index)], tmp_path)
+                                          "--list", str(data / "train.txt"), "--out", str(index)], tmp_path)
     assert indexed.returncode == 0, indexed.stderr[-2000:]
     from pipelines.video_source import read_video_index
 

@@ -92,7 +92,7 @@ def test_a_skipped_gpu_test_is_a_failure():
 def test_graph_facts_count_decoder_operators_and_time_the_build(tiny_db, tmp_path, graph, decoders):
     out = tmp_path / "facts.json"
     assert gpu_data.main(["graph-facts", "--graph", "lmdb", "--device", "cpu", "--data", tiny_db, "--batch", "2",
-                          "--out", str(out), "--config", "configs/demo.yaml", "plan.frames=4", "crop_size=32",
+                          "--out", str(out), "--config", "configs/quick.yaml", "plan.frames=4", "crop_size=32",
                           f"data.graph={graph}", "num_threads=1"]) == 0
     [facts] = json.loads(out.read_text())
     assert facts["decoder_operators"] == decoders and facts["graph"].startswith(f"LMDB pretraining ({graph} graph")

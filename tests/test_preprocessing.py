@@ -604,7 +604,7 @@ def test_cli_rejects_bad_arguments_with_exit_2(args, message):
     assert message in result.stderr
 
 
-@pytest.mark.parametrize("command", ["build-lmdb", "demo-data"])
+@pytest.mark.parametrize("command", ["build-lmdb", "demo-data", "proof-data"])
 def test_cli_help(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 proof = load_script("proof")
+demo_downstream = load_script("demo_downstream")
 
 
 def test_final_accuracy_weights_records_by_the_steps_they_cover(tmp_path):
@@ -39,7 +40,7 @@ def test_a_stale_or_foreign_dataset_is_rebuilt_or_refused(tmp_path, monkeypatch)
 
     made = []
 
-    def fake_generate(out_dir, videos_per_class, seed, workers):
+    def fake_generate(out_dir, videos_per_class, seed, workers, progress=False):
         made.append(videos_per_class)
         (out_dir / "videos").mkdir(parents=True)
         (out_dir / "classes.txt").write_text("".join(c + "\n" for c in proof_data.CLASSES))
@@ -107,6 +108,30 @@ def test_the_few_label_recipe_finetunes_the_width_the_proof_pretrains():
     assert finetune["clip"]["frames"] == pretrain["plan"]["frames"] == proof.EVAL_CLIP["frames"]
 
 
+def test_the_demo_finetunes_the_width_and_clips_that_make_demo_pretrains():
+    # `make demo` pretrains with configs/proof.yaml and finetunes with configs/finetune_demo.yaml
+    from cstp.config import load_config
+    from cstp.finetune_config import load_finetune_config
+    pretrain = load_config(str(ROOT / "configs" / "proof.yaml"))
+    finetune = load_finetune_config(str(ROOT / "configs" / "finetune_demo.yaml"))
+    assert finetune["model"]["width"] == pretrain["model"]["width"]
+    assert finetune["clip"]["frames"] == pretrain["plan"]["frames"]
+    assert pretrain["run"]["max_steps"] == 1000 and pretrain["run"]["seed"] == 1
+    assert finetune["data"]["train"] == pretrain["data"]["path"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "train.py --config configs/proof.yaml --out runs/demo" in makefile
+    assert "demo_downstream.py --run runs/demo --data $(DEMO_DATA)" in makefile and "DEMO_DATA := data/proof" in makefile
+
+
+def test_demo_downstream_asks_for_the_lmdbs_it_needs(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "backbone.pt").write_bytes(b"")
+    assert demo_downstream.main(["--run", str(run), "--data", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "train.lmdb" in err and "test.lmdb" in err and "make demo" in err
+
+
 def test_targets_follow_the_issue_margins():
     report = {"heads": {"speed": {"alone": 0.41, "joint": 0.31, "majority": 0.25}},
               "linear_probe": {"cstp": [0.5, 0.5], "byol": [0.5, 0.4], "random": [0.39, 0.41]},
@@ -164,6 +189,16 @@ def test_proof_runs_end_to_end_at_a_tiny_budget(tmp_path, capsys):
         assert set(entry["codes_r2"]) == {"grey", "saturation", "hue_cos", "hue_sin", "motion"}
         assert all(r <= 1.0 for r in entry["codes_r2"].values())
     assert "## Diagnosis" in md and "| alone_temporal |" in md
+
+    # `make demo`'s second half on the same data: finetuning from the joint run's backbone and from
+    # scratch, evaluation and retrieval, merged into the run's summary.json
+    assert demo_downstream.main(["--run", str(out / "runs" / "cstp_s1"), "--data", str(tmp_path / "data"),
+                                 "epochs=1", "batch_size=4"]) == 0
+    summary = json.loads((out / "runs" / "cstp_s1" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["test_videos"] == 6 and summary["finetune_epochs"] == 1
+    for key in ("finetune_top1", "scratch_top1", "retrieval_r1", "scratch_retrieval_r1", "knn_top1"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert "finetuned top-1" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags", [["--diagnosis-pairs", "-1"], ["--diagnosis-pairs", "5"],

@@ -168,3 +168,44 @@ def test_generate_writes_lists_and_videos(tmp_path):
     for line in train + test:
         name, label = line.split()
         assert (tmp_path / "videos" / name).is_file() and name.startswith(pd.CLASSES[int(label)] + "/")
+
+
+@pytest.mark.skipif(locate("ffmpeg") is None, reason="ffmpeg not installed")
+def test_proof_data_command_makes_the_dataset_once_and_never_deletes_a_foreign_folder(tmp_path):
+    """`python -m preprocessing proof-data`, the first step of `make demo`: it generates the
+    dataset, does nothing when the folder already holds it, rebuilds one of another size (the
+    LMDBs built from the old one go with it) and refuses a folder that is not a proof dataset."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def proof_data(out, *extra):
+        return subprocess.run([sys.executable, "-m", "preprocessing", "proof-data", "--out", str(out),
+                               "--workers", "1", *extra], cwd=root, capture_output=True, text=True, timeout=300)
+
+    data = tmp_path / "proof"
+    made = proof_data(data, "--videos-per-class", "2")
+    assert made.returncode == 0, made.stderr
+    assert "12 videos (6 train / 6 test)" in made.stdout
+    assert json.loads((data / pd.STAMP).read_text()) == {"generator_version": pd.GENERATOR_VERSION,
+                                                         "videos_per_class": 2, "seed": 0}
+    first = sorted((data / "videos").rglob("*.mp4"))
+    stamps = [p.stat().st_mtime_ns for p in first]
+    again = proof_data(data, "--videos-per-class", "2")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert [p.stat().st_mtime_ns for p in first] == stamps              # nothing rewritten
+    (data / "train.lmdb").mkdir()                                        # built from the old videos
+    bigger = proof_data(data, "--videos-per-class", "3")
+    assert bigger.returncode == 0 and "rebuilding" in bigger.stdout
+    assert len(list((data / "videos").rglob("*.mp4"))) == 18 and not (data / "train.lmdb").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep")
+    refused = proof_data(mine)
+    assert refused.returncode == 2 and "not a proof dataset" in refused.stderr
+    assert [p.name for p in mine.iterdir()] == ["precious.txt"]
+    assert proof_data(tmp_path / "x", "--videos-per-class", "1").returncode == 2   # one video cannot be split
