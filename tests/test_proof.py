@@ -164,7 +164,7 @@ def test_proof_runs_end_to_end_at_a_tiny_budget(tmp_path, capsys):
         assert len(head["joint_seeds"]) == 1 and head["joint"] == head["joint_seeds"][0]
         assert all(0.0 <= head[k] <= 1.0 for k in ("alone", "joint", "majority"))
     for section, names in (("linear_probe", {"cstp", "byol", "random"}), ("knn", {"cstp", "byol", "random"}),
-                           ("few_labels", {"cstp", "scratch"})):
+                           ("few_labels", {"cstp", "scratch"}), ("all_labels", {"cstp", "scratch"})):
         assert set(report[section]) == names
         for values in report[section].values():
             assert len(values) == 1 and all(0.0 <= v <= 1.0 for v in values)
@@ -178,7 +178,14 @@ def test_proof_runs_end_to_end_at_a_tiny_budget(tmp_path, capsys):
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     md = (out / "report.md").read_text()
-    assert "| speed |" in md and "linear probe" in md and "report.png" in md
+    assert "| speed |" in md and "linear probe" in md and "report.png" in md and "## Every label" in md
+    # the finetunes: few labels on the few-labels LMDB, every label on the training LMDB, each from the
+    # joint run's backbone and from scratch
+    import yaml
+    for prefix, db in (("few", "few2.lmdb"), ("all", "train.lmdb")):
+        for init, backbone in (("cstp", str(out / "runs" / "cstp_s1" / "backbone.pt")), ("scratch", "")):
+            cfg = yaml.safe_load((out / "runs" / f"{prefix}_{init}_s1" / "config.yaml").read_text())
+            assert Path(cfg["data"]["train"]).name == db and cfg["model"]["init"] == backbone
     # 5. the diagnosis: every backbone of the run and a random one, both pair probes, every per-view code
     diagnosis = report["diagnosis"]
     assert diagnosis["pairs"] == 40 and diagnosis["head_steps"] == 5
