@@ -304,25 +304,6 @@ def finetuned_top1(name: str, out: Path, args, dbs: dict, labelled: str, config:
                       str(report), "--no-progress"]):
         raise SystemExit(f"proof: evaluating {name} failed")
     return json.loads(report.read_text())["top1"]
-    shutil.rmtree(run, ignore_errors=True)
-    say(f"{name}: finetuning on {dbs['few'].name} ({'from ' + init if init else 'from scratch'}, seed {seed})")
-    extra = [f"run.epochs={args.finetune_epochs}"] if args.finetune_epochs else []
-    # finetune.py wants at least one full batch: the few-labels set minus its validation videos
-    from cstp.finetune_config import load_finetune_config
-    from pipelines.lmdb_store import read_metadata
-    labels = [m.label for m in read_metadata(str(dbs["few"]))[0]]
-    batch = load_finetune_config(args.finetune_config)["data"]["batch_size"]
-    trainable = len(labels) - sum(1 for c in set(labels) if labels.count(c) >= 2)
-    extra.append(f"data.batch_size={max(1, min(batch, trainable))}")
-    code = finetune.main(["--config", args.finetune_config, "--out", str(run), f"data.train={dbs['few']}",
-                          f"model.init={init}", f"run.seed={seed}", f"run.progress={not args.no_progress}", *extra])
-    if code:
-        raise SystemExit(f"proof: finetuning {name} failed (exit {code})")
-    # the final weights: best.pt is chosen on one validation video per class
-    if evaluate.main(["--checkpoint", str(list_checkpoints(run)[-1]), "--data", str(dbs["test"]), "--json",
-                      str(report), "--no-progress"]):
-        raise SystemExit(f"proof: evaluating {name} failed")
-    return json.loads(report.read_text())["top1"]
 
 
 # ------------------------------------------------------------------------ report
