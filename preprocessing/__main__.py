@@ -415,20 +415,20 @@ def run_proof_data(args, parser) -> int:
 
     say = lambda message: print(f"proof-data: {message}", flush=True)  # noqa: E731
     try:
-        made = proof_data.ensure_proof_dataset(args.out, args.videos_per_class, seed=args.seed,
-                                               workers=args.workers, log=say, progress=True)
+        summary = proof_data.ensure_proof_dataset(args.out, args.videos_per_class, seed=args.seed,
+                                                  workers=args.workers, log=say, progress=True)
     except proof_data.NotAProofDataset as err:
         print(f"proof-data: error: {err}", file=sys.stderr)
         return 2
     except (RuntimeError, OSError) as err:
         print(f"proof-data: error: {err}", file=sys.stderr)
         return 1
-    if not made:
+    if summary is None:
         say(f"{args.out} already holds this dataset ({args.videos_per_class} videos per class, seed {args.seed}): "
             f"nothing to do")
     else:
-        lines = {split: len((Path(args.out) / f"{split}.txt").read_text().splitlines()) for split in ("train", "test")}
-        say(f"{lines['train'] + lines['test']} videos ({lines['train']} train / {lines['test']} test) -> {args.out}")
+        say(f"{summary['videos']} videos ({summary['train']} train / {summary['test']} test), "
+            f"{summary['seconds']:.0f} s -> {args.out}")
     return 0
 
 

@@ -19,6 +19,7 @@ Layout written under out_dir:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import subprocess
 import time
@@ -281,23 +282,13 @@ def write_video(video: DemoVideo, videos_dir: Path, render=render_video) -> int:
 
 def _write_all(videos: list[DemoVideo], videos_dir: Path, workers: int, render=render_video,
                progress: bool = False) -> list[int]:
-    bar = tqdm(total=len(videos), unit="video", desc="render+encode", disable=not progress)
-    try:
-        if workers <= 1:
-            counts = []
-            for v in videos:
-                counts.append(write_video(v, videos_dir, render))
-                bar.update()
-            return counts
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            counts = []
-            for count in pool.map(write_video, videos, [videos_dir] * len(videos), [render] * len(videos)):
-                counts.append(count)
-                bar.update()
-            return counts
-    finally:
-        bar.close()
+    with contextlib.ExitStack() as stack:
+        mapper = map
+        if workers > 1:
+            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            mapper = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context)).map
+        counts = mapper(write_video, videos, [videos_dir] * len(videos), [render] * len(videos))
+        return list(tqdm(counts, total=len(videos), unit="video", desc="render+encode", disable=not progress))
 
 
 def _remove_stale_videos(videos_dir: Path, keep: set[str], classes) -> None:

@@ -286,9 +286,10 @@ class NotAProofDataset(RuntimeError):
 
 
 def ensure_proof_dataset(out_dir, videos_per_class: int = 40, seed: int = 0, workers: int = 2, log=print,
-                         progress: bool = False) -> bool:
+                         progress: bool = False) -> dict | None:
     """Generate the dataset in out_dir unless the folder already holds this generator version's
-    dataset of that size and seed (its STAMP file says so); returns True when it generated it.
+    dataset of that size and seed (its STAMP file says so); returns generate_proof_dataset's
+    summary, or None when there was nothing to do.
     A dataset from another generator version, size or seed is deleted and rebuilt (with the LMDBs
     built from it), never reused; a non-empty folder that is not a proof dataset is refused
     (NotAProofDataset), so nothing of the user's is deleted."""
@@ -297,7 +298,7 @@ def ensure_proof_dataset(out_dir, videos_per_class: int = 40, seed: int = 0, wor
     wanted = {"generator_version": GENERATOR_VERSION, "videos_per_class": videos_per_class, "seed": seed}
     found = _read_stamp(stamp)
     if found == wanted:
-        return False
+        return None
     if out_dir.exists() and any(out_dir.iterdir()):
         classes = out_dir / "classes.txt"
         if found is None and not (classes.is_file() and classes.read_text().split() == list(CLASSES)):
@@ -305,9 +306,10 @@ def ensure_proof_dataset(out_dir, videos_per_class: int = 40, seed: int = 0, wor
         log(f"{out_dir} was made by another version of the generator or with another size or seed: rebuilding it")
     shutil.rmtree(out_dir, ignore_errors=True)
     log(f"generating the proof dataset in {out_dir} ({videos_per_class} videos per class)")
-    generate_proof_dataset(out_dir, videos_per_class=videos_per_class, seed=seed, workers=workers, progress=progress)
+    summary = generate_proof_dataset(out_dir, videos_per_class=videos_per_class, seed=seed, workers=workers,
+                                     progress=progress)
     stamp.write_text(json.dumps(wanted))
-    return True
+    return summary
 
 
 def _read_stamp(stamp: Path):

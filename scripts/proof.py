@@ -85,6 +85,8 @@ def parse_args(argv=None):
                    "0 skips it (default: %(default)s)")
     p.add_argument("--diagnosis-steps", type=int, default=3000, help="SGD steps of each fresh diagnosis head "
                    "(default: %(default)s)")
+    p.add_argument("--data-only", action="store_true", help="only generate the dataset in --data and build its "
+                   "LMDBs (what `make demo` runs first), then stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -388,7 +390,7 @@ def write_markdown(report: dict, path: Path):
     for name in ("cstp", "scratch"):
         lines.append(f"| {name} | {_fmt(r['few_labels'][name])} |")
     if "all_labels" in r:
-        lines += ["", f"## Every label ({r['train_videos']} training videos, 10 % of them for validation; "
+        lines += ["", f"## Every label ({r['train_videos']} training videos, a share of each class for validation; "
                   "make demo's finetuning recipe; test top-1 of the final weights)", "", "| init | test top-1 |",
                   "|---|---|"]
         for name in ("cstp", "scratch"):
@@ -496,8 +498,11 @@ def main(argv=None) -> int:
         return 2
     started = time.perf_counter()
     out, data = Path(args.out), Path(args.data)
-    out.mkdir(parents=True, exist_ok=True)
     dbs = prepare_data(data, args.videos_per_class, args.few_per_class, progress=not args.no_progress)
+    if args.data_only:
+        say("data ready: " + ", ".join(str(db) for db in dbs.values()))
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     width = _config_value(args.config, "model.width")
     all_heads = {h: 0.0 for h in HEADS} | {"byol": 0.0}

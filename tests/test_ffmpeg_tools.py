@@ -53,8 +53,8 @@ def test_without_ffmpeg_on_path_the_venv_build_is_found(tmp_path):
 @needs_package
 @pytest.mark.slow
 def test_proof_data_and_build_lmdb_run_with_no_ffmpeg_on_path(tmp_path):
-    """What `make demo` runs first (H.264 encoding with ffmpeg, then ffprobe and ffmpeg
-    decoding in build-lmdb), on a PATH without either binary."""
+    """What `make demo` runs first through scripts/proof.py --data-only (H.264 encoding with
+    ffmpeg, then ffprobe and ffmpeg decoding in build-lmdb), on a PATH without either binary."""
     data = tmp_path / "proof"
     made = run_without_ffmpeg_on_path(["-m", "preprocessing", "proof-data", "--out", str(data),
                                        "--videos-per-class", "2", "--workers", "1"], tmp_path)

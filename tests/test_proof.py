@@ -119,8 +119,26 @@ def test_the_demo_finetunes_the_width_and_clips_that_make_demo_pretrains():
     assert pretrain["run"]["max_steps"] == 1000 and pretrain["run"]["seed"] == 1
     assert finetune["data"]["train"] == pretrain["data"]["path"]
     makefile = (ROOT / "Makefile").read_text()
+    assert "scripts/proof.py --data $(PROOF_DATA) --data-only" in makefile
     assert "train.py --config configs/proof.yaml --out runs/demo" in makefile
-    assert "demo_downstream.py --run runs/demo --data $(DEMO_DATA)" in makefile and "DEMO_DATA := data/proof" in makefile
+    assert "demo_downstream.py --run runs/demo --data $(PROOF_DATA)" in makefile and "PROOF_DATA := data/proof" in makefile
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(locate("ffmpeg") is None, reason="ffmpeg not installed")
+def test_data_only_builds_the_dataset_and_its_lmdbs_then_stops(tmp_path, capsys):
+    # `make demo`'s first step: make proof's own data step, nothing trained, no output folder
+    data, out = tmp_path / "data", tmp_path / "proof"
+    args = ["--out", str(out), "--data", str(data), "--videos-per-class", "2", "--few-per-class", "1",
+            "--data-only", "--no-progress"]
+    assert proof.main(args) == 0
+    from pipelines.lmdb_store import read_metadata
+    assert [len(read_metadata(str(data / f"{name}.lmdb"))[0]) for name in ("train", "test", "few1")] == [6, 6, 6]
+    assert not out.exists()
+    built = (data / "train.lmdb" / "data.mdb").stat().st_mtime_ns
+    assert proof.main(args) == 0                                   # a second run reuses everything
+    assert (data / "train.lmdb" / "data.mdb").stat().st_mtime_ns == built and not out.exists()
+    assert "data ready" in capsys.readouterr().out
 
 
 def test_demo_downstream_asks_for_the_lmdbs_it_needs(tmp_path, capsys):
