@@ -41,7 +41,7 @@ check-ffmpeg: $(STAMP)
 	    exit 1; }; }
 
 # The demo is one run of `make proof`'s joint CSTP objective (configs/proof.yaml, seed 1, 1000
-# steps) on the proof dataset, then finetuning and retrieval against scratch (~5.5 min on 2 cores).
+# steps) on the proof dataset, then finetuning and retrieval against scratch (~5 min on 2 cores).
 # The data step is make proof's own (scripts/proof.py --data-only: it does nothing when data/proof
 # already holds the current dataset and its LMDBs), so `make proof` reuses all of it.
 demo: $(STAMP) check-ffmpeg
