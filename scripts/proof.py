@@ -349,18 +349,32 @@ def spread(values) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+# Accuracies arrive as float32 fractions of a few dozen videos, so two equal results can differ in
+# the 8th digit (27/48 summed as 1/6 + 1/3 + 1/16 in float32 beats 9/48 + 8/48 + 10/48 by 1.5e-8):
+# a tie must stay a tie.
+TIE = 1e-6
+
+
+def at_least(value: float, bound: float) -> bool:
+    return value >= bound - TIE
+
+
+def above(value: float, bound: float) -> bool:
+    return value > bound + TIE
+
+
 def check_targets(report: dict) -> dict:
     heads = report["heads"]
     lp = {k: mean(v) for k, v in report["linear_probe"].items()}
     few = {k: mean(v) for k, v in report["few_labels"].items()}
     return {
         "every_head_alone_above_majority_plus_0.15":
-            all(h["alone"] >= h["majority"] + TARGETS["head_alone_margin"] for h in heads.values()),
+            all(at_least(h["alone"], h["majority"] + TARGETS["head_alone_margin"]) for h in heads.values()),
         "every_head_joint_above_majority_plus_0.05":
-            all(h["joint"] >= h["majority"] + TARGETS["head_joint_margin"] for h in heads.values()),
-        "linear_probe_cstp_above_random_plus_0.10": lp["cstp"] >= lp["random"] + TARGETS["linear_probe_margin"],
-        "linear_probe_cstp_at_least_byol": lp["cstp"] >= lp["byol"],
-        "few_labels_cstp_above_scratch": few["cstp"] > few["scratch"],
+            all(at_least(h["joint"], h["majority"] + TARGETS["head_joint_margin"]) for h in heads.values()),
+        "linear_probe_cstp_above_random_plus_0.10": at_least(lp["cstp"], lp["random"] + TARGETS["linear_probe_margin"]),
+        "linear_probe_cstp_at_least_byol": at_least(lp["cstp"], lp["byol"]),
+        "few_labels_cstp_above_scratch": above(few["cstp"], few["scratch"]),
     }
 
 
