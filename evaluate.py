@@ -87,8 +87,7 @@ def load_model(args):
     """(backbone, head or None, width, classes or None, clip section, description)."""
     import torch
 
-    from cstp.backbone_io import FINETUNE_FORMAT, load_backbone, read_checkpoint_file
-    from cstp.classifier import build_classifier
+    from cstp.backbone_io import FINETUNE_FORMAT, load_backbone, load_classifier, read_checkpoint_file
     from cstp.models.cstp_model import reference_init_
     from cstp.models.r2plus1d import R2Plus1D10
 
@@ -98,9 +97,9 @@ def load_model(args):
             f"random init (width {args.random_init:g}, seed {args.seed})"
     raw = read_checkpoint_file(args.checkpoint)
     if raw.get("format") == FINETUNE_FORMAT:
-        model = build_classifier(raw["width"], raw["num_classes"])
-        model.load_state_dict(raw["model"])
-        return model.backbone, model.head, raw["width"], raw.get("classes"), raw.get("clip", {}), \
+        model = load_classifier(raw, args.checkpoint)
+        clip = raw.get("clip") if isinstance(raw.get("clip"), dict) else {}
+        return model.backbone, model.head, float(raw["width"]), raw.get("classes"), clip, \
             f"finetune checkpoint {args.checkpoint}"
     loaded = load_backbone(args.checkpoint)
     backbone = R2Plus1D10(loaded.width)

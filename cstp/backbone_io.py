@@ -27,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, state_problems
 from .models.r2plus1d import STAGE_CHANNELS, R2Plus1D10
 
 PRETRAIN_FORMAT = "cstp-dali-checkpoint"   # cstp.engine.CHECKPOINT_FORMAT (not imported: engine is heavy)
@@ -59,14 +59,31 @@ def load_backbone(path: str | Path, expected_width: float | None = None) -> Load
     """
     raw = read_checkpoint_file(path)
     kind, state, width = _extract(raw, str(path))
-    if width is None:
-        width = _infer_width(state, str(path))
+    width = checked_width(_infer_width(state, str(path)) if width is None else width, str(path))
     if expected_width is not None and abs(width - expected_width) > 1e-9:
         raise BackboneLoadError(
             f"{path} holds a width-{width:g} backbone but model.width={expected_width:g} was asked for; "
             f"set model.width={width:g} (or leave it at 0 to follow the checkpoint)")
     _check_against_model(state, width, str(path), kind)
     return LoadedBackbone(state, width, kind, str(path))
+
+
+def load_classifier(raw: dict, path: str | Path):
+    """The VideoClassifier of a finetuning checkpoint (`raw`, read by read_checkpoint_file),
+    its width, number of classes and weights checked first: BackboneLoadError, one line, otherwise."""
+    from .classifier import build_classifier
+
+    width = checked_width(raw.get("width"), str(path))
+    num_classes = raw.get("num_classes")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= 100_000:
+        raise BackboneLoadError(f"{path}: its 'num_classes' entry is {num_classes!r}, not a class count")
+    model = build_classifier(width, num_classes)
+    problems = state_problems(raw.get("model"), model.state_dict())
+    if problems:
+        raise BackboneLoadError(f"{path} (finetune checkpoint) does not fit a width-{width:g} classifier of "
+                                f"{num_classes} classes: {'; '.join(problems)}")
+    model.load_state_dict(raw["model"])
+    return model
 
 
 def read_checkpoint_file(path: str | Path) -> dict:
@@ -85,15 +102,19 @@ def read_checkpoint_file(path: str | Path) -> dict:
         raise BackboneLoadError(f"{err}; {KINDS_HELP}") from None
 
 
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _extract(raw: dict, path: str) -> tuple[str, dict, float | None]:
     fmt = raw.get("format")
     if fmt == PRETRAIN_FORMAT:
-        model = raw.get("model", {})
+        model = _mapping(raw.get("model"))
         prefix = "online.backbone."
-        state = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
+        state = {k[len(prefix):]: v for k, v in model.items() if str(k).startswith(prefix)}
         if not state:
             raise BackboneLoadError(f"{path}: a pretraining checkpoint without 'online.backbone.*' weights")
-        width = raw.get("config", {}).get("model", {}).get("width")
+        width = _mapping(_mapping(raw.get("config")).get("model")).get("width")
         return "pretraining checkpoint", state, width
     if fmt == BACKBONE_FORMAT:
         if not isinstance(raw.get("state_dict"), dict):
@@ -101,7 +122,7 @@ def _extract(raw: dict, path: str) -> tuple[str, dict, float | None]:
         return "exported backbone", dict(raw["state_dict"]), raw.get("width")
     if fmt == FINETUNE_FORMAT:
         prefix = "backbone."
-        state = {k[len(prefix):]: v for k, v in raw.get("model", {}).items() if k.startswith(prefix)}
+        state = {k[len(prefix):]: v for k, v in _mapping(raw.get("model")).items() if str(k).startswith(prefix)}
         return "finetune checkpoint", state, raw.get("width")
     if fmt is not None:
         raise BackboneLoadError(f"{path}: unknown checkpoint format {fmt!r}; {KINDS_HELP}")
@@ -159,27 +180,24 @@ def _from_reference(state: dict, path: str) -> dict:
 
 
 def _infer_width(state: dict, path: str) -> float:
-    weight = state.get("conv5.bn2.weight")
-    if weight is None:
-        raise BackboneLoadError(f"{path}: no 'conv5.bn2.weight' to tell the backbone's width from")
-    return weight.shape[0] / STAGE_CHANNELS[-1]
+    shape = getattr(state.get("conv5.bn2.weight"), "shape", None)
+    if shape is None or len(shape) != 1 or not shape[0]:
+        raise BackboneLoadError(f"{path}: no 'conv5.bn2.weight' tensor to tell the backbone's width from")
+    return shape[0] / STAGE_CHANNELS[-1]
 
 
 def _check_against_model(state: dict, width: float, path: str, kind: str):
     expected = R2Plus1D10(width).state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-    if wrong:
-        problems.append(f"{len(wrong)} wrong shapes (e.g. {'; '.join(wrong[:3])})")
+    problems = state_problems(state, expected)
     if problems:
         raise BackboneLoadError(
             f"{path} ({kind}) does not fit an R(2+1)D-10 of width {width:g}: {'; '.join(problems)}. "
-            f"Expected the {len(expected)} keys of R2Plus1D10({width:g}).state_dict() "
+            f"Expected the {len(expected)} finite tensors of R2Plus1D10({width:g}).state_dict() "
             "(stem.*, conv2.* .. conv5.*)")
+
+
+def checked_width(width, path: str) -> float:
+    """A width read from a file: a positive number, or BackboneLoadError."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 4:
+        raise BackboneLoadError(f"{path}: its 'width' entry is {width!r}, not a number in (0, 4]; {KINDS_HELP}")
+    return float(width)

@@ -78,6 +78,38 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def state_problems(state, expected: dict) -> list[str]:
+    """Why `state`, a model state dict read from a file, cannot be loaded into a model whose own
+    state dict is `expected`: missing or unexpected keys, values that are not tensors, wrong
+    shapes, NaN or infinite values. Empty when it fits. Short, for a one-line message."""
+    if not isinstance(state, dict):
+        return [f"its weights are a {type(state).__name__}, not a dict of tensors"]
+    missing = [k for k in expected if k not in state]
+    unexpected = [str(k) for k in state if k not in expected]
+    not_tensors = [k for k in state if k in expected and not torch.is_tensor(state[k])]
+    tensors = {k: v for k, v in state.items() if k in expected and torch.is_tensor(v)}
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+             for k, v in tensors.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    non_finite = [k for k, v in tensors.items()
+                  if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    problems = []
+    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                       ("values that are not tensors", not_tensors), ("wrong shapes", wrong),
+                       ("tensors with NaN or infinite values", non_finite)):
+        if keys:
+            problems.append(f"{len(keys)} {what} (e.g. {'; '.join(keys[:3])})")
+    return problems
+
+
+def load_model_state(module: torch.nn.Module, state, what: str) -> None:
+    """`module.load_state_dict(state)`, or CheckpointError with a one-line reason (instead of
+    torch's multi-line error, or silently loading NaN weights)."""
+    problems = state_problems(state, module.state_dict())
+    if problems:
+        raise CheckpointError(f"{what} does not fit this model: {'; '.join(problems)}")
+    module.load_state_dict(state)
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     if not out_dir.is_dir():

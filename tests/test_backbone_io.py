@@ -131,3 +131,46 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"format": "cstp-dali-backbone", "obj": Pickled()}, path)
     with pytest.raises(BackboneLoadError, match="pickled Python objects"):
         load_backbone(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s, w: ({**s, "stem.0.bn.weight": s["stem.0.bn.weight"] * float("nan")}, w),
+     "1 tensors with NaN or infinite values (e.g. stem.0.bn.weight)"),
+    (lambda s, w: ({**s, "conv5.bn2.bias": torch.full_like(s["conv5.bn2.bias"], float("inf"))}, w),
+     "1 tensors with NaN or infinite values (e.g. conv5.bn2.bias)"),
+    (lambda s, w: ({**s, "stem.0.bn.weight": 3}, w), "1 values that are not tensors (e.g. stem.0.bn.weight)"),
+    (lambda s, w: (s, "wide"), "its 'width' entry is 'wide', not a number"),
+    (lambda s, w: (s, -1.0), "its 'width' entry is -1.0, not a number"),
+    (lambda s, w: (s, True), "its 'width' entry is True, not a number"),
+    (lambda s, w: ({**s, "conv5.bn2.weight": torch.ones(10 ** 6)}, None), "not a number in (0, 4]"),
+])
+def test_non_finite_non_tensor_values_and_a_bad_width_are_refused(tmp_path, pretrained, damage, message):
+    """A backbone file with NaN weights (a diverged run), a value that is not a tensor or a width that
+    is no number: one line, never a traceback, never a model that silently computes NaN features."""
+    state, width = damage(pretrained.online_backbone_state_dict(), WIDTH)
+    path = tmp_path / "backbone.pt"
+    torch.save({"format": "cstp-dali-backbone", "width": width, "state_dict": state}, path)
+    with pytest.raises(BackboneLoadError) as caught:
+        load_backbone(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_finetune_checkpoints_are_checked_before_evaluate_builds_the_classifier(tmp_path):
+    from cstp.backbone_io import load_classifier
+    from cstp.classifier import build_classifier
+
+    good = {"format": "cstp-dali-finetune", "width": WIDTH, "num_classes": 3,
+            "model": build_classifier(WIDTH, 3).state_dict()}
+    assert load_classifier(good, "best.pt").num_classes == 3
+    for raw, message in [
+        ({**good, "num_classes": 7}, "2 wrong shapes (e.g. head.fc.weight: file (3, 64) vs model (7, 64)"),
+        ({k: v for k, v in good.items() if k != "width"}, "its 'width' entry is None"),
+        ({**good, "num_classes": "3"}, "its 'num_classes' entry is '3'"),
+        ({**good, "model": {k: v for k, v in good["model"].items() if not k.startswith("head.")}},
+         "missing keys (e.g. head.bn.weight"),
+        ({**good, "model": {k: v * float("nan") if v.is_floating_point() else v for k, v in good["model"].items()}},
+         "tensors with NaN or infinite values"),
+        ({**good, "model": [1, 2]}, "its weights are a list"),
+    ]:
+        with pytest.raises(BackboneLoadError, match=re.escape(message)):
+            load_classifier(raw, "best.pt")
