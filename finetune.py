@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         return fail(str(err))
     if args.out:
         cfg["run"]["out"] = args.out
-    from train import distributed_env, find_resume_state, resolve_device
+    from train import distributed_env, find_resume_state, no_resume_message, resolve_device
 
     rank, world_size, local_rank = distributed_env()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from cstp.backbone_io import BackboneLoadError, load_backbone
+    from cstp.backbone_io import BackboneLoadError, checked_width, load_backbone
     from cstp.checkpoint import CheckpointError, list_checkpoints
     from cstp.classifier import build_classifier
     from cstp.finetune_engine import FINETUNE_FORMAT, FinetuneTrainer, Position, validation_split
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
     except CheckpointError as err:
         return fail(str(err))
     if resume_state is None and list_checkpoints(out_dir):
-        return fail(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run "
-                    "or choose another --out")
+        return fail(no_resume_message(args.resume, out_dir))
     position = Position(**resume_state["position"]) if resume_state else Position()
 
     backbone = None
@@ -104,7 +103,10 @@ def main(argv=None) -> int:
             return fail(f"model.init: {err}")
         width = backbone.width
     elif resume_state is not None:
-        width = resume_state["width"]
+        try:
+            width = checked_width(resume_state.get("width"), str(resume_path))
+        except BackboneLoadError as err:
+            return fail(f"--resume: {err}")
 
     try:
         clip_cfg = clip_config_from(cfg["clip"])
@@ -147,14 +149,6 @@ def main(argv=None) -> int:
     if device == "gpu":
         torch.cuda.set_device(train_device)
         torch.backends.cudnn.benchmark = True
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        logging.info("%s; %d train / %d validation videos, %d classes, %d ranks x batch %d, %d steps per epoch",
-                     f"backbone from {backbone.kind} {backbone.path}" if backbone else
-                     ("resuming " + str(resume_path) if resume_state else "from scratch"),
-                     len(train_ids), len(val_ids), num_classes, world_size, d["batch_size"],
-                     train_loader.steps_per_epoch)
     try:
         torch.manual_seed(cfg["run"]["seed"])   # the head's (and a scratch backbone's) initialisation
         model = build_classifier(width, num_classes, backbone.state_dict if backbone else None,
@@ -163,8 +157,19 @@ def main(argv=None) -> int:
                 "val_videos": val_ids, "init": {"kind": backbone.kind, "path": backbone.path} if backbone
                 else (resume_state or {}).get("init", {"kind": "scratch", "path": ""}),
                 "clip": dict(cfg["clip"])}
-        trainer = FinetuneTrainer(cfg, model, train_loader, val_loader, out_dir, train_device,
-                                  resume_state=resume_state, meta=meta)
+        try:
+            trainer = FinetuneTrainer(cfg, model, train_loader, val_loader, out_dir, train_device,
+                                      resume_state=resume_state, meta=meta)
+        except CheckpointError as err:   # before config.yaml is written: the run's own stays as it was
+            return fail(f"--resume: {resume_path}: {err}")
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            logging.info("%s; %d train / %d validation videos, %d classes, %d ranks x batch %d, %d steps per "
+                         "epoch", f"backbone from {backbone.kind} {backbone.path}" if backbone else
+                         ("resuming " + str(resume_path) if resume_state else "from scratch"),
+                         len(train_ids), len(val_ids), num_classes, world_size, d["batch_size"],
+                         train_loader.steps_per_epoch)
         previous = {sig: signal.signal(sig, trainer.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             summary = trainer.run()

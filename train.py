@@ -71,7 +71,21 @@ def find_resume_state(resume: str | None, out_dir: Path, expected_format: str | 
     if state is not None and expected_format is not None and state.get("format") != expected_format:
         raise CheckpointError(f"{path} is not a {expected_format} checkpoint (format {state.get('format')!r})"
                               + (f"; {hint}" if hint else ""))
+    if state is not None:
+        position = state.get("position")
+        if not (isinstance(position, dict) and set(position) == {"epoch", "sample", "step"}
+                and all(type(v) is int and v >= 0 for v in position.values())):
+            raise CheckpointError(f"{path} has no valid 'position' entry (epoch, sample and step, integers >= 0): "
+                                  f"{str(position)[:100]}")
     return path, state
+
+
+def no_resume_message(resume: str | None, out_dir: Path) -> str:
+    """Why a run without a checkpoint to resume from must not start in `out_dir`, which holds some."""
+    if resume == "auto":
+        return (f"--resume auto: no checkpoint in {out_dir} loads (the warnings above say why); move them "
+                "aside to start afresh there, or choose another --out")
+    return f"{out_dir} already holds checkpoints; pass --resume auto to continue that run or choose another --out"
 
 
 def fail(message: str) -> int:
@@ -133,9 +147,7 @@ def main(argv=None) -> int:
     except CheckpointError as err:
         return fail(f"--resume: {err}")
     if resume_state is None and list_checkpoints(out_dir):
-        print(f"train.py: {out_dir} already holds checkpoints; pass --resume auto to continue that run "
-              "or choose another --out", file=sys.stderr)
-        return 2
+        return fail(no_resume_message(args.resume, out_dir))
     position = Position(**resume_state["position"]) if resume_state else Position()
     if resume_state:
         logging.info("resuming from %s at epoch %d, sample %d, step %d", resume_path, position.epoch,
@@ -162,13 +174,16 @@ def main(argv=None) -> int:
     if device == "gpu":
         torch.cuda.set_device(train_device)
         torch.backends.cudnn.benchmark = cfg["train"]["cudnn_benchmark"]
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        logging.info("%d videos, %d ranks x batch %d, %d steps per epoch, data on %s", len(loader.metas),
-                     world_size, d["batch_size"], loader.steps_per_epoch, device)
     try:
-        trainer = Trainer(cfg, loader, out_dir, train_device, resume_state=resume_state)
+        try:
+            trainer = Trainer(cfg, loader, out_dir, train_device, resume_state=resume_state)
+        except CheckpointError as err:   # before config.yaml is written: the run's own stays as it was
+            return fail(f"--resume: {resume_path}: {err}")
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            logging.info("%d videos, %d ranks x batch %d, %d steps per epoch, data on %s", len(loader.metas),
+                         world_size, d["batch_size"], loader.steps_per_epoch, device)
         # Preemption (SLURM, torchrun forwarding Ctrl-C/SIGTERM): finish the step,
         # checkpoint, exit 0; `--resume auto` continues from there.
         previous = {sig: signal.signal(sig, trainer.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}

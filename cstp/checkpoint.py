@@ -101,12 +101,13 @@ def state_problems(state, expected: dict) -> list[str]:
     return problems
 
 
-def load_model_state(module: torch.nn.Module, state, what: str) -> None:
+def load_model_state(module: torch.nn.Module, state, hint: str = "") -> None:
     """`module.load_state_dict(state)`, or CheckpointError with a one-line reason (instead of
     torch's multi-line error, or silently loading NaN weights)."""
     problems = state_problems(state, module.state_dict())
     if problems:
-        raise CheckpointError(f"{what} does not fit this model: {'; '.join(problems)}")
+        raise CheckpointError(f"its weights do not fit this model: {'; '.join(problems)}"
+                              + (f"; {hint}" if hint else ""))
     module.load_state_dict(state)
 
 

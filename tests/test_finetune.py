@@ -129,6 +129,28 @@ def test_bad_inputs_give_messages(tmp_path, tiny_db, capsys):
     assert "smaller batch size" in capsys.readouterr().err
 
 
+def test_resuming_a_finetune_run_that_does_not_fit_is_one_line(tmp_path, tiny_db, capsys):
+    """Another class count, a checkpoint without a usable width or position, or only unreadable
+    checkpoints under --resume auto: one line, exit 2, the run's config.yaml untouched."""
+    run(tmp_path, tiny_db, "max_steps=1", "epochs=1")
+    config = (tmp_path / "config.yaml").read_text()
+    capsys.readouterr()
+    argv = ["--resume", "auto", "--out", str(tmp_path), f"data.train={tiny_db}", *TINY]
+    assert finetune.main(argv + ["model.num_classes=5"]) == 2
+    err = capsys.readouterr().err
+    assert "its weights do not fit this model: 2 wrong shapes (e.g. head.fc.weight" in err, err
+    assert len(err.strip().splitlines()) == 1 and (tmp_path / "config.yaml").read_text() == config
+    path, state = latest_checkpoint(tmp_path)
+    for damaged, message in [({**state, "width": "wide"}, "its 'width' entry is 'wide'"),
+                             ({**state, "position": None}, "has no valid 'position' entry")]:
+        torch.save(damaged, path)
+        assert finetune.main(argv) == 2
+        assert message in capsys.readouterr().err
+    path.write_bytes(b"")
+    assert finetune.main(argv) == 2
+    assert "--resume auto: no checkpoint in" in capsys.readouterr().err
+
+
 def test_finetune_reads_a_reference_lmdb_through_data_train_list(tmp_path):
     from tests.test_clip_pipeline import build_reference_layout_lmdb
 

@@ -77,6 +77,33 @@ def test_a_fresh_run_refuses_to_mix_with_an_old_one(tmp_path, tiny_db, capsys):
     assert "--resume auto" in capsys.readouterr().err
 
 
+def test_resuming_with_another_model_shape_or_from_only_broken_checkpoints_is_one_line(tmp_path, tiny_db, capsys):
+    """A resumed run whose model.* differs from the checkpoint's got torch's multi-line
+    load_state_dict traceback after config.yaml had been overwritten; `--resume auto` over
+    nothing but unreadable checkpoints told the user to pass --resume auto."""
+    run(tmp_path, tiny_db, "max_steps=2")
+    config = (tmp_path / "config.yaml").read_text()
+    capsys.readouterr()
+    for extra in ("model.width=0.125", "proj_dim=8"):
+        assert train.main(["--out", str(tmp_path), "--resume", "auto", f"data.path={tiny_db}", *TINY,
+                           "max_steps=3", extra]) == 2
+        err = capsys.readouterr().err
+        assert "its weights do not fit this model" in err and "wrong shapes" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert (tmp_path / "config.yaml").read_text() == config   # the run's own config is kept
+    state = torch.load(tmp_path / "ckpt_000000002.pt", weights_only=True)
+    torch.save({**state, "position": {"epoch": 0}}, tmp_path / "ckpt_000000003.pt")
+    assert train.main(["--out", str(tmp_path), "--resume", "auto", f"data.path={tiny_db}", *TINY]) == 2
+    assert "has no valid 'position' entry" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "ckpt_000000001.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert train.main(["--out", str(broken), "--resume", "auto", f"data.path={tiny_db}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--resume auto: no checkpoint in" in err and "loads" in err and "pass --resume auto" not in err
+    assert (broken / "ckpt_000000001.pt").exists()
+
+
 def test_metrics_past_the_resumed_checkpoint_are_dropped(tmp_path, tiny_db):
     run(tmp_path, tiny_db, "max_steps=2")
     with open(tmp_path / "metrics.jsonl", "a") as f:   # logged by a run that died before saving
