@@ -75,7 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--executor", choices=("dali", "reference"), default="dali")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="clip geometry overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)   # key=value before, between or after the flags
 
 
 def fail(message: str) -> int:

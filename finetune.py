@@ -41,7 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--executor", choices=("dali", "reference"), default="dali",
                         help="who runs the clip plans: DALI (default) or the numpy/PIL reference executor")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)   # key=value before, between or after the flags
 
 
 def fail(message: str) -> int:

@@ -37,7 +37,7 @@ def parse_args(argv=None):
                         help="'auto': continue from the newest valid checkpoint in the output directory "
                              "(start fresh if there is none); or a checkpoint file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)   # key=value before, between or after the flags
 
 
 def distributed_env() -> tuple[int, int, int]:

@@ -155,3 +155,18 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_0(tmp_path, tiny_db):
                        f"max_steps={step + 2}"]) == 0
     _, resumed = latest_checkpoint(out)
     assert resumed["position"]["step"] == step + 2
+
+
+def test_overrides_may_come_before_between_and_after_the_flags():
+    """`train.py --config C data.path=X --out O max_steps=3` was refused ("unrecognized arguments:
+    max_steps=3"): argparse cannot split one positional list around flags without intermixed parsing."""
+    import evaluate
+    import finetune
+
+    args = train.parse_args(["--config", "c.yaml", "data.path=x", "--out", "o", "max_steps=3", "--resume", "auto",
+                             "lr=0.1"])
+    assert args.overrides == ["data.path=x", "max_steps=3", "lr=0.1"] and args.resume == "auto"
+    args = finetune.parse_args(["model.init=b.pt", "--resume", "auto", "epochs=2"])
+    assert args.overrides == ["model.init=b.pt", "epochs=2"]
+    args = evaluate.parse_args(["--checkpoint", "b.pt", "frames=4", "--data", "d", "--json", "j", "stride=2"])
+    assert args.overrides == ["frames=4", "stride=2"]
