@@ -154,7 +154,10 @@ def main(argv=None) -> int:
                      position.sample, position.step)
 
     p, d = cfg["plan"], cfg["data"]
-    plan_cfg = plan_config_from(p)
+    try:
+        plan_cfg = plan_config_from(p)
+    except (ValueError, TypeError) as err:
+        return fail(f"plan: {err}")
     settings = LoaderSettings(batch_size=d["batch_size"], num_threads=d["num_threads"], workers=d["workers"],
                               prefetch=d["prefetch"], shuffle=d["shuffle"], seed=cfg["run"]["seed"],
                               decode=d["decode"], graph=d["graph"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from pathlib import Path
 
 import yaml
@@ -26,7 +27,7 @@ def run_defaults(out: str, epochs: int, keep_checkpoints: int) -> dict:
         "max_steps": 0,             # stop after this many optimizer steps (0 = run all epochs)
         "log_every": 10,            # steps between JSONL records
         "checkpoint_every": 0,      # steps between checkpoints (0 = only at epoch ends)
-        "keep_checkpoints": keep_checkpoints,
+        "keep_checkpoints": keep_checkpoints,   # the newest N checkpoints are kept (0 = all)
         "max_bad_steps": 20,        # consecutive non-finite losses before aborting (checked at log records)
         "progress": True,
         "tensorboard": True,        # OUT/tensorboard on rank 0 (skipped with a warning without the package)
@@ -216,6 +217,18 @@ def validate_shared(cfg: dict):
     need(cfg["data"]["batch_size"] >= 1, "data.batch_size must be >= 1")
     need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
     need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
+    r, d, o = cfg["run"], cfg["data"], cfg["optim"]
+    need(r["max_steps"] >= 0, "run.max_steps must be >= 0 (0 = run all epochs)")
+    need(r["log_every"] >= 1, "run.log_every must be >= 1")
+    need(r["checkpoint_every"] >= 0, "run.checkpoint_every must be >= 0 (0 = only at epoch ends)")
+    need(r["keep_checkpoints"] >= 0, "run.keep_checkpoints must be >= 0 (0 = keep all)")
+    need(r["max_bad_steps"] >= 1, "run.max_bad_steps must be >= 1")
+    need(d["num_threads"] >= 1, "data.num_threads must be >= 1")
+    need(d["workers"] >= 0, "data.workers must be >= 0 (0 = in-process)")
+    need(d["prefetch"] >= 1, "data.prefetch must be >= 1")
+    need(math.isfinite(o["lr"]) and o["lr"] > 0, "optim.lr must be a number > 0")
+    need(0 <= o["momentum"] < 1, "optim.momentum must be in [0, 1)")
+    need(0 <= o["weight_decay"] < math.inf, "optim.weight_decay must be >= 0")
 
 
 def validate(cfg: dict):
@@ -230,3 +243,9 @@ def validate(cfg: dict):
     need(cfg["model"]["target_init"] in ("independent", "copy"), "model.target_init must be independent or copy")
     need(0 < cfg["model"]["width"] <= 4, "model.width must be in (0, 4]")
     need(0 <= cfg["model"]["ema_tau"] <= 1, "model.ema_tau must be in [0, 1]")
+    need(0 <= cfg["optim"]["min_lr"] <= cfg["optim"]["lr"], "optim.min_lr must be in [0, optim.lr]")
+    need(0 <= cfg["optim"]["clip_grad"] < math.inf, "optim.clip_grad must be >= 0 (0 disables)")
+    need(cfg["run"]["data_timeout_s"] >= 0, "run.data_timeout_s must be >= 0 (0 = off)")
+    weights = cfg["loss"]
+    need(all(0 <= w < math.inf for w in weights.values()) and any(w > 0 for w in weights.values()),
+         f"loss weights must be >= 0, at least one > 0; got {weights}")

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .lmdb_store import VideoMeta
-from .plan import NO_APPEARANCE, Appearance, Box, PlanConfig, plan_rng, sample_appearance, sample_first_box
+from .plan import (MAX_CROP, MAX_FRAMES, NO_APPEARANCE, Appearance, Box, PlanConfig, plan_rng, sample_appearance,
+                   sample_first_box)
 
 MODES = ("train", "val", "test")
 SPATIAL_CROPS = (1, 3)   # test crops per clip: the centre one, or start / centre / end of the long side
@@ -59,12 +60,14 @@ class ClipPlanConfig:
         for name in ("brightness_range", "contrast_range", "saturation_range", "hue_range"):
             # lists from a YAML config become tuples (hashable, frozen)
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-        if self.frames < 1:
-            raise ValueError(f"frames must be >= 1, got {self.frames}")
-        if self.stride < 1:
-            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if not 1 <= self.frames <= MAX_FRAMES:
+            raise ValueError(f"frames must be in [1, {MAX_FRAMES}], got {self.frames}")
+        if not 1 <= self.stride <= MAX_FRAMES:
+            raise ValueError(f"stride must be in [1, {MAX_FRAMES}], got {self.stride}")
         if self.crop_size < 8:
             raise ValueError(f"crop_size must be >= 8, got {self.crop_size}")
+        if self.test_short_side > 4 * MAX_CROP:
+            raise ValueError(f"test_short_side must be <= {4 * MAX_CROP}, got {self.test_short_side}")
         if self.test_short_side < self.crop_size:
             raise ValueError(f"test_short_side {self.test_short_side} must be >= crop_size {self.crop_size}")
         if self.spatial_crops not in SPATIAL_CROPS:

@@ -23,6 +23,12 @@ import numpy as np
 PLAN_RNG_VERSION = 1  # bump when a change alters the plans drawn for a given seed
 
 
+# Bounds on sizes a config may ask for: DALI stacks at most 999 inputs, and a crop beyond
+# these is a typo that would only end in running out of memory.
+MAX_FRAMES = 256
+MAX_CROP = 1024
+
+
 @dataclass(frozen=True)
 class PlanConfig:
     """Geometry and label sets of the pretraining plan; defaults are the reference's."""
@@ -54,16 +60,24 @@ class PlanConfig:
     blur_sigma_range: tuple[float, float] = (0.1, 2.0)       # pixels
 
     def __post_init__(self):
-        if self.frames < 2:
-            raise ValueError(f"frames must be >= 2, got {self.frames}")
-        if self.crop_size < 8:
-            raise ValueError(f"crop_size must be >= 8, got {self.crop_size}")
-        if not self.strides or any(s < 1 for s in self.strides):
-            raise ValueError(f"strides must be positive integers, got {self.strides}")
+        if not 2 <= self.frames <= MAX_FRAMES:
+            raise ValueError(f"frames must be in [2, {MAX_FRAMES}], got {self.frames}")
+        if not 8 <= self.crop_size <= MAX_CROP:
+            raise ValueError(f"crop_size must be in [8, {MAX_CROP}], got {self.crop_size}")
+        if not self.strides or any(isinstance(s, bool) or not isinstance(s, (int, np.integer))
+                                   or not 1 <= s <= MAX_FRAMES for s in self.strides):
+            raise ValueError(f"strides must be integers in [1, {MAX_FRAMES}], got {self.strides}")
+        for name in ("temporal_rates", "spatial_rates"):
+            rates = getattr(self, name)
+            if not rates or any(isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not 0 <= r <= 1
+                                for r in rates):
+                raise ValueError(f"{name} must be a non-empty list of overlap rates in [0, 1], got {rates}")
         if self.temporal_rates[0] != 1.0 or self.spatial_rates[0] != 1.0:
             raise ValueError("class 0 of the overlap rates must be 1.0 (full overlap)")
         if not 0 < self.min_area <= self.max_area <= 1:
             raise ValueError(f"need 0 < min_area <= max_area <= 1, got {self.min_area}, {self.max_area}")
+        if not 0 < self.min_ratio <= self.max_ratio < math.inf:
+            raise ValueError(f"need 0 < min_ratio <= max_ratio, got {self.min_ratio}, {self.max_ratio}")
         for name in ("small_angle_range", "brightness_range", "contrast_range", "saturation_range", "hue_range",
                      "blur_sigma_range"):  # lists from a YAML config become tuples (hashable, frozen)
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))

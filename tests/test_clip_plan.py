@@ -168,6 +168,10 @@ def test_config_validates_and_reads_yaml_sections():
         ClipPlanConfig(jitter_prob=1.5)
     with pytest.raises(ValueError, match="stride"):
         ClipPlanConfig(stride=0)
+    for bad, message in [(dict(frames=1000), "frames must be in \\[1, "), (dict(stride=10 ** 6), "stride must be in"),
+                         (dict(test_short_side=10 ** 5), "test_short_side must be <=")]:
+        with pytest.raises(ValueError, match=message):
+            ClipPlanConfig(**bad)
     cfg = clip_config_from({"stride": 2, "hue_range": [-0.2, 0.2], "unknown": 1})
     assert cfg.stride == 2 and cfg.hue_range == (-0.2, 0.2) and cfg.clip_range == 30
 

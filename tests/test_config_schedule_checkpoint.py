@@ -1,6 +1,8 @@
 import math
 from pathlib import Path
 
+import re
+
 import pytest
 import torch
 
@@ -58,6 +60,43 @@ def test_config_file_and_overrides():
 def test_bad_overrides_are_refused_with_a_message(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "optim.lr must be a number > 0"),
+    ("optim.lr=0", "optim.lr must be a number > 0"),
+    ("optim.lr=.nan", "optim.lr must be a number > 0"),
+    ("optim.min_lr=-1", "optim.min_lr"),
+    ("optim.momentum=5", "optim.momentum"),
+    ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("optim.clip_grad=-1", "optim.clip_grad"),
+    ("run.log_every=0", "run.log_every"),
+    ("run.max_steps=-1", "run.max_steps"),
+    ("run.checkpoint_every=-2", "run.checkpoint_every"),
+    ("run.keep_checkpoints=-1", "run.keep_checkpoints"),
+    ("run.max_bad_steps=0", "run.max_bad_steps"),
+    ("run.data_timeout_s=-1", "run.data_timeout_s"),
+    ("data.num_threads=0", "data.num_threads"),
+    ("data.workers=-1", "data.workers"),
+    ("data.prefetch=0", "data.prefetch"),
+    ("loss.byol=-1", "loss weights"),
+])
+def test_values_that_would_crash_or_mislead_a_run_are_refused(override, message):
+    """Each of these passed validation before: a ZeroDivisionError (log_every=0), DALI or torch
+    tracebacks (num_threads, prefetch, weight_decay), a run that never stops (max_steps=-1), or
+    a run that trains silently the wrong way (a negative lr, momentum 5, a negative loss weight)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+    if override.split("=")[0].split(".")[0] in ("run", "data") or override.startswith(("optim.lr=", "optim.mom")):
+        from cstp.finetune_config import load_finetune_config
+        if override.split("=")[0] in ("run.data_timeout_s", "optim.min_lr", "optim.clip_grad"):
+            return   # pretraining only
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_finetune_config(None, [override])
+
+
+def test_keep_checkpoints_0_keeps_them_all():
+    assert load_config(None, ["run.keep_checkpoints=0"])["run"]["keep_checkpoints"] == 0
 
 
 def test_checkpoints_are_atomic_pruned_and_loaded_safely(tmp_path):

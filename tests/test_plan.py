@@ -136,6 +136,15 @@ def test_bad_videos_and_configs_are_refused():
         PlanConfig(frames=1)
     with pytest.raises(ValueError, match="full overlap"):
         PlanConfig(temporal_rates=(0.8, 1.0))
+    # sizes are bounded (DALI stacks at most 999 frames; a 4000-px crop only ends out of memory),
+    # strides are integers, rate lists are not empty: each was a traceback or a silent float stride
+    for bad, message in [(dict(frames=1000), "frames must be in"), (dict(crop_size=4000), "crop_size must be in"),
+                         (dict(strides=(1.5,)), "strides must be integers"), (dict(strides=()), "strides"),
+                         (dict(temporal_rates=()), "temporal_rates must be a non-empty"),
+                         (dict(spatial_rates=(1.0, 2.0)), "spatial_rates"),
+                         (dict(min_ratio=0.0), "min_ratio")]:
+        with pytest.raises(ValueError, match=message):
+            PlanConfig(**bad)
 
 
 def test_label_statistics_are_reported(capsys):

@@ -122,6 +122,10 @@ def test_bad_flags_give_a_message(tmp_path, tiny_db, capsys):
     assert "build-lmdb" in capsys.readouterr().err
     assert train.main(["--out", str(tmp_path), f"data.path={tiny_db}", *TINY, "batch_size=64"]) == 2
     assert "full batch" in capsys.readouterr().err
+    for bad in ("plan.frames=0", "plan.temporal_rates=[]", "plan.crop_size=4000"):   # tracebacks before
+        assert train.main(["--out", str(tmp_path), f"data.path={tiny_db}", *TINY, bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("train.py: plan: ") and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.slow
