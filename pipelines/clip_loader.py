@@ -82,7 +82,8 @@ class ClipLoader:
             files = None
         if not self.metas:
             raise ValueError(f"{path} holds no videos")
-        self.num_classes = len(self.classes) or max(m.label for m in self.metas) + 1
+        # labels may run past the class names (a list whose labels do not follow the folders)
+        self.num_classes = max(len(self.classes), max(m.label for m in self.metas) + 1)
         self.mode = mode
         self.batch_size = settings.batch_size
         self.start_epoch = start_epoch

@@ -247,6 +247,34 @@ class VideoMeta:
                     width=self.width, fps=self.fps, source=self.source)
 
 
+MAX_LABEL = 100_000      # class labels are 0-based indices; a larger one is a typo, not a dataset
+MAX_SIDE = 65_535        # the largest JPEG side
+
+
+def video_meta_from(fields, where: str) -> VideoMeta:
+    """A VideoMeta from a record read from a file (__meta__, a video index), every value checked:
+    ValueError naming `where` and the video otherwise (a count of 0, a label of 10**11, a
+    missing field would fail, or be trusted, far from the file that holds it)."""
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where}: a video's record is a {type(fields).__name__}, not a mapping")
+    name = fields.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: a video without a name ({str(fields)[:80]})")
+
+    def whole(key, low, high, default=None):
+        value = fields.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{where}: video {name!r} has {key} {value!r}, not an integer in [{low}, {high}]")
+        return value
+
+    fps = fields.get("fps", 0.0)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 <= fps < 10_000:
+        raise ValueError(f"{where}: video {name!r} has fps {fps!r}")
+    return VideoMeta(name=name, label=whole("label", 0, MAX_LABEL), frames=whole("frames", 1, MAX_FRAMES_PER_VIDEO),
+                     height=whole("height", 1, MAX_SIDE), width=whole("width", 1, MAX_SIDE), fps=float(fps),
+                     source=str(fields.get("source", "")), key=whole("key", -1, 2 ** 63 - 1, -1))
+
+
 def lmdb_keys(metas: list[VideoMeta]) -> list[int] | None:
     """The LMDB entry id of each video, or None when every video sits at its own
     position (our databases); see LmdbFrameReader."""
@@ -366,10 +394,21 @@ def read_metadata(path: str, list_path: str | None = None) -> tuple[list[VideoMe
     with shared_env(path).begin(buffers=False) as txn:
         raw_meta = txn.get(META_KEY)
         if raw_meta is not None:
-            metas = [VideoMeta(**{k: m[k] for k in VideoMeta.__dataclass_fields__ if k in m})
-                     for m in unpack(raw_meta)]
             raw_classes = txn.get(CLASSES_KEY)
-            classes = list(unpack(raw_classes)) if raw_classes is not None else []
+            try:
+                records = unpack(raw_meta)
+                classes = unpack(raw_classes) if raw_classes is not None else []
+            except Exception as err:  # noqa: BLE001 - msgpack raises several kinds for damaged data
+                raise LmdbFormatError(f"{path}: __meta__ or __classes__ is not readable ({type(err).__name__})") \
+                    from None
+            if not isinstance(records, list) or not isinstance(classes, list) or \
+                    not all(isinstance(c, str) for c in classes):
+                raise LmdbFormatError(f"{path}: __meta__ must be a list of video records and __classes__ a list "
+                                      "of names")
+            try:
+                metas = [video_meta_from(m, f"{path} __meta__[{i}]") for i, m in enumerate(records)]
+            except ValueError as err:
+                raise LmdbFormatError(f"{err}; rebuild the database (python -m preprocessing build-lmdb)") from None
             return metas, classes
     with shared_env(path).begin(buffers=True) as txn:
         return metadata_without_list(txn, path)

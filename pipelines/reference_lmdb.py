@@ -24,7 +24,7 @@ from pathlib import Path
 
 import msgpack
 
-from .lmdb_store import (KEYS_KEY, MAX_FRAMES_PER_VIDEO, ORDER_KEY, LmdbFormatError, VideoMeta, frame_key,
+from .lmdb_store import (KEYS_KEY, MAX_FRAMES_PER_VIDEO, MAX_LABEL, ORDER_KEY, LmdbFormatError, VideoMeta, frame_key,
                          header_frames, jpeg_size, shared_env, unpack, video_key)
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,16 @@ def parse_list_line(line: str) -> tuple[str, int, int | None]:
     raise ReferenceListError(f"expected '<name> <label> [<frames>]', got {line.strip()!r}")
 
 
+def checked_list_line(line: str) -> tuple[str, int, int | None]:
+    """parse_list_line, with the label in [0, MAX_LABEL] and a frame count >= 1."""
+    name, label, frames = parse_list_line(line)
+    if not 0 <= label <= MAX_LABEL:
+        raise ReferenceListError(f"label {label} is not in [0, {MAX_LABEL}]")
+    if frames is not None and not 1 <= frames <= MAX_FRAMES_PER_VIDEO:
+        raise ReferenceListError(f"frame count {frames} is not in [1, {MAX_FRAMES_PER_VIDEO}]")
+    return name, label, frames
+
+
 def read_reference_list(path: str | Path) -> list[tuple[str, int, int | None]]:
     entries = []
     with open(path, encoding="utf-8") as handle:
@@ -70,7 +80,7 @@ def read_reference_list(path: str | Path) -> list[tuple[str, int, int | None]]:
             if not line.strip():
                 continue
             try:
-                entries.append(parse_list_line(line))
+                entries.append(checked_list_line(line))
             except ReferenceListError as err:
                 raise ReferenceListError(f"{path}, line {number}: {err}") from None
     if not entries:

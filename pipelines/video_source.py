@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .faults import check_video_files, stamp_problem
-from .lmdb_store import VideoMeta
+from .lmdb_store import VideoMeta, video_meta_from
 from .plan import PlanConfig, PretrainPlan
 from .sample_source import BadSampleError
 from .sources import APPEARANCE_OUTPUTS, PretrainLmdbSource, appearance_arrays, view_angle
@@ -76,10 +77,17 @@ def read_video_index(path: str) -> tuple[list[VideoMeta], list[str], list[VideoF
     if not root.is_absolute():
         root = p.parent / root
     metas, files = [], []
-    for v in index["videos"]:
-        metas.append(VideoMeta(name=v["name"], label=int(v["label"]), frames=int(v["frames"]),
-                               height=int(v["height"]), width=int(v["width"]), fps=float(v.get("fps", 0.0)),
-                               source=v.get("codec", "")))
+    videos = index.get("videos")
+    if not isinstance(videos, list):
+        raise VideoIndexError(f"{path}: 'videos' must be a list")
+    for i, v in enumerate(videos):
+        try:
+            meta = video_meta_from(v, f"{path} videos[{i}]")
+            if not isinstance(v.get("file"), str) or not v["file"]:
+                raise ValueError(f"{path} videos[{i}]: video {meta.name!r} has no 'file'")
+        except ValueError as err:
+            raise VideoIndexError(f"{err}; re-index (python -m preprocessing index-videos)") from None
+        metas.append(replace(meta, source=str(v.get("codec", ""))))
         file = VideoFile(root / v["file"])
         file.root = str(root)
         if all(field in v for field in STREAM_FORMAT_FIELDS):

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from pipelines.faults import parse_blocklist
 from pipelines.lmdb_store import (
-    CLASSES_KEY, FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY,
+    CLASSES_KEY, FORMAT_NAME, FORMAT_VERSION, INFO_KEY, KEYS_KEY, LEN_KEY, MAX_LABEL, META_KEY, ORDER_KEY,
     VLEN_KEY, WHOLE_VIDEO_VERSION, VideoMeta, hint_entry, jpeg_size, layout_entries, pack, unpack, video_key,
 )
 
@@ -150,6 +150,8 @@ def parse_list_line(line: str) -> tuple[str, int | None]:
                          "separate with a TAB if the path contains spaces)") from None
     if label < 0:
         raise ValueError(f"label {label} is negative")
+    if label > MAX_LABEL:
+        raise ValueError(f"label {label} is larger than {MAX_LABEL} (labels are 0-based class indices)")
     return fields[0], label
 
 

@@ -90,3 +90,49 @@ def test_jpeg_checks():
     assert "metadata says" in jpeg_problem(good, H + 1, W)
     header_broken = good[:2] + b"\xff\xc0\x00\x02" + np.zeros(100, np.uint8).tobytes() + good[-2:]
     assert jpeg_problem(header_broken, H, W) is not None
+
+
+def rewrite_meta(path, edit):
+    env = lmdb.open(str(path), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        txn.put(fmt.META_KEY, fmt.pack(edit(fmt.unpack(txn.get(fmt.META_KEY)))))
+    env.close()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: [{**m[0], "frames": 0}, *m[1:]], "has frames 0, not an integer in [1, "),
+    (lambda m: [{**m[0], "height": 0}, *m[1:]], "has height 0"),
+    (lambda m: [{**m[0], "width": 10 ** 9}, *m[1:]], "has width 1000000000"),
+    (lambda m: [{**m[0], "label": -1}, *m[1:]], "has label -1"),
+    (lambda m: [{**m[0], "label": 10 ** 11}, *m[1:]], "has label 100000000000"),
+    (lambda m: [{**m[0], "label": "x"}, *m[1:]], "has label 'x'"),
+    (lambda m: [{k: v for k, v in m[0].items() if k != "frames"}, *m[1:]], "has frames None"),
+    (lambda m: [{**m[0], "name": 5}, *m[1:]], "a video without a name"),
+    (lambda m: 5, "__meta__ must be a list"),
+])
+def test_absurd_metadata_is_refused_at_open_naming_the_video(tmp_path, edit, message):
+    """__meta__ is trusted for every video's size: a count of 0 or a missing field was a
+    ValueError/TypeError traceback once training started, a label of 10**11 an OverflowError
+    or a 10**11-way classifier, a width of 10**9 silently wrong boxes."""
+    path = write_lmdb(tmp_path / "db.lmdb", [coded_video(6, H, W) for _ in range(2)])
+    rewrite_meta(path, edit)
+    with pytest.raises(fmt.LmdbFormatError) as caught:
+        fmt.read_metadata(str(path))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_labels_past_the_class_names_size_the_classifier(tmp_path):
+    """build-lmdb keeps list labels that do not follow the folders (label 5 with 2 folders):
+    the clip loader's class count covers them (finetune.py crashed with 'Target 5 is out of
+    bounds'; evaluate.py scored a 2-class head on them silently)."""
+    from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
+    from pipelines.clip_plan import ClipPlanConfig
+
+    path = write_lmdb(tmp_path / "db.lmdb", [coded_video(6, H, W) for _ in range(2)], names=["a/x", "b/y"],
+                      labels=[5, 1], classes=["a", "b"])
+    loader = ClipLoader(str(path), "test", ClipPlanConfig(frames=2, crop_size=16, test_short_side=16),
+                        ClipLoaderSettings(batch_size=1, num_threads=1), device="cpu")
+    try:
+        assert loader.num_classes == 6
+    finally:
+        loader.close()

@@ -301,6 +301,8 @@ def test_parse_list_line(line, expected):
 def test_parse_list_line_rejects_a_bad_label():
     with pytest.raises(ValueError, match="not an integer"):
         parse_list_line("a/b.mp4 x")
+    with pytest.raises(ValueError, match="larger than 100000"):   # was kept: an OverflowError when read
+        parse_list_line("a/b.mp4 99999999999")
 
 
 def test_find_videos_filters_by_extension_and_skips_hidden_files(tmp_path):

@@ -65,6 +65,18 @@ def test_names_and_list_lines():
         parse_list_line("no-label-here\n")
 
 
+@pytest.mark.parametrize("line, message", [
+    ("a/b.avi -1 10\n", "label -1 is not in"),
+    ("a/b.avi 99999999999 10\n", "label 99999999999 is not in"),   # a [''] * 10**11 class list before
+    ("a/b.avi 3 0\n", "frame count 0 is not in"),                   # a 0-frame video, a traceback in the plan
+])
+def test_reference_list_labels_and_frame_counts_are_bounded(tmp_path, line, message):
+    listing = tmp_path / "list.txt"
+    listing.write_text("a/ok.avi 0 10\n" + line)
+    with pytest.raises(ReferenceListError, match=f"line 2: {message}"):
+        read_reference_list(listing)
+
+
 def test_reference_lmdb_read_through_ucf_style_list(tmp_path):
     db = tmp_path / "ref.lmdb"
     order = build_reference_lmdb(db)

@@ -187,3 +187,18 @@ def test_video_path_applies_the_strong_augmentation_like_the_reference(smooth_vi
                 blurred += look.blur
     loader.close()
     assert jittered == 8 and greyed >= 1 and blurred >= 1
+
+
+def test_an_index_record_with_absurd_or_missing_values_is_refused(tmp_path):
+    """An index edited by hand or by another tool: a missing field was a KeyError traceback,
+    a frame count of 0 a ValueError in the plan once training had started."""
+    from pipelines.video_source import VideoIndexError, read_video_index
+
+    good = {"name": "a/v", "file": "a/v.webm", "label": 0, "frames": 10, "height": 32, "width": 48, "fps": 25.0}
+    for record, message in [({**good, "frames": 0}, "has frames 0"), ({**good, "label": 10 ** 11}, "has label"),
+                            ({k: v for k, v in good.items() if k != "height"}, "has height None"),
+                            ({k: v for k, v in good.items() if k != "file"}, "has no 'file'"), ("x", "not a mapping")]:
+        path = tmp_path / "index.json"
+        path.write_text(json.dumps({"format": "cstp-dali-video-index", "root": str(tmp_path), "videos": [record]}))
+        with pytest.raises(VideoIndexError, match=message):
+            read_video_index(str(path))
