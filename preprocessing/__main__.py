@@ -313,6 +313,7 @@ def _add_transcode(commands) -> None:
 
 
 def run_index_videos(args, parser) -> int:
+    from .build_lmdb import shown
     from .index_videos import index_videos
 
     if args.verify:
@@ -330,7 +331,7 @@ def run_index_videos(args, parser) -> int:
     index = index_videos(args.videos, args.out, list_file=args.list, workers=args.workers,
                          progress=not args.quiet)
     for failure in index["failed"]:
-        print(f"skipped {failure['file']}: {failure['reason']}", file=sys.stderr)
+        print(f"skipped {shown(failure['file'])}: {failure['reason']}", file=sys.stderr)
     print(f"videos indexed {len(index['videos'])} / skipped {len(index['failed'])}, "
           f"{index['seconds']:.1f} s -> {args.out}")
     return 0 if index["videos"] else 1

@@ -196,6 +196,23 @@ def class_names(folders_and_labels: list[tuple[str, int | None]]) -> list[str]:
     return folders
 
 
+CONTROL_CHARACTERS = frozenset(map(chr, [*range(32), 127]))
+
+
+def shown(name: str) -> str:
+    """`name` for a one-line message: control characters escaped (a newline as \\n), the rest as is."""
+    return "".join(repr(c)[1:-1] if c in CONTROL_CHARACTERS else c for c in name)
+
+
+def name_problem(source: str) -> str | None:
+    """Why a video's path cannot go into an LMDB, an index or a list, or None: list files,
+    blocklists and reports hold one video per line, fields split on TABs."""
+    if any(c in CONTROL_CHARACTERS for c in source):
+        return ("its name holds a newline, TAB or other control character, which list files and blocklists "
+                "cannot hold; rename the file")
+    return None
+
+
 def plan_build(videos_dir, list_file=None) -> BuildPlan:
     """Which videos to convert, in id order, with their labels and the class names."""
     videos_dir = Path(videos_dir)
@@ -214,6 +231,10 @@ def plan_build(videos_dir, list_file=None) -> BuildPlan:
         folder_label = class_index[class_name]
         job = VideoJob(file=str((videos_dir / source).absolute()), source=source, name=name_of(source),
                        class_name=class_name, label=folder_label if label is None else label)
+        problem = name_problem(source)
+        if problem:
+            failed.append(FailedVideo(job, problem))
+            continue
         if job.name in first_line_of_name:
             where = f" (line {first_line_of_name[job.name]})" if first_line_of_name[job.name] else ""
             failed.append(FailedVideo(job, f"duplicate name {job.name!r}: another file{where} has the same "
@@ -680,7 +701,7 @@ def build_lmdb(videos_dir, out_path, list_file=None, short_side=None, fps=None, 
     blocked = _blocked_jobs(plan, blocklist, videos_dir)
 
     for failure in plan.failed:
-        logger.warning("skipped %s: %s", failure.job.source, failure.reason)
+        logger.warning("skipped %s: %s", shown(failure.job.source), failure.reason)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out)
     writer, resumed = open_partial(partial, build_fingerprint(plan, settings),
@@ -763,7 +784,7 @@ def _convert_all(plan: BuildPlan, done: Progress, blocked: _Blocked, settings, w
                     writer.write([(job_record_key(index), pack(dict(ok=False, reason=result.reason)))])
                     done.failures.append(result)
                     skipped += 1
-                    logger.warning("skipped %s: %s", result.job.source, result.reason)
+                    logger.warning("skipped %s: %s", shown(result.job.source), result.reason)
                 else:
                     meta = _video_meta(result)
                     writer.write([*layout_entries(len(metas), result.frames, settings.layout),

@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from .build_lmdb import VIDEO_EXTENSIONS, find_videos, parse_list_line, read_list_file
+from .build_lmdb import VIDEO_EXTENSIONS, find_videos, name_problem, parse_list_line, read_list_file, shown
 from .ffmpeg_io import VideoError, probe_video, summarize_stderr
 from .ffmpeg_tools import executable
 
@@ -89,6 +89,9 @@ def plan_jobs(videos_dir: Path, out_dir: Path, list_file=None) -> tuple[list[Tra
         relative = PurePosixPath(source).with_suffix(".mp4")
         if relative.is_absolute() or ".." in relative.parts:
             failed.append(dict(file=source, reason="path leaves --videos (absolute or '..'); not transcoded"))
+            continue
+        if name_problem(source):
+            failed.append(dict(file=source, reason=f"{name_problem(source)}; not transcoded"))
             continue
         if relative in outputs:
             failed.append(dict(file=source, reason=f"same output {relative} as {outputs[relative]}; not transcoded"))
@@ -349,7 +352,7 @@ def transcode_dataset(videos_dir, out_dir, list_file=None, short_side=None, fps=
     if stale:
         logger.info("removed %d temporary files left by an interrupted run", stale)
     for failure in failed:
-        logger.warning("skipped %s: %s", failure["file"], failure["reason"])
+        logger.warning("skipped %s: %s", shown(failure["file"]), failure["reason"])
 
     workers = max(1, (os.cpu_count() or 1) if workers is None else int(workers))
     threads = max(1, (os.cpu_count() or 1) // workers)  # x264 threads per video: workers x threads ~ CPUs
@@ -390,7 +393,7 @@ def _run_all(jobs: list[TranscodeJob], runner: _Runner, workers: int, progress: 
                 status = result["status"]
                 counts[{"ok": "new", "done": "done", "failed": "failed"}.get(status, "failed")] += 1
                 if status == "failed":
-                    logger.warning("skipped %s: %s", job.source, result["reason"])
+                    logger.warning("skipped %s: %s", shown(job.source), result["reason"])
                 bar.update(1)
                 bar.set_postfix(counts, refresh=False)
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -569,6 +570,25 @@ def test_cli_lands_awkward_but_decodable_videos(tmp_path):
     metas = {m.name: (m.frames, m.width, m.height) for m in read_metadata(str(out))[0]}
     assert metas == {"odd/ten_bit": (5, 32, 24), "odd/yuv444 (1) !": (7, 32, 24), "odd/rotated": (25, 24, 32),
                      "odd/vfr": (25, 32, 24), "odd/three": (3, 32, 24)}
+
+
+def test_names_a_list_file_cannot_hold_are_skipped_and_odd_ones_land(tmp_path):
+    """A newline or TAB in a file name cannot live in list files, blocklists or reports (one video
+    per line, TAB-separated): such files are skipped with a one-line reason (they landed before,
+    named 'b/new\\nline' in the LMDB, and no blocklist could name them). A leading dash, spaces
+    and non-ASCII letters are fine (ffmpeg gets the absolute path in an argument list)."""
+    videos = tmp_path / "videos"
+    clip = make_clip(videos / "b" / "-rf.mp4", seconds=0.2)
+    for name in ("new\nline.mp4", "tab\tx.mp4", "ünï cödé.mp4"):
+        shutil.copy(clip, videos / "b" / name)
+    out = tmp_path / "db.lmdb"
+    result = run_cli("build-lmdb", "--videos", str(videos), "--out", str(out), "--short-side", "24", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "videos ok 2 / skipped 2" in result.stdout
+    lines = result.stderr.splitlines()
+    assert sum(line.startswith("skipped b/new\\nline.mp4: its name holds a newline") for line in lines) == 1
+    assert sum(line.startswith("skipped b/tab\\tx.mp4: its name holds a newline") for line in lines) == 1
+    assert sorted(m.name for m in read_metadata(str(out))[0]) == ["b/-rf", "b/ünï cödé"]
 
 
 def test_cli_exits_1_when_nothing_converts(tmp_path):

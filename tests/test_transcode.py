@@ -256,3 +256,15 @@ def test_help():
     result = run_cli("--help")
     assert result.returncode == 0 and "examples:" in result.stdout
     assert "python -m preprocessing transcode" in result.stdout and "transcode.report.json" in result.stdout
+
+
+def test_names_with_a_newline_or_tab_are_not_transcoded(tmp_path):
+    from preprocessing.transcode import plan_jobs
+
+    for name in ("ok.mp4", "new\nline.mp4", "tab\tx.mp4"):
+        (tmp_path / "v" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "v" / "a" / name).write_bytes(b"")
+    jobs, failed = plan_jobs(tmp_path / "v", tmp_path / "out")
+    assert [j.source for j in jobs] == ["a/ok.mp4"]
+    assert sorted(f["file"] for f in failed) == ["a/new\nline.mp4", "a/tab\tx.mp4"]
+    assert all("newline, TAB or other control character" in f["reason"] for f in failed)
