@@ -292,8 +292,14 @@ def open_readonly(path: str) -> lmdb.Environment:
         raise FileNotFoundError(f"LMDB not found: {path} (build one with `python -m preprocessing build-lmdb`)")
     from .faults import check_lmdb_complete
     check_lmdb_complete(path)  # a partial copy would die of SIGBUS at its first read past the end
-    return lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
-                     readahead=False, meminit=False, max_readers=512)
+    try:
+        return lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False,
+                         readahead=False, meminit=False, max_readers=512)
+    except lmdb.Error as err:   # a folder of videos, a stray file: not a traceback
+        why = "a folder without data.mdb" if os.path.isdir(path) and not os.path.exists(
+            os.path.join(path, "data.mdb")) else f"{type(err).__name__}: {err}"
+        raise LmdbFormatError(f"{path} is not an LMDB ({why}); build one with "
+                              "`python -m preprocessing build-lmdb`, or give a .json video index") from None
 
 
 # One read-only environment per database per process: py-lmdb refuses to open the

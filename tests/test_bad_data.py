@@ -136,3 +136,20 @@ def test_labels_past_the_class_names_size_the_classifier(tmp_path):
         assert loader.num_classes == 6
     finally:
         loader.close()
+
+
+def test_a_folder_of_videos_or_a_stray_file_as_the_lmdb_is_a_one_line_refusal(tmp_path, capsys):
+    """data.path=the videos folder (an easy slip) or any non-LMDB file was an lmdb.Error traceback."""
+    import train
+
+    videos = tmp_path / "videos"
+    (videos / "a").mkdir(parents=True)
+    stray = tmp_path / "notes.txt"
+    stray.write_text("not a database")
+    for path, why in [(videos, "a folder without data.mdb"), (stray, "MDB_INVALID")]:
+        with pytest.raises(fmt.LmdbFormatError, match=f"is not an LMDB \\(.*{why}"):
+            fmt.read_metadata(str(path))
+        assert train.main(["--out", str(tmp_path / "run"), f"data.path={path}", "device=cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "is not an LMDB" in err and "Traceback" not in err
+    assert sorted(p.name for p in videos.iterdir()) == ["a"]   # nothing written into the folder
