@@ -78,9 +78,9 @@ def parse_args(argv=None):
     return parser.parse_intermixed_args(argv)   # key=value before, between or after the flags
 
 
-def fail(message: str) -> int:
+def fail(message: str, code: int = 2) -> int:
     print(f"evaluate.py: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 def load_model(args):
@@ -183,6 +183,7 @@ def main(argv=None) -> int:
                               retrieval_recall, topk_accuracy)
     from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
     from pipelines.clip_plan import ClipPlanConfig, clip_config_from
+    from pipelines.faults import BrokenDataError
     from pipelines.lmdb_store import LmdbFormatError
 
     try:
@@ -242,6 +243,8 @@ def main(argv=None) -> int:
         if train_loader is not None:
             gallery, _, gallery_labels, _, _ = video_outputs(backbone, None, train_loader, torch_device, progress,
                                                           "train clips")
+    except BrokenDataError as err:
+        return fail(f"stopped: {err}", 1)
     finally:
         test_loader.close()
         if train_loader is not None:

@@ -44,9 +44,9 @@ def parse_args(argv=None):
     return parser.parse_intermixed_args(argv)   # key=value before, between or after the flags
 
 
-def fail(message: str) -> int:
+def fail(message: str, code: int = 2) -> int:
     print(f"finetune.py: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 def main(argv=None) -> int:
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     from cstp.finetune_engine import FINETUNE_FORMAT, FinetuneTrainer, Position, validation_split
     from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
     from pipelines.clip_plan import clip_config_from
+    from pipelines.faults import BrokenDataError
     from pipelines.lmdb_store import LmdbFormatError
 
     if cfg["train"]["threads"]:
@@ -173,6 +174,8 @@ def main(argv=None) -> int:
         previous = {sig: signal.signal(sig, trainer.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             summary = trainer.run()
+        except BrokenDataError as err:
+            return fail(f"stopped: {err}", 1)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -133,6 +133,7 @@ def main(argv=None) -> int:
 
     from cstp.checkpoint import CheckpointError, list_checkpoints
     from cstp.engine import CHECKPOINT_FORMAT, NonFiniteLossError, Position, Trainer
+    from pipelines.faults import BrokenDataError
     from pipelines.lmdb_store import LmdbFormatError
     from pipelines.loader import LoaderSettings, PretrainLoader
     from pipelines.plan import majority_label_rates, plan_config_from
@@ -194,6 +195,9 @@ def main(argv=None) -> int:
             summary = trainer.run()
         except NonFiniteLossError as err:
             print(f"train.py: aborted: {err}", file=sys.stderr)
+            return 1
+        except BrokenDataError as err:
+            print(f"train.py: stopped: {err}", file=sys.stderr)
             return 1
         finally:
             for sig, handler in previous.items():

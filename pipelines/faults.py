@@ -39,6 +39,18 @@ class DataFaultError(ValueError):
     """Data that must not be read at all: refused at open with a one-line message."""
 
 
+class BrokenDataError(RuntimeError):
+    """Too many unreadable videos in a row: the run stops, with this one-line message."""
+
+    MARK = "unreadable videos in a row"
+
+    @classmethod
+    def from_pipeline(cls, err: BaseException) -> "BrokenDataError | None":
+        """Our source's BrokenDataError as DALI re-raised it (its text inside DALI's), or None."""
+        match = re.search(rf"(\d+ {cls.MARK} in .*?build-lmdb`\))", str(err))
+        return cls(match.group(1)) if match else None
+
+
 class DecodeFailedError(RuntimeError):
     """A sample the decoder failed on earlier in this run: the source replaces it."""
 
@@ -173,6 +185,9 @@ def blocked_videos(blocklist_path: str | None, metas, files: list[str] | None = 
             blocked[i] = reason
     if listed and not blocked:
         log.warning("blocklist %s names none of the %d videos", blocklist_path, len(metas))
+    if metas and len(blocked) == len(metas):
+        raise DataFaultError(f"the blocklist {blocklist_path} names every one of the {len(metas)} videos: "
+                             "nothing is left to read")
     return blocked
 
 
@@ -395,8 +410,10 @@ class RecoverablePipeline:
                     consumed += 1
                     yield outputs
                 break
-            except RuntimeError as err:
+            except Exception as err:   # DALI re-raises a worker's error as a bare Exception
                 if is_source_error(err):
+                    raise BrokenDataError.from_pipeline(err) or err
+                if not isinstance(err, RuntimeError):
                     raise
                 position = first_position + consumed * self.batch_size
                 self.close()

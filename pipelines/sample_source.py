@@ -16,7 +16,7 @@ import signal
 
 import numpy as np
 
-from .faults import DecodeFailedError, SubstitutesUndecodable
+from .faults import BrokenDataError, DecodeFailedError, SubstitutesUndecodable
 from .lmdb_store import LmdbFrameReader, VideoMeta, lmdb_keys
 from .sharding import shard_indices
 
@@ -121,8 +121,8 @@ class EpochSampleSource(SubstitutesUndecodable):
                 continue
             self.last_attempt, self.last_video = attempt, video
             return result, attempt
-        raise RuntimeError(f"{MAX_SUBSTITUTIONS} unreadable videos in a row in {self.path}; the database "
-                           "looks broken (rebuild it with `python -m preprocessing build-lmdb`)")
+        raise BrokenDataError(f"{MAX_SUBSTITUTIONS} {BrokenDataError.MARK} in {self.path} (the database looks "
+                              "broken: rebuild it with `python -m preprocessing build-lmdb`)")
 
     def replacement(self, epoch: int, position: int, attempt: int) -> tuple:
         """The item read instead after `attempt` failed at `position` of `epoch`."""

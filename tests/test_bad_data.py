@@ -81,6 +81,32 @@ def test_a_database_of_only_bad_videos_stops_with_a_clear_message(tmp_path):
         next(iter(loader))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_train_over_a_broken_database_stops_in_one_line(tmp_path, capsys, workers):
+    """It was a two-part traceback (a bare Exception from DALI's worker with data.workers=1)."""
+    import train
+
+    path = write_lmdb(tmp_path / "all_bad.lmdb", [coded_video(10, H, W) for _ in range(4)])
+    for v in range(4):
+        corrupt(path, v, None)
+    assert train.main(["--out", str(tmp_path / "run"), f"data.path={path}", "device=cpu", "batch_size=2",
+                       "plan.frames=4", "crop_size=16", "model.width=0.0625", "proj_hidden=16", "proj_dim=8",
+                       "progress=false", "tensorboard=false", "num_threads=1", f"data.workers={workers}"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (f"train.py: stopped: 16 unreadable videos in a row in {path} (the "
+                                            "database looks broken: rebuild it with `python -m preprocessing "
+                                            "build-lmdb`)")
+    assert "Traceback" not in err
+
+
+def test_a_blocklist_naming_every_video_is_refused_at_open(tmp_path):
+    path = write_lmdb(tmp_path / "db.lmdb", [coded_video(10, H, W) for _ in range(3)])
+    blocklist = tmp_path / "block.txt"
+    blocklist.write_text("".join(f"{m.name}\tbad\n" for m in fmt.read_metadata(str(path))[0]))
+    with pytest.raises(ValueError, match="names every one of the 3 videos"):
+        PretrainLoader(str(path), CFG, LoaderSettings(batch_size=2, num_threads=1), blocklist=str(blocklist))
+
+
 def test_jpeg_checks():
     good = encode_jpeg(coded_video(1, H, W)[0])
     assert jpeg_problem(good, H, W) is None
