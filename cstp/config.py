@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from pathlib import Path
 
 import yaml
@@ -139,12 +140,17 @@ def _resolve_key(key: str, known: dict) -> str:
     raise ConfigError(f"unknown config key '{key}'{hint}")
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value, default):
     if default is None:
         return value
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
+    elif isinstance(default, float) and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)   # YAML 1.1 reads 1e-3 (no dot) as a string
     elif isinstance(default, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{key} must be an integer, got {value}")
@@ -196,7 +202,11 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, d
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+            first = " ".join(str(err).split())[:200]
+            raise ConfigError(f"cannot read {path}: {type(err).__name__}: {first}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections")
         cfg = apply_overrides(cfg, _flatten(loaded), defaults)

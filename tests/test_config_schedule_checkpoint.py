@@ -95,6 +95,24 @@ def test_values_that_would_crash_or_mislead_a_run_are_refused(override, message)
             load_finetune_config(None, [override])
 
 
+def test_scientific_notation_is_a_float_and_unreadable_files_are_one_line(tmp_path):
+    """YAML 1.1 reads `lr: 1e-3` (no dot) as a string, which was refused ('must be a float');
+    a YAML syntax error or a file that is not UTF-8 was a traceback."""
+    config = tmp_path / "c.yaml"
+    config.write_text("optim:\n  lr: 1e-3\n  min_lr: 1E-6\n")
+    cfg = load_config(str(config), ["weight_decay=5e-4"])
+    assert (cfg["optim"]["lr"], cfg["optim"]["min_lr"], cfg["optim"]["weight_decay"]) == (1e-3, 1e-6, 5e-4)
+    with pytest.raises(ConfigError, match="must be a float, got 'abc'"):
+        load_config(None, ["lr=abc"])
+    with pytest.raises(ConfigError, match="must be a int"):
+        load_config(None, ["batch_size=1e3"])
+    for text, message in [(b"data:\n  path: [unclosed\n", "ParserError"), (b"\xff\xfe\x00", "UnicodeDecodeError")]:
+        config.write_bytes(text)
+        with pytest.raises(ConfigError, match=f"cannot read {re.escape(str(config))}: {message}") as caught:
+            load_config(str(config))
+        assert "\n" not in str(caught.value)
+
+
 def test_keep_checkpoints_0_keeps_them_all():
     assert load_config(None, ["run.keep_checkpoints=0"])["run"]["keep_checkpoints"] == 0
 
