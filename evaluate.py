@@ -168,7 +168,11 @@ def plot_confusion(confusion, classes, path: Path, title: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from train import distributed_env
+    from train import distributed_env, unwritable
+
+    for flag, value in (("--json", args.json), ("--confusion-png", args.confusion_png)):
+        if value and unwritable(Path(value), folder=False):   # before the evaluation, not after it
+            return fail(f"{flag}: {unwritable(Path(value), folder=False)}")
 
     rank, world_size, local_rank = distributed_env()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

@@ -60,12 +60,14 @@ def main(argv=None) -> int:
         return fail(str(err))
     if args.out:
         cfg["run"]["out"] = args.out
-    from train import distributed_env, find_resume_state, no_resume_message, resolve_device
+    from train import distributed_env, find_resume_state, no_resume_message, resolve_device, unwritable
 
     rank, world_size, local_rank = distributed_env()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
     out_dir = Path(cfg["run"]["out"])
+    if unwritable(out_dir, folder=True):
+        return fail(f"run.out: {unwritable(out_dir, folder=True)}")
     d, m = cfg["data"], cfg["model"]
     if not d["train"]:
         return fail("set data.train to the training LMDB (python -m preprocessing build-lmdb ...)")

@@ -88,6 +88,17 @@ def no_resume_message(resume: str | None, out_dir: Path) -> str:
     return f"{out_dir} already holds checkpoints; pass --resume auto to continue that run or choose another --out"
 
 
+def unwritable(path: Path, folder: bool) -> str | None:
+    """Why `path` cannot be written as a folder (`folder`) or as a file, or None: checked
+    before the work whose results go there."""
+    if path.exists() and path.is_dir() != folder:
+        return f"{path} is {'a file' if folder else 'a folder'}"
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, not a folder"
+    return None
+
+
 def fail(message: str) -> int:
     print(f"train.py: {message}", file=sys.stderr)
     return 2
@@ -124,6 +135,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
     out_dir = Path(cfg["run"]["out"])
+    if unwritable(out_dir, folder=True):
+        return fail(f"run.out: {unwritable(out_dir, folder=True)}")
     if not cfg["data"]["path"]:
         print("train.py: set data.path to an LMDB (python -m preprocessing build-lmdb ...)", file=sys.stderr)
         return 2

@@ -174,3 +174,20 @@ def test_overrides_may_come_before_between_and_after_the_flags():
     assert args.overrides == ["model.init=b.pt", "epochs=2"]
     args = evaluate.parse_args(["--checkpoint", "b.pt", "frames=4", "--data", "d", "--json", "j", "stride=2"])
     assert args.overrides == ["frames=4", "stride=2"]
+
+
+def test_an_output_path_that_is_a_file_or_a_folder_is_refused_before_the_work(tmp_path, tiny_db, capsys):
+    """run.out naming a file was a FileExistsError traceback; evaluate.py --json naming a folder an
+    IsADirectoryError after the whole evaluation had run (its results lost)."""
+    import evaluate
+    import finetune
+
+    stray = tmp_path / "notes.txt"
+    stray.write_text("keep me")
+    assert train.main(["--out", str(stray), f"data.path={tiny_db}", *TINY]) == 2
+    assert f"train.py: run.out: {stray} is a file" in capsys.readouterr().err
+    assert finetune.main(["--out", str(stray / "sub"), f"data.train={tiny_db}"]) == 2
+    assert f"finetune.py: run.out: {stray} is a file, not a folder" in capsys.readouterr().err
+    assert evaluate.main(["--random-init", "0.0625", "--data", tiny_db, "--json", str(tmp_path)]) == 2
+    assert f"evaluate.py: --json: {tmp_path} is a folder" in capsys.readouterr().err
+    assert stray.read_text() == "keep me"
