@@ -31,6 +31,7 @@ import lmdb
 
 import gpu_guard  # before torch: CUDA availability through NVML (no cuInit before DALI forks)
 from cstp.config import ConfigError, load_config
+from pipelines.faults import BrokenDataError
 from pipelines.lmdb_store import LmdbFormatError, read_metadata
 from pipelines.plan import plan_config_from
 from pipelines.show import label_mismatches, load_samples, render
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                                device=device)
     except lmdb.Error as err:
         return fail(f"cannot read the data: {err} (is {args.data} an LMDB from `python -m preprocessing build-lmdb`?)")
-    except (FileNotFoundError, LmdbFormatError, ValueError, KeyError) as err:
+    except (FileNotFoundError, LmdbFormatError, ValueError, KeyError, BrokenDataError) as err:
         return fail(f"cannot read the data: {err}")
     title = (f"{args.data}  epoch {args.epoch}  seed {cfg['run']['seed']}  executor {args.executor} on "
              f"{device}  T={plan_cfg.frames} S={plan_cfg.crop_size}  first {n} samples of rank 0")

@@ -299,7 +299,7 @@ def open_readonly(path: str) -> lmdb.Environment:
         why = "a folder without data.mdb" if os.path.isdir(path) and not os.path.exists(
             os.path.join(path, "data.mdb")) else f"{type(err).__name__}: {err}"
         raise LmdbFormatError(f"{path} is not an LMDB ({why}); build one with "
-                              "`python -m preprocessing build-lmdb`, or give a .json video index") from None
+                              "`python -m preprocessing build-lmdb`") from None
 
 
 # One read-only environment per database per process: py-lmdb refuses to open the

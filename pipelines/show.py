@@ -25,6 +25,7 @@ TEXT_COLOUR = (0, 0, 0)
 MAX_OUTPUT_FRAMES = 8     # output frames drawn per view
 SOURCE_TIME_POINTS = 3    # source frames drawn per view (first, middle, last of the window)
 SOURCE_HEIGHT = 144       # display height of a source frame
+MAX_SOURCE_WIDTH = 4 * SOURCE_HEIGHT   # wider frames (a 6000x24 video) are shown smaller, not 36000 px wide
 FONT_SIZE = 12
 LINE = 16                 # text line height
 PAD = 6
@@ -205,7 +206,7 @@ class Layout:
         return x, y, x + self.tile, y + self.tile
 
     def source_width(self, meta: VideoMeta) -> int:
-        return max(1, int(round(meta.width * SOURCE_HEIGHT / meta.height)))
+        return max(1, min(MAX_SOURCE_WIDTH, int(round(meta.width * SOURCE_HEIGHT / meta.height))))
 
     def sources_w(self, meta: VideoMeta, frames: int) -> int:
         return ROW_LABEL_W + 2 * len(source_time_points(frames)) * (self.source_width(meta) + GAP) + GAP
@@ -218,12 +219,15 @@ def _scaled(box: Box, scale: float) -> tuple[float, float, float, float]:
     return box.x * scale, box.y * scale, (box.x + box.w) * scale - 1, (box.y + box.h) * scale - 1
 
 
-def draw_source_frame(jpeg: bytes, plan: PretrainPlan, own_view: int, height: int) -> Image.Image:
-    """A source frame scaled to `height`, with both boxes and their overlap."""
+def draw_source_frame(jpeg: bytes, plan: PretrainPlan, own_view: int, height: int,
+                      max_width: int = MAX_SOURCE_WIDTH) -> Image.Image:
+    """A source frame scaled to `height` (less when it would be wider than `max_width`),
+    with both boxes and their overlap."""
     with Image.open(io.BytesIO(jpeg)) as im:
         frame = im.convert("RGB")
-    scale = height / frame.height
-    frame = frame.resize((max(1, int(round(frame.width * scale))), height), Image.BILINEAR).convert("RGBA")
+    scale = min(height / frame.height, max_width / frame.width)
+    size = (max(1, int(round(frame.width * scale))), max(1, int(round(frame.height * scale))))
+    frame = frame.resize(size, Image.BILINEAR).convert("RGBA")
     b1, b2 = plan.view1.box, plan.view2.box
     shade = Image.new("RGBA", frame.size, (0, 0, 0, 0))
     ix0, iy0 = max(b1.x, b2.x), max(b1.y, b2.y)
@@ -252,7 +256,8 @@ def draw_timeline(draw: ImageDraw.ImageDraw, plan: PretrainPlan, meta: VideoMeta
     label_w = 90
     draw.text((x0 - ROW_LABEL_W + PAD, y0 + 4), "timeline", fill=TEXT_COLOUR, font=font)
     end_text = f"frames 0-{meta.frames - 1}"
-    bar_x0, bar_x1 = x0, x0 + width - label_w
+    # At least a readable bar: a very tall, narrow video makes the source frames (and `width`) tiny.
+    bar_x0, bar_x1 = x0, x0 + max(width - label_w, 200)
     draw.rectangle((bar_x0, y0, bar_x1, y0 + TIMELINE_H - 2), fill=(225, 225, 225), outline=(150, 150, 150))
     span = max(meta.frames - 1, 1)
     half = (TIMELINE_H - 2) // 2

@@ -158,3 +158,28 @@ def test_clear_errors(coded_db, tmp_path, capsys):
         assert show_cli.main(["--data", coded_db, "--device", "gpu", "--out", str(tmp_path / "x.png")]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_very_tall_or_very_wide_videos_draw_a_bounded_picture(tmp_path):
+    """A 1-pixel-wide video (a 24 x 1536 frame) made the timeline bar end before it began
+    (PIL ValueError); a 6000 x 24 one made the picture ~216,000 px wide (GBs of memory)."""
+    db = write_lmdb(tmp_path / "odd.lmdb", [coded_video(8, 1536, 24), coded_video(8, 24, 6000)])
+    out = tmp_path / "odd.png"
+    assert show_cli.main(["--data", str(db), "--n", "2", "--out", str(out), "--device", "cpu", *OVERRIDES]) == 0
+    with Image.open(out) as image:
+        assert image.width < 5000
+
+
+def test_a_database_of_only_unreadable_videos_is_one_line(tmp_path, capsys):
+    import lmdb
+
+    from pipelines.lmdb_store import video_key
+
+    db = write_lmdb(tmp_path / "bad.lmdb", [coded_video(8, HEIGHT, WIDTH) for _ in range(2)])
+    env = lmdb.open(str(db), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        for v in range(2):
+            txn.delete(video_key(v))
+    env.close()
+    assert show_cli.main(["--data", str(db), "--out", str(tmp_path / "x.png"), "--device", "cpu", *OVERRIDES]) == 2
+    assert "unreadable videos in a row" in capsys.readouterr().err
