@@ -44,11 +44,35 @@ from pathlib import Path
 import gpu_guard  # before torch: CUDA availability through NVML (no cuInit before DALI forks)
 
 
+def int_at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def backbone_width(text: str) -> float:
+    """An argparse type: an R(2+1)D width multiplier in (0, 4], as model.width."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 4:
+        raise argparse.ArgumentTypeError(f"must be in (0, 4], got {value:g}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="finetuning checkpoint, backbone.pt, pretraining or reference checkpoint")
-    source.add_argument("--random-init", type=float, metavar="WIDTH",
+    source.add_argument("--random-init", type=backbone_width, metavar="WIDTH",
                         help="a reference-initialised backbone of this width instead of a checkpoint "
                              "(the retrieval baseline)")
     parser.add_argument("--data", required=True, help="test LMDB (or .json video index)")
@@ -65,12 +89,12 @@ def parse_args(argv=None):
                              "long side; default: the checkpoint's clip setting (1)")
     parser.add_argument("--json", required=True, help="where to write the report")
     parser.add_argument("--confusion-png", help="confusion-matrix image (default: next to --json)")
-    parser.add_argument("--batch-size", type=int, default=16, help="clips per batch and rank (default 16)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=16, help="clips per batch and rank (default 16)")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    parser.add_argument("--num-threads", type=int, default=2, help="DALI CPU threads")
-    parser.add_argument("--workers", type=int, default=0,
+    parser.add_argument("--num-threads", type=int_at_least(1), default=2, help="DALI CPU threads")
+    parser.add_argument("--workers", type=int_at_least(0), default=0,
                         help="DALI external-source worker processes per loader (default 0: in the pipeline thread)")
-    parser.add_argument("--knn-k", type=int, default=10, help="neighbours of the kNN classifier (default 10)")
+    parser.add_argument("--knn-k", type=int_at_least(1), default=10, help="neighbours of the kNN classifier (default 10)")
     parser.add_argument("--seed", type=int, default=1, help="seed of --random-init")
     parser.add_argument("--executor", choices=("dali", "reference"), default="dali")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)

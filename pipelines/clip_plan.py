@@ -102,7 +102,22 @@ def clip_config_from(section: dict) -> ClipPlanConfig:
     """A ClipPlanConfig from a config section (YAML lists become tuples; unknown keys
     are left out), so the finetune and evaluate CLIs never drift apart."""
     known = ClipPlanConfig.__dataclass_fields__
-    return ClipPlanConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items() if k in known})
+    values = {}
+    for key, value in section.items():
+        if key not in known:
+            continue
+        value = tuple(value) if isinstance(value, list) else value
+        default = known[key].default
+        number = (int,) if isinstance(default, int) else (int, float)
+        items = value if isinstance(default, tuple) else (value,)
+        # evaluate.py's key=value overrides and a checkpoint's clip section are not type-checked elsewhere
+        if (isinstance(default, tuple) and not isinstance(value, tuple)) or \
+                any(isinstance(v, bool) or not isinstance(v, number) for v in items):
+            kind = "an integer" if number == (int,) else "a pair of numbers" if isinstance(default, tuple) \
+                else "a number"
+            raise ValueError(f"{key} must be {kind}, got {value!r}")
+        values[key] = value
+    return ClipPlanConfig(**values)
 
 
 @dataclass(frozen=True)

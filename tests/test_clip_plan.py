@@ -3,6 +3,7 @@ protocol's clips for every video length against an independent rewrite of the
 reference's 1-indexed rule, and the train plan's ranges, determinism and rates."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -172,6 +173,15 @@ def test_config_validates_and_reads_yaml_sections():
                          (dict(test_short_side=10 ** 5), "test_short_side must be <=")]:
         with pytest.raises(ValueError, match=message):
             ClipPlanConfig(**bad)
+    # evaluate.py's key=value overrides and a checkpoint's clip section are typed here: 'abc' was a
+    # TypeError message ('<=' not supported ...), stride=2.5 a silently fractional stride
+    for bad, message in [({"frames": "abc"}, "frames must be an integer, got 'abc'"),
+                         ({"stride": 2.5}, "stride must be an integer"), ({"frames": True}, "frames must be"),
+                         ({"hue_range": 0.1}, "hue_range must be a pair of numbers"),
+                         ({"min_area": "big"}, "min_area must be a number")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            clip_config_from(bad)
+    assert clip_config_from({"min_area": 1}).min_area == 1
     cfg = clip_config_from({"stride": 2, "hue_range": [-0.2, 0.2], "unknown": 1})
     assert cfg.stride == 2 and cfg.hue_range == (-0.2, 0.2) and cfg.clip_range == 30
 

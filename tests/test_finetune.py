@@ -151,6 +151,20 @@ def test_resuming_a_finetune_run_that_does_not_fit_is_one_line(tmp_path, tiny_db
     assert "--resume auto: no checkpoint in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "must be >= 1, got 0"),            # a ZeroDivisionError traceback before
+    ("--num-threads", "0", "must be >= 1, got 0"),           # a DALI ValueError traceback
+    ("--knn-k", "0", "must be >= 1, got 0"),                 # a kNN over no neighbours, reported silently
+    ("--workers", "-1", "must be >= 0, got -1"),
+    ("--random-init", "0", "must be in (0, 4], got 0"),      # a width-0 backbone, evaluated silently
+    ("--random-init", "100", "must be in (0, 4], got 100"),  # killed for memory
+])
+def test_evaluate_refuses_bad_numbers_in_its_flags(tiny_db, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--random-init", "0.125", "--data", tiny_db, "--json", str(tmp_path / "r.json"), flag, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_finetune_reads_a_reference_lmdb_through_data_train_list(tmp_path):
     from tests.test_clip_pipeline import build_reference_layout_lmdb
 
