@@ -112,6 +112,9 @@ DEFAULTS: dict = {
 }
 
 
+MAX_HEAD_WIDTH = 65_536     # projector / predictor widths, and finetuning's class count: beyond is a typo
+
+
 class ConfigError(ValueError):
     pass
 
@@ -252,6 +255,8 @@ def validate(cfg: dict):
     need(cfg["optim"]["reference_batch"] >= 1, "optim.reference_batch must be >= 1")
     need(cfg["model"]["target_init"] in ("independent", "copy"), "model.target_init must be independent or copy")
     need(0 < cfg["model"]["width"] <= 4, "model.width must be in (0, 4]")
+    for key in ("proj_hidden", "proj_dim"):   # 0 was a ZeroDivisionError or a 0-wide BYOL space; 1e9 no memory
+        need(1 <= cfg["model"][key] <= MAX_HEAD_WIDTH, f"model.{key} must be in [1, {MAX_HEAD_WIDTH}]")
     need(0 <= cfg["model"]["ema_tau"] <= 1, "model.ema_tau must be in [0, 1]")
     need(0 <= cfg["optim"]["min_lr"] <= cfg["optim"]["lr"], "optim.min_lr must be in [0, optim.lr]")
     need(0 <= cfg["optim"]["clip_grad"] < math.inf, "optim.clip_grad must be >= 0 (0 disables)")

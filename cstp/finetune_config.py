@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from .config import load_config, need, run_defaults, validate_shared
+from .config import MAX_HEAD_WIDTH, load_config, need, run_defaults, validate_shared
 
 FINETUNE_DEFAULTS: dict = {
     "run": run_defaults("runs/finetune", epochs=100, keep_checkpoints=2),
@@ -65,3 +65,5 @@ def validate(cfg: dict):
     need(cfg["model"]["mode"] in ("all", "linear"), "model.mode must be all or linear")
     need(0 <= cfg["model"]["width"] <= 4, "model.width must be in [0, 4] (0 = from the checkpoint)")
     need(0 < cfg["optim"]["plateau_factor"] < 1, "optim.plateau_factor must be in (0, 1)")
+    need(0 <= cfg["model"]["num_classes"] <= MAX_HEAD_WIDTH,
+         f"model.num_classes must be in [0, {MAX_HEAD_WIDTH}] (0 = the training data's class count)")

@@ -80,6 +80,9 @@ def test_bad_overrides_are_refused_with_a_message(override, message):
     ("data.workers=-1", "data.workers"),
     ("data.prefetch=0", "data.prefetch"),
     ("loss.byol=-1", "loss weights"),
+    ("proj_hidden=0", "model.proj_hidden must be in [1, "),
+    ("proj_dim=-1", "model.proj_dim must be in [1, "),
+    ("proj_dim=1000000000", "model.proj_dim must be in [1, "),
 ])
 def test_values_that_would_crash_or_mislead_a_run_are_refused(override, message):
     """Each of these passed validation before: a ZeroDivisionError (log_every=0), DALI or torch
@@ -111,6 +114,14 @@ def test_scientific_notation_is_a_float_and_unreadable_files_are_one_line(tmp_pa
         with pytest.raises(ConfigError, match=f"cannot read {re.escape(str(config))}: {message}") as caught:
             load_config(str(config))
         assert "\n" not in str(caught.value)
+
+
+def test_a_finetuning_class_count_is_bounded():
+    from cstp.finetune_config import load_finetune_config
+
+    for bad in ("model.num_classes=-1", "model.num_classes=1000000000"):
+        with pytest.raises(ConfigError, match="model.num_classes must be in"):
+            load_finetune_config(None, [bad])
 
 
 def test_keep_checkpoints_0_keeps_them_all():
