@@ -60,6 +60,8 @@ from bench.report import default_json, headline_lines, print_results, write_repo
 from bench.settings import (DEFAULT_CONFIG, BenchmarkError, explicit_data_path, int_at_least, load_benchmark_config,
                             repeat_count, require_gpu_if_asked)
 from bench.suite import run_all
+from pipelines.faults import BrokenDataError
+from train import unwritable
 
 MODES = ("loader", "model", "e2e")
 SOURCES = ("lmdb", "video")
@@ -167,6 +169,9 @@ def main(argv=None) -> int:
         cfg = load_benchmark_config(args)
         require_gpu_if_asked(args.device)
         json_path = Path(args.json) if args.json else default_json(args)
+        for flag, path in (("--json", json_path), ("--report", Path(args.report) if args.report else None)):
+            if path is not None and unwritable(path, folder=False):   # before the measurement, not after
+                raise BenchmarkError(f"{flag}: {unwritable(path, folder=False)}")
         with tempfile.TemporaryDirectory(prefix="cstp_benchmark_") as tmp:
             if args.all:
                 summary = run_all(args, cfg, Path(tmp))
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
             else:
                 summary = run_one(args, cfg, Path(tmp))
                 results = [summary]
-    except BenchmarkError as err:
+    except (BenchmarkError, BrokenDataError) as err:
         print(f"benchmark.py: {err}", file=sys.stderr)
         return 2
     json_path.parent.mkdir(parents=True, exist_ok=True)

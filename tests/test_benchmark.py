@@ -174,6 +174,27 @@ def test_bad_config_or_data_give_a_message(argv, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_an_unwritable_json_or_a_broken_database_is_one_line(tmp_path, capsys):
+    """--json naming a folder failed with IsADirectoryError after the measurement; a database of only
+    unreadable videos was a BrokenDataError traceback."""
+    import lmdb
+
+    from pipelines.lmdb_store import video_key
+
+    assert benchmark.main(["model", "--json", str(tmp_path)]) == 2
+    assert f"--json: {tmp_path} is a folder" in capsys.readouterr().err
+    db = write_lmdb(tmp_path / "bad.lmdb", [coded_video(8, 48, 64) for _ in range(2)])
+    env = lmdb.open(str(db), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        for v in range(2):
+            txn.delete(video_key(v))
+    env.close()
+    assert benchmark.main(["loader", "--data", str(db), "--steps", "1", "--warmup", "0", "--batch", "2",
+                           "plan.frames=4", "crop_size=16", "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchmark.py: ") and len(err.strip().splitlines()) == 1, err
+
+
 def test_gpu_check_script_parses():
     assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "gpu_check.sh")]).returncode == 0
 
