@@ -44,6 +44,15 @@ from pathlib import Path
 import gpu_guard  # before torch: CUDA availability through NVML (no cuInit before DALI forks)
 
 
+def first_label_named_differently(a: list, b: list) -> int | None:
+    """The first label two datasets name differently, or None. Unnamed labels ('' or the
+    'class<i>' a reference list gives a label none of its videos names) match any name."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x and y and f"class{i}" not in (x, y) and x != y:
+            return i
+    return None
+
+
 def int_at_least(low: int):
     """An argparse type: an integer >= low."""
     def parse(text: str) -> int:
@@ -251,6 +260,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, LmdbFormatError, ValueError) as err:   # ReferenceListError is a ValueError
         return fail(f"cannot read the data: {err}")
     classes = list(test_loader.classes)
+    if train_loader is not None:
+        clash = first_label_named_differently(classes, list(train_loader.classes))
+        if clash is not None:   # retrieval and kNN compare label numbers across the two
+            return fail(f"--train-data {args.train_data} names label {clash} {train_loader.classes[clash]!r}, "
+                        f"{args.data} names it {classes[clash]!r}: labels would not mean the same")
     if head is not None:
         if ckpt_classes and classes and list(ckpt_classes) != classes:
             return fail(f"{args.data} names its classes differently from the checkpoint's training data "

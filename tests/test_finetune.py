@@ -165,6 +165,21 @@ def test_evaluate_refuses_bad_numbers_in_its_flags(tiny_db, tmp_path, capsys, fl
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_evaluate_refuses_a_gallery_whose_labels_mean_other_classes(tmp_path, capsys):
+    """Two LMDBs built from lists that number the classes differently: retrieval and kNN compared
+    label numbers across them and reported R@1 0.000 silently."""
+    names = ["alpha/a0", "alpha/a1", "beta/b0", "beta/b1"]
+    test = write_lmdb(tmp_path / "test.lmdb", [coded_video(9, 32, 40) for _ in names], names=names,
+                      labels=[0, 0, 1, 1], classes=["alpha", "beta"])
+    gallery = write_lmdb(tmp_path / "gallery.lmdb", [coded_video(9, 32, 40) for _ in names], names=names,
+                         labels=[1, 1, 0, 0], classes=["beta", "alpha"])
+    argv = ["--random-init", "0.125", "--data", str(test), "--json", str(tmp_path / "r.json"), "--no-progress",
+            "--device", "cpu", "frames=4", "stride=2", "crop_size=16", "test_short_side=16"]
+    assert evaluate.main([*argv, "--train-data", str(gallery)]) == 2
+    assert "names label 0 'beta'" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+    assert evaluate.main([*argv, "--train-data", str(test)]) == 0
+
+
 def test_finetune_reads_a_reference_lmdb_through_data_train_list(tmp_path):
     from tests.test_clip_pipeline import build_reference_layout_lmdb
 
