@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from .build_lmdb import VIDEO_EXTENSIONS, find_videos, name_problem, parse_list_line, read_list_file, shown
 from .ffmpeg_io import VideoError, probe_video, summarize_stderr
+from .validate import NVDEC_MAX_SIDE
 from .ffmpeg_tools import executable
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,9 @@ def output_problem(path, settings: TranscodeSettings, expected_frames: float | N
         problems.append(f"{stream.get('codec_name')} {stream.get('pix_fmt')}, not h264 yuv420p")
     if width % 2 or height % 2 or not width or not height:
         problems.append(f"frame size {width}x{height} is not even")
+    if max(width, height) > NVDEC_MAX_SIDE:   # e.g. a 4000x16 source at short side 32: 8000x32
+        problems.append(f"frame size {width}x{height} is larger than NVDEC's {NVDEC_MAX_SIDE} on a side "
+                        "(the source's aspect ratio does not fit)")
     if settings.short_side is not None and min(width, height) != settings.short_side:
         problems.append(f"short side {min(width, height)}, not {settings.short_side}")
     if stream.get("avg_frame_rate") != stream.get("r_frame_rate"):

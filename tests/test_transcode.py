@@ -268,3 +268,16 @@ def test_names_with_a_newline_or_tab_are_not_transcoded(tmp_path):
     assert [j.source for j in jobs] == ["a/ok.mp4"]
     assert sorted(f["file"] for f in failed) == ["a/new\nline.mp4", "a/tab\tx.mp4"]
     assert all("newline, TAB or other control character" in f["reason"] for f in failed)
+
+
+def test_an_output_wider_than_nvdec_decodes_is_refused(tmp_path):
+    """A 2200x16 source at --short-side 32 becomes 4400x32: H.264 that NVDEC (4096 a side) cannot
+    decode, which transcode reported as an NVDEC-friendly output."""
+    make_clip(tmp_path / "v" / "a" / "wide.mp4", frames=2, size="2200x16", pix_fmt="yuv444p")
+    make_clip(tmp_path / "v" / "a" / "ok.mp4", frames=2)
+    out = tmp_path / "out"
+    result = run_cli("--videos", str(tmp_path / "v"), "--out", str(out), "--short-side", "32", "--workers", "1",
+                     "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "skipped a/wide.mp4: frame size 4400x32 is larger than NVDEC's 4096 on a side" in result.stderr
+    assert (out / "a" / "ok.mp4").exists() and not (out / "a" / "wide.mp4").exists()
