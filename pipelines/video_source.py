@@ -70,7 +70,10 @@ def read_video_index(path: str) -> tuple[list[VideoMeta], list[str], list[VideoF
     if not p.is_file():
         raise FileNotFoundError(f"video index not found: {path} (make one with "
                                 "`python -m preprocessing index-videos --videos DIR --out INDEX.json`)")
-    index = json.loads(p.read_text())
+    try:
+        index = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise VideoIndexError(f"{path} is not a readable JSON video index ({type(err).__name__}: {err})") from None
     if not isinstance(index, dict) or index.get("format") != VIDEO_INDEX_FORMAT:
         raise VideoIndexError(f"{path} is not a video index (no format {VIDEO_INDEX_FORMAT!r})")
     root = Path(index.get("root", p.parent))

@@ -202,3 +202,7 @@ def test_an_index_record_with_absurd_or_missing_values_is_refused(tmp_path):
         path.write_text(json.dumps({"format": "cstp-dali-video-index", "root": str(tmp_path), "videos": [record]}))
         with pytest.raises(VideoIndexError, match=message):
             read_video_index(str(path))
+    for raw in (b'{"format": "cstp-dali-video-index", "videos": [', b"\xff\xfe"):   # the path was not named
+        path.write_bytes(raw)
+        with pytest.raises(VideoIndexError, match=f"{path} is not a readable JSON video index"):
+            read_video_index(str(path))
