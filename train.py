@@ -220,10 +220,12 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        # ~2000 plans over as many epochs as that takes: small datasets need several
-        n = len(loader.metas)
-        plans = [loader.source.plan(epoch, v) for epoch in range(-(-2000 // n)) for v in range(n)][:2000]
-        baseline = {f"{task}_accuracy": rate for task, rate in majority_label_rates(plans).items()}
+        # ~2000 plans over as many epochs as that takes: small datasets need several. Videos
+        # without frames (unreadable entries of a reference LMDB read without a list) have no plan.
+        usable = [v for v, m in enumerate(loader.metas) if m.frames > 0 and m.height > 0 and m.width > 0]
+        plans = [loader.source.plan(epoch, v) for epoch in range(-(-2000 // max(len(usable), 1)))
+                 for v in usable][:2000]
+        baseline = {f"{task}_accuracy": rate for task, rate in majority_label_rates(plans).items()} if plans else {}
         final = {**summary["end"], "start": summary["start"], "steps": summary["steps"],
                  "seconds": summary["seconds"], "skipped_steps": summary["skipped_steps"],
                  "substituted_samples": summary["substituted_samples"],

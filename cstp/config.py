@@ -227,7 +227,8 @@ def need(condition: bool, message: str):
 def validate_shared(cfg: dict):
     """The checks that pretraining and finetuning configs share."""
     need(cfg["data"]["device"] in ("auto", "cpu", "gpu"), "data.device must be auto, cpu or gpu")
-    need(cfg["data"]["batch_size"] >= 1, "data.batch_size must be >= 1")
+    need(cfg["data"]["batch_size"] >= 2, "data.batch_size must be >= 2 (the BatchNorm layers of the heads need "
+         "2 samples per rank in training)")
     need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
     need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     r, d, o = cfg["run"], cfg["data"], cfg["optim"]

@@ -80,6 +80,7 @@ def test_bad_overrides_are_refused_with_a_message(override, message):
     ("data.workers=-1", "data.workers"),
     ("data.prefetch=0", "data.prefetch"),
     ("loss.byol=-1", "loss weights"),
+    ("data.batch_size=1", "data.batch_size must be >= 2"),   # BatchNorm's ValueError at the first step
     ("proj_hidden=0", "model.proj_hidden must be in [1, "),
     ("proj_dim=-1", "model.proj_dim must be in [1, "),
     ("proj_dim=1000000000", "model.proj_dim must be in [1, "),

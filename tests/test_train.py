@@ -191,3 +191,23 @@ def test_an_output_path_that_is_a_file_or_a_folder_is_refused_before_the_work(tm
     assert evaluate.main(["--random-init", "0.0625", "--data", tiny_db, "--json", str(tmp_path)]) == 2
     assert f"evaluate.py: --json: {tmp_path} is a folder" in capsys.readouterr().err
     assert stray.read_text() == "keep me"
+
+
+def test_a_reference_lmdb_with_unreadable_entries_trains_to_the_end_and_writes_its_summary(tmp_path):
+    """Read without a list, an unreadable entry of a reference-layout LMDB has 0 frames: training
+    substituted it, but the majority baseline at the end planned it and died (ValueError traceback,
+    no summary.json)."""
+    import lmdb
+
+    from pipelines import lmdb_store as fmt
+
+    db = write_lmdb(tmp_path / "ref.lmdb", [coded_video(12, 48, 64) for _ in range(8)], version=1)
+    env = lmdb.open(str(db), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        for key in (fmt.META_KEY, fmt.CLASSES_KEY, fmt.INFO_KEY):   # as the reference writes it
+            txn.delete(key)
+        txn.put(fmt.video_key(0), b"garbage")
+    env.close()
+    out = tmp_path / "run"
+    assert train.main(["--out", str(out), f"data.path={db}", *TINY, "max_steps=2"]) == 0
+    assert "majority_baseline" in json.loads((out / "summary.json").read_text())
