@@ -82,6 +82,11 @@ class ClipLoader:
             files = None
         if not self.metas:
             raise ValueError(f"{path} holds no videos")
+        unlabelled = [m.name for m in self.metas if m.label < 0]
+        if unlabelled:   # a CrossEntropy IndexError ('Target -1') or a retrieval RuntimeError otherwise
+            raise ValueError(f"{path}: {len(unlabelled)} of its {len(self.metas)} videos have no label (e.g. "
+                             f"{unlabelled[0]!r}, not under a class folder); read a reference LMDB through its "
+                             "list file (data.train_list, evaluate.py --list / --train-list)")
         # labels may run past the class names (a list whose labels do not follow the folders)
         self.num_classes = max(len(self.classes), max(m.label for m in self.metas) + 1)
         self.mode = mode

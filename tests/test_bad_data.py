@@ -179,3 +179,21 @@ def test_a_folder_of_videos_or_a_stray_file_as_the_lmdb_is_a_one_line_refusal(tm
         err = capsys.readouterr().err
         assert "is not an LMDB" in err and "Traceback" not in err
     assert sorted(p.name for p in videos.iterdir()) == ["a"]   # nothing written into the folder
+
+
+def test_videos_without_a_label_are_refused_by_the_clip_loader(tmp_path):
+    """A reference-layout LMDB read without its list labels a video outside a class folder -1:
+    finetune.py died with 'Target -1 is out of bounds', evaluate.py with an index RuntimeError."""
+    from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
+    from pipelines.clip_plan import ClipPlanConfig
+
+    path = write_lmdb(tmp_path / "ref.lmdb", [coded_video(6, H, W) for _ in range(3)], names=["v0", "v1", "v2"],
+                      version=1)
+    env = lmdb.open(str(path), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        for key in (fmt.META_KEY, fmt.CLASSES_KEY, fmt.INFO_KEY):
+            txn.delete(key)
+    env.close()
+    with pytest.raises(ValueError, match="3 of its 3 videos have no label .* list file"):
+        ClipLoader(str(path), "test", ClipPlanConfig(frames=2, crop_size=16, test_short_side=16),
+                   ClipLoaderSettings(batch_size=2, num_threads=1), device="cpu")
