@@ -117,9 +117,14 @@ def probe_video(path, require_video: bool = True) -> dict:
         raise VideoError(path, f"ffprobe failed: {err}") from None
 
     stream = _first_video_stream(info.get("streams", []))
-    if stream is None:
+    # An image renamed .mp4 (ffmpeg's image demuxers: image2, png_pipe, jpeg_pipe, ...) would land as a
+    # one-frame "video"; it is no video.
+    container = str(info.get("format", {}).get("format_name", ""))
+    still = container == "image2" or container.endswith("_pipe")
+    if stream is None or still:
         if require_video:
-            raise VideoError(path, "no video stream (audio-only or not a video)")
+            raise VideoError(path, f"a still image ({container}), not a video" if still else
+                             "no video stream (audio-only or not a video)")
         return dict(path=str(path), has_video=False)
     return _describe_stream(path, stream, info.get("format", {}))
 

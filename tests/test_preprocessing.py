@@ -272,6 +272,18 @@ def test_unreadable_videos_raise_a_clear_error(broken_files, kind, reason):
     assert caught.value.path.endswith(broken_files[kind].name)
 
 
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_an_image_renamed_to_a_video_is_not_a_video(tmp_path, suffix):
+    """It landed as a one-frame video (ffmpeg's image demuxers read it)."""
+    image = tmp_path / f"frame.{suffix}"
+    ffmpeg_run("-f", "lavfi", "-i", "testsrc=size=64x48", "-frames:v", "1", str(image))
+    renamed = tmp_path / "clip.mp4"
+    image.rename(renamed)
+    with pytest.raises(VideoError, match=r"a still image \((png|jpeg)_pipe\), not a video"):
+        probe_video(renamed)
+    assert probe_video(renamed, require_video=False)["has_video"] is False
+
+
 def test_decoding_failures_raise_with_ffmpegs_message(broken_files):
     assert probe_video(broken_files["no_data"])["nb_frames"] == 25  # the index alone looks fine
     with pytest.raises(VideoError) as caught:
