@@ -98,6 +98,9 @@ def verify_db(db_path, videos_dir=None, sample: int | None = None, progress: boo
             n, keys, order, vlen, metas = (index[LEN_KEY], index[KEYS_KEY], index[ORDER_KEY], index[VLEN_KEY],
                                            index[META_KEY])
             ours = metas is not None
+            if ours and not isinstance(metas, list):   # len() of it was a TypeError traceback
+                problem("(index)", f"__meta__ is a {type(metas).__name__}, not a list of video records")
+                metas = []
             lengths = {name: len(value) for name, value in
                        (("__keys__", keys), ("__order__", order), ("__vlen__", vlen), ("__meta__", metas))
                        if isinstance(value, list)}

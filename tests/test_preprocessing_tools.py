@@ -414,6 +414,13 @@ def test_verify_finds_a_missing_key_and_an_orphan(good_db, tmp_path):
     assert "problem (key 000000009): video entry not listed in __keys__" in result.stdout
 
 
+def test_verify_reports_a_meta_entry_that_is_not_a_list(good_db, tmp_path):
+    bad = _corrupt_copy(good_db[0], tmp_path / "bad.lmdb", lambda txn: txn.put(b"__meta__", msgpack.packb(5)))
+    result = run_cli("verify", "--db", str(bad))
+    assert result.returncode == 1, result.stderr   # a TypeError traceback before
+    assert "problem (index): __meta__ is a int, not a list of video records" in result.stdout
+
+
 def test_verify_finds_count_mismatches(good_db, tmp_path):
     def miscount(txn):
         vlen = _unpack(txn.get(b"__vlen__"))
