@@ -32,6 +32,9 @@ VIDEO_INDEX_FORMAT = "cstp-dali-video-index"
 # What DALI 2.4 decodes on the CPU; H.264, HEVC, AV1 and MPEG-4 need NVDEC (docs/data.md#video-index).
 CPU_DECODABLE_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 MAX_VIDEO_BYTES = 4 << 30  # refuse absurd files rather than read them into memory
+# An index is read whole; Kinetics-400's (~300k videos) is ~100 MB, so 1 GiB leaves room for
+# far larger datasets and still refuses a file that is no index before it fills the memory.
+MAX_VIDEO_INDEX_BYTES = 1 << 30
 # What DALI's `mixed` video decoder (NVDEC) takes, per codec: 4:2:0 chroma and at most this
 # bit depth. NVDEC up to Hopper decodes H.264 and MPEG-4 in 8-bit 4:2:0 only; HEVC, VP9 and
 # AV1 also in 10 bit. Anything else fails DALI's capability check ("Decoder hardware does
@@ -64,18 +67,30 @@ class VideoFile(str):
     root: str = ""
 
 
-def read_video_index(path: str) -> tuple[list[VideoMeta], list[str], list[VideoFile]]:
-    """(metas, classes, absolute file paths) of a video index."""
+def load_video_index_json(path: str) -> dict:
+    """The parsed JSON of a video index file; a missing file, one too large to be an index,
+    broken JSON or another JSON document is refused with a message naming the file."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"video index not found: {path} (make one with "
                                 "`python -m preprocessing index-videos --videos DIR --out INDEX.json`)")
+    size = p.stat().st_size
+    if size > MAX_VIDEO_INDEX_BYTES:
+        raise VideoIndexError(f"{path} is {size} bytes, more than a video index can be ({MAX_VIDEO_INDEX_BYTES}); "
+                              "pass the file that `python -m preprocessing index-videos` wrote")
     try:
         index = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, OSError) as err:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise VideoIndexError(f"{path} is not a readable JSON video index ({type(err).__name__}: {err})") from None
     if not isinstance(index, dict) or index.get("format") != VIDEO_INDEX_FORMAT:
         raise VideoIndexError(f"{path} is not a video index (no format {VIDEO_INDEX_FORMAT!r})")
+    return index
+
+
+def read_video_index(path: str) -> tuple[list[VideoMeta], list[str], list[VideoFile]]:
+    """(metas, classes, absolute file paths) of a video index."""
+    p = Path(path)
+    index = load_video_index_json(path)
     root = Path(index.get("root", p.parent))
     if not root.is_absolute():
         root = p.parent / root
@@ -138,7 +153,7 @@ def refuse_for_nvdec(files: list[VideoFile]):
 def video_stamps(index: dict | str) -> list[dict | None]:
     """Per video, {size, mtime_ns} of its file when it was indexed (None: not recorded)."""
     if not isinstance(index, dict):
-        index = json.loads(Path(index).read_text())
+        index = load_video_index_json(index)
     return [{"size": int(v["size"]), "mtime_ns": int(v.get("mtime_ns", 0)) or None} if "size" in v else None
             for v in index["videos"]]
 

@@ -72,15 +72,14 @@ def decode_check_lmdb(db_path: str, workers: int = 2, progress: bool = True) -> 
 def decode_check_index(index_path: str, workers: int = 4, progress: bool = True) -> list[dict]:
     """[{video, name, entry, problem}] for every indexed file that changed since indexing,
     does not decode to the end without errors, or decodes to another frame count."""
-    import json
     from pathlib import Path
 
-    from pipelines.video_source import video_stamps
+    from pipelines.video_source import load_video_index_json, video_stamps
 
     from .ffmpeg_io import VideoError, probe_video
     from .index_videos import count_decoded_frames
 
-    index = json.loads(Path(index_path).read_text())
+    index = load_video_index_json(index_path)
     root = Path(index.get("root", Path(index_path).parent))
     if not root.is_absolute():
         root = Path(index_path).parent / root

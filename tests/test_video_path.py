@@ -206,3 +206,17 @@ def test_an_index_record_with_absurd_or_missing_values_is_refused(tmp_path):
         path.write_bytes(raw)
         with pytest.raises(VideoIndexError, match=f"{path} is not a readable JSON video index"):
             read_video_index(str(path))
+
+
+def test_a_file_too_large_to_be_a_video_index_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import pipelines.video_source as vs
+
+    path = tmp_path / "index.json"
+    path.write_text(json.dumps({"format": "cstp-dali-video-index", "root": str(tmp_path), "videos": []}))
+    monkeypatch.setattr(vs, "MAX_VIDEO_INDEX_BYTES", path.stat().st_size - 1)
+    read = []
+    monkeypatch.setattr(vs.Path, "read_text", lambda self, *a, **k: read.append(self) or "")
+    for load in (vs.read_video_index, vs.video_stamps):
+        with pytest.raises(vs.VideoIndexError, match="more than a video index can be"):
+            load(str(path))
+    assert read == []          # refused from its size, never read into memory
