@@ -84,7 +84,7 @@ def gpu_graphs(index: str):
 @pytest.mark.parametrize("index", range(7))
 def test_every_gpu_graph_serialises_with_each_operator_on_a_registered_backend(index, tmp_path):
     stamps = tmp_path / "index.json"
-    stamps.write_text(json.dumps({"videos": [{} for _ in METAS]}))   # no stamps recorded
+    stamps.write_text(json.dumps({"format": "cstp-dali-video-index", "videos": [{} for _ in METAS]}))   # no stamps recorded
     name, pipe, decoder, decoders = gpu_graphs(str(stamps))[index]
     assert len(pipe.serialize()) > 1000, name
     assert misplaced(pipe) == [], name
