@@ -42,6 +42,7 @@ import sys
 from pathlib import Path
 
 import gpu_guard  # before torch: CUDA availability through NVML (no cuInit before DALI forks)
+from preprocessing.cli_args import int_at_least
 
 
 def first_label_named_differently(a: list, b: list) -> int | None:
@@ -51,19 +52,6 @@ def first_label_named_differently(a: list, b: list) -> int | None:
         if x and y and f"class{i}" not in (x, y) and x != y:
             return i
     return None
-
-
-def int_at_least(low: int):
-    """An argparse type: an integer >= low."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
 
 
 def backbone_width(text: str) -> float:

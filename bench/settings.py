@@ -3,9 +3,10 @@ data choice and the errors a user can fix."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
+
+from preprocessing.cli_args import int_at_least
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "quick.yaml"
@@ -76,19 +77,6 @@ def require_gpu_if_asked(device: str):
 def samples_needed(args, batch: int) -> int:
     # + 2 batches: DALI's prefetch queue runs ahead of the last timed step.
     return (args.warmup + args.steps + 2) * batch
-
-
-def int_at_least(low: int):
-    """An argparse type: an integer >= low."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
 
 
 def repeat_count(text: str):

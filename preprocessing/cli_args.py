@@ -1,6 +1,7 @@
 """What the commands of `python -m preprocessing` share on the command line: argument
 types with one-line messages, the sub-command factory, the --videos/--list check and
-byte sizes for people. Used by preprocessing/__main__.py and preprocessing/tools_cli.py."""
+byte sizes for people. Used by preprocessing/__main__.py and preprocessing/tools_cli.py;
+evaluate.py and benchmark.py (bench/settings.py) take int_at_least from here too."""
 
 from __future__ import annotations
 
@@ -23,6 +24,19 @@ def checked(kind: Callable, ok: Callable[[object], bool], requirement: str) -> C
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
     parse.__name__ = kind.__name__
+    return parse
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
     return parse
 
 
