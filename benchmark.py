@@ -170,8 +170,8 @@ def main(argv=None) -> int:
         require_gpu_if_asked(args.device)
         json_path = Path(args.json) if args.json else default_json(args)
         for flag, path in (("--json", json_path), ("--report", Path(args.report) if args.report else None)):
-            if path is not None and unwritable(path, folder=False):   # before the measurement, not after
-                raise BenchmarkError(f"{flag}: {unwritable(path, folder=False)}")
+            if path is not None and (why := unwritable(path, folder=False)):   # before the measurement, not after
+                raise BenchmarkError(f"{flag}: {why}")
         with tempfile.TemporaryDirectory(prefix="cstp_benchmark_") as tmp:
             if args.all:
                 summary = run_all(args, cfg, Path(tmp))

@@ -192,8 +192,8 @@ def main(argv=None) -> int:
     from train import distributed_env, unwritable
 
     for flag, value in (("--json", args.json), ("--confusion-png", args.confusion_png)):
-        if value and unwritable(Path(value), folder=False):   # before the evaluation, not after it
-            return fail(f"{flag}: {unwritable(Path(value), folder=False)}")
+        if value and (why := unwritable(Path(value), folder=False)):   # before the evaluation, not after it
+            return fail(f"{flag}: {why}")
 
     rank, world_size, local_rank = distributed_env()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

@@ -66,8 +66,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
     out_dir = Path(cfg["run"]["out"])
-    if unwritable(out_dir, folder=True):
-        return fail(f"run.out: {unwritable(out_dir, folder=True)}")
+    if why := unwritable(out_dir, folder=True):
+        return fail(f"run.out: {why}")
     d, m = cfg["data"], cfg["model"]
     if not d["train"]:
         return fail("set data.train to the training LMDB (python -m preprocessing build-lmdb ...)")

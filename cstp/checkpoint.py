@@ -9,6 +9,7 @@ skips files that fail to load (truncated by a full disk, say).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -109,6 +110,17 @@ def load_model_state(module: torch.nn.Module, state, hint: str = "") -> None:
         raise CheckpointError(f"its weights do not fit this model: {'; '.join(problems)}"
                               + (f"; {hint}" if hint else ""))
     module.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def restoring_training_state():
+    """Around a trainer's restore of optimizer, schedule and position from a checkpoint: a
+    missing or malformed entry becomes one CheckpointError line instead of a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(f"cannot restore the training state ({type(err).__name__}: {first})") from None
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

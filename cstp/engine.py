@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, atomic_save, load_model_state, save_from_rank0
+from .checkpoint import atomic_save, load_model_state, restoring_training_state, save_from_rank0
 from .losses import CSTPLossWeights, cstp_loss
 from .models.cstp_model import CSTPModel
 from .run_logs import open_metrics, open_tensorboard
@@ -184,7 +184,7 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a CSTP-DALI pretraining checkpoint (no 'format' entry)")
         load_model_state(self.model, state.get("model"), "set model.* as in the run that wrote it")
-        try:
+        with restoring_training_state():
             self.optimizer.load_state_dict(state["optimizer"])
             self.position = Position(**state["position"])
             self.skipped_steps.fill_(float(state.get("skipped_steps", 0)))
@@ -193,9 +193,6 @@ class Trainer:
                 torch.set_rng_state(rng["torch"])
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-            raise CheckpointError(f"cannot restore the training state ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state()}

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, atomic_save, load_model_state, save_from_rank0
+from .checkpoint import atomic_save, load_model_state, restoring_training_state, save_from_rank0
 from .classifier import VideoClassifier
 from .metrics import VideoAverager
 from .run_logs import open_metrics, open_tensorboard
@@ -120,16 +120,13 @@ class FinetuneTrainer:
                              f"expected {FINETUNE_FORMAT!r})")
         load_model_state(self.model, state.get("model"),
                          "set model.* as in the run that wrote it, on data with the same classes")
-        try:
+        with restoring_training_state():
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.position = Position(**state["position"])
             self.best = dict(state["best"])
             self.validated_epoch = int(state.get("validated_epoch", -1))
             self.skipped_steps = int(state.get("skipped_steps", 0))
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-            raise CheckpointError(f"cannot restore the training state ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
     def state_dict(self, with_optimizer: bool = True) -> dict:
         state = {"format": FINETUNE_FORMAT, "version": 1, **self.meta,
