@@ -91,8 +91,8 @@ def plan_jobs(videos_dir: Path, out_dir: Path, list_file=None) -> tuple[list[Tra
         if relative.is_absolute() or ".." in relative.parts:
             failed.append(dict(file=source, reason="path leaves --videos (absolute or '..'); not transcoded"))
             continue
-        if name_problem(source):
-            failed.append(dict(file=source, reason=f"{name_problem(source)}; not transcoded"))
+        if problem := name_problem(source):
+            failed.append(dict(file=source, reason=f"{problem}; not transcoded"))
             continue
         if relative in outputs:
             failed.append(dict(file=source, reason=f"same output {relative} as {outputs[relative]}; not transcoded"))
