@@ -213,18 +213,34 @@ def name_problem(source: str) -> str | None:
     return None
 
 
+def outside_problem(source: str) -> str | None:
+    """Why a listed path is not a file under --videos (absolute, or going up with '..'),
+    or None. List entries are relative to --videos; such an entry is skipped, never read."""
+    path = PurePosixPath(source.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts:
+        return "path leaves --videos (absolute or '..'); list paths are relative to --videos"
+    return None
+
+
 def plan_build(videos_dir, list_file=None) -> BuildPlan:
     """Which videos to convert, in id order, with their labels and the class names."""
     videos_dir = Path(videos_dir)
+    failed = []
     if list_file is None:
         entries = [(None, source, None) for source in find_videos(videos_dir)]
     else:
-        entries = [(line_no, source.replace("\\", "/"), label)
-                   for line_no, source, label in read_list_file(list_file)]
+        entries = []
+        for line_no, source, label in read_list_file(list_file):
+            source = source.replace("\\", "/")
+            if problem := outside_problem(source):   # skipped before it can name a class
+                failed.append(FailedVideo(VideoJob(file=source, source=source, name=source, class_name="",
+                                                   label=-1 if label is None else label), problem))
+            else:
+                entries.append((line_no, source, label))
     classes = class_names([(class_of(source, videos_dir), label) for _, source, label in entries])
     class_index = {name: i for i, name in enumerate(classes)}
 
-    jobs, failed, warnings = [], [], []
+    jobs, warnings = [], []
     first_line_of_name: dict[str, int | None] = {}
     for line_no, source, label in entries:
         class_name = class_of(source, videos_dir)

@@ -32,7 +32,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from .build_lmdb import VIDEO_EXTENSIONS, find_videos, name_problem, parse_list_line, read_list_file, shown
+from .build_lmdb import (VIDEO_EXTENSIONS, find_videos, name_problem, outside_problem, parse_list_line, read_list_file,
+                         shown)
 from .ffmpeg_io import VideoError, probe_video, summarize_stderr
 from .validate import NVDEC_MAX_SIDE
 from .ffmpeg_tools import executable
@@ -87,13 +88,10 @@ def plan_jobs(videos_dir: Path, out_dir: Path, list_file=None) -> tuple[list[Tra
         sources = list(dict.fromkeys(source.replace("\\", "/") for _, source, _ in read_list_file(list_file)))
     jobs, failed, outputs = [], [], {}
     for source in sources:
-        relative = PurePosixPath(source).with_suffix(".mp4")
-        if relative.is_absolute() or ".." in relative.parts:
-            failed.append(dict(file=source, reason="path leaves --videos (absolute or '..'); not transcoded"))
-            continue
-        if problem := name_problem(source):
+        if problem := outside_problem(source) or name_problem(source):
             failed.append(dict(file=source, reason=f"{problem}; not transcoded"))
             continue
+        relative = PurePosixPath(source).with_suffix(".mp4")
         if relative in outputs:
             failed.append(dict(file=source, reason=f"same output {relative} as {outputs[relative]}; not transcoded"))
             continue

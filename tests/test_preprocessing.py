@@ -603,6 +603,40 @@ def test_names_a_list_file_cannot_hold_are_skipped_and_odd_ones_land(tmp_path):
     assert sorted(m.name for m in read_metadata(str(out))[0]) == ["b/-rf", "b/ünï cödé"]
 
 
+@pytest.mark.parametrize("command", ["build-lmdb", "index-videos"])
+def test_list_entries_outside_videos_are_skipped_and_counted(tmp_path, command):
+    """A list entry that leaves --videos ('../x.mp4', '/etc/passwd', 'a/../../x.mp4') is skipped
+    with the reason transcode gives, like a missing file, and counted; before, the video beside
+    --videos was converted / indexed, and its folder became a class."""
+    videos = tmp_path / "videos"
+    make_clip(videos / "a" / "g.mp4", seconds=0.2)
+    shutil.copy(videos / "a" / "g.mp4", tmp_path / "outside.mp4")
+    listed = ["a/g.mp4", "a/missing.mp4", "../outside.mp4", "/etc/passwd", "a/../../outside.mp4"]
+    (tmp_path / "list.txt").write_text("".join(f"{path} 0\n" for path in listed))
+    out = tmp_path / ("db.lmdb" if command == "build-lmdb" else "index.json")
+
+    result = run_cli(command, "--videos", str(videos), "--list", str(tmp_path / "list.txt"), "--out", str(out),
+                     "--workers", "1", "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    done = "videos ok 1 / skipped 4" if command == "build-lmdb" else "videos indexed 1 / skipped 4"
+    assert done in result.stdout
+    reason = "path leaves --videos (absolute or '..'); list paths are relative to --videos"
+    lines = result.stderr.splitlines()
+    for path in listed[2:]:
+        assert lines.count(f"skipped {path}: {reason}") == 1
+    assert lines.count("skipped a/missing.mp4: file not found") == 1
+    assert not any(line.startswith("warning:") for line in lines)   # no class of the outside folders
+    if command == "build-lmdb":
+        report = json.loads(report_path(out).read_text())
+        assert report["ok"] == ["a/g"] and report["classes"] == ["a"]
+        assert [f["file"] for f in report["failed"]] == listed[2:] + ["a/missing.mp4"]
+    else:
+        index = json.loads(out.read_text())
+        assert [v["file"] for v in index["videos"]] == ["a/g.mp4"] and index["classes"] == ["a"]
+        assert sorted(f["file"] for f in index["failed"]) == sorted(listed[1:])
+
+
 def test_cli_exits_1_when_nothing_converts(tmp_path):
     videos = tmp_path / "videos" / "bad"
     videos.mkdir(parents=True)

@@ -270,6 +270,19 @@ def test_names_with_a_newline_or_tab_are_not_transcoded(tmp_path):
     assert all("newline, TAB or other control character" in f["reason"] for f in failed)
 
 
+def test_list_entries_outside_videos_are_not_transcoded(tmp_path):
+    from preprocessing.transcode import plan_jobs
+
+    (tmp_path / "v" / "a").mkdir(parents=True)
+    (tmp_path / "v" / "a" / "ok.mp4").write_bytes(b"")
+    (tmp_path / "list.txt").write_text("a/ok.mp4\n../x.mp4\n/etc/passwd\na/../../x.mp4\n")
+    jobs, failed = plan_jobs(tmp_path / "v", tmp_path / "out", tmp_path / "list.txt")
+    assert [j.source for j in jobs] == ["a/ok.mp4"]
+    assert failed == [dict(file=f, reason="path leaves --videos (absolute or '..'); list paths are relative to "
+                                          "--videos; not transcoded")
+                      for f in ("../x.mp4", "/etc/passwd", "a/../../x.mp4")]
+
+
 def test_an_output_wider_than_nvdec_decodes_is_refused(tmp_path):
     """A 2200x16 source at --short-side 32 becomes 4400x32: H.264 that NVDEC (4096 a side) cannot
     decode, which transcode reported as an NVDEC-friendly output."""
