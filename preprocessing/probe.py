@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
-from .build_lmdb import VIDEO_EXTENSIONS, find_videos, read_list_file
+from .build_lmdb import VIDEO_EXTENSIONS, find_videos, read_list_file, shown
 from .ffmpeg_io import summarize_stderr
 from .ffmpeg_tools import executable
 
@@ -321,32 +321,60 @@ def write_table(rows: list[dict], out_path, meta: dict | None = None) -> None:
     os.replace(tmp, out)
 
 
-def read_table(path) -> list[dict]:
-    """Rows of a table written by write_table, with numbers as numbers ("" stays "")."""
+def read_table(path, skipped: list | None = None) -> list[dict]:
+    """Rows of a table written by write_table, with numbers as numbers ("" stays "").
+
+    A file that is not such a table raises ValueError. A malformed row (wrong number of
+    fields, no file name, a number that is not one) raises ValueError naming its line
+    (JSON: its row number), or, when `skipped` is a list, is left out and described there
+    as "line N: what is wrong"."""
     path = Path(path)
-    if path.suffix.lower() == ".json":
+    tsv = path.suffix.lower() != ".json"
+    if not tsv:
         data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data["rows"] if isinstance(data, dict) else data
+        rows = data.get("rows") if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: not a probe table (no list of rows)")
+        numbered = [(f"row {n}", row) for n, row in enumerate(rows, start=1)]
     else:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle, delimiter="\t")
             missing = {"file", "readable"} - set(reader.fieldnames or [])
             if missing:
                 raise ValueError(f"{path}: not a probe table (no {', '.join(sorted(missing))} column)")
-            rows = list(reader)
-    return [_typed(row) for row in rows]
+            numbered = [(f"line {reader.line_num}", row) for row in reader]
+    typed = []
+    for where, row in numbered:
+        try:
+            if tsv and (None in row or None in row.values()):   # DictReader: more / fewer fields than the header
+                fields = len(row) - (None in row)
+                raise ValueError(f"{fields + len(row.get(None) or ()) - list(row.values()).count(None)} "
+                                 f"fields, the header has {fields}")
+            typed.append(_typed(row))
+        except ValueError as err:
+            if isinstance(row, dict) and isinstance(row.get("file"), str) and row["file"]:
+                where += f" ({shown(row['file'])})"
+            if skipped is None:
+                raise ValueError(f"{path}, {where}: {err}") from None
+            skipped.append(f"{where}: {err}")
+    return typed
 
 
-def _typed(row: dict) -> dict:
+def _typed(row) -> dict:
+    """One row with numbers as numbers; ValueError saying what is wrong with a malformed one."""
+    if not isinstance(row, dict):
+        raise ValueError(f"not a row of named fields ({type(row).__name__})")
+    if not isinstance(row.get("file"), str) or not row["file"]:
+        raise ValueError("no file name")
     typed = {column: row.get(column, "") for column in PROBE_COLUMNS}
-    for column in INT_COLUMNS:
-        value = typed[column]
-        if value not in ("", None):
-            typed[column] = int(float(value))
-    for column in FLOAT_COLUMNS:
-        value = typed[column]
-        if value not in ("", None):
-            typed[column] = float(value)
+    for columns, kind in ((INT_COLUMNS, lambda value: int(float(value))), (FLOAT_COLUMNS, float)):
+        for column in columns:
+            value = typed[column]
+            if value not in ("", None):
+                try:
+                    typed[column] = kind(value)
+                except (TypeError, ValueError, OverflowError):
+                    raise ValueError(f"{column} {value!r} is not a number") from None
     for column in ("error", "codec", "pix_fmt", "chroma", "decode_errors"):
         typed[column] = "" if typed[column] is None else str(typed[column])
     return typed

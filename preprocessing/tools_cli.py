@@ -42,7 +42,10 @@ nvdec_unsupported, ok.
 Variable frame rate and rotation metadata are warnings, never blocked.
 Writes the JSON report (--out) and a blocklist (--blocklist, default
 <REPORT>.blocklist.txt): one blocked file per line, `path<TAB>bucket: reason`.
-Exit status 0 (a summary line is printed), 2 when the table cannot be read."""
+A malformed row (wrong number of fields, no file name, a number that is not
+one) is reported with its line and skipped; the others are judged.
+Exit status 0 (a summary line is printed), 2 when the table cannot be read or
+none of its rows is usable."""
 
 VALIDATE_EXAMPLES = """\
 examples:
@@ -177,12 +180,19 @@ def run_validate(args, parser) -> int:
 
     if not Path(args.probe).is_file():
         parser.error(f"--probe {args.probe}: no such file")
+    skipped = []   # malformed rows: reported, the others judged
     try:
-        rows = read_table(args.probe)
+        rows = read_table(args.probe, skipped)
     except (ValueError, KeyError, TypeError, OSError) as err:
         print(f"validate: error: cannot read the probe table {args.probe}: {err}", file=sys.stderr)
         return 2
-    report = validate(rows)
+    for problem in skipped:
+        print(f"validate: skipped {args.probe}, {problem}", file=sys.stderr)
+    if skipped and not rows:
+        print(f"validate: error: no row of the probe table {args.probe} is usable ({len(skipped)} malformed)",
+              file=sys.stderr)
+        return 2
+    report = validate(rows, skipped)
     blocklist = args.blocklist or str(Path(args.out).with_suffix("")) + ".blocklist.txt"
     write_outputs(report, args.out, blocklist)
     for entry in report["blocked"]:

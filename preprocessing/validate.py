@@ -101,8 +101,9 @@ def nvdec_problems(row: dict) -> list[str]:
     return problems
 
 
-def validate(rows: list[dict]) -> dict:
-    """The report: per-file verdicts, counts per bucket, warnings and the blocked files."""
+def validate(rows: list[dict], skipped_rows: list[str] = ()) -> dict:
+    """The report: per-file verdicts, counts per bucket, warnings and the blocked files;
+    `skipped_rows` ("line N: what is wrong") are the table's malformed rows, left out."""
     files, blocked = [], []
     counts: Counter = Counter({bucket: 0 for bucket in BUCKETS})
     warning_counts: Counter = Counter()
@@ -119,7 +120,7 @@ def validate(rows: list[dict]) -> dict:
             "counts": dict(files=len(rows), **{b: counts[b] for b in BUCKETS}),
             "warnings": dict(warning_counts), "blocked": [dict(file=e["file"], bucket=e["bucket"],
                                                                 reason="; ".join(e["reasons"])) for e in blocked],
-            "files": files}
+            "skipped_rows": list(skipped_rows), "files": files}
 
 
 def blocklist_lines(report: dict) -> list[str]:
@@ -135,8 +136,10 @@ def summary_line(report: dict) -> str:
     blocked = sum(counts[b] for b in BLOCKED)
     parts = ", ".join(f"{b} {counts[b]}" for b in BLOCKED if counts[b])
     warnings = ", ".join(f"{k} {v}" for k, v in sorted(report["warnings"].items()))
+    skipped = len(report.get("skipped_rows", ()))
     return (f"files {counts['files']}: ok {counts['ok']}, blocked {blocked}" + (f" ({parts})" if parts else "")
-            + (f"; warnings: {warnings}" if warnings else ""))
+            + (f"; warnings: {warnings}" if warnings else "")
+            + (f"; {skipped} malformed table row{'s' * (skipped != 1)} skipped" if skipped else ""))
 
 
 def write_outputs(report: dict, out_path, blocklist_path=None) -> None:

@@ -18,7 +18,7 @@ import pytest
 from pipelines.lmdb_store import frame_key, read_video_frames, video_entries
 from preprocessing.build_lmdb import build_lmdb
 from preprocessing.ffmpeg_tools import executable, missing_tools
-from preprocessing.probe import pts_irregular, rates_differ, read_table
+from preprocessing.probe import pts_irregular, rates_differ, read_table, write_table
 from preprocessing.validate import judge
 from preprocessing.verify import sample_indices
 
@@ -201,6 +201,45 @@ def test_judge_rules(fields, bucket, reason):
     got_bucket, reasons, _ = judge(_row(**fields))
     assert got_bucket == bucket
     assert reason in "; ".join(reasons)
+
+
+def test_validate_skips_a_malformed_row_and_judges_the_others(tmp_path):
+    """One bad row of a long table is reported with its line and what is wrong, and left out;
+    before, it refused the whole table. A table whose every row is bad is still refused."""
+    table = tmp_path / "t.tsv"
+    write_table([_row(file=f"v{i}.mp4") for i in range(6)], table)
+    lines = table.read_text().splitlines()
+    lines[2] = lines[2].replace("\t320\t", "\tabc\t")       # v1.mp4: width
+    lines[4] = lines[4].replace("\t100\t", "\tinf\t")       # v3.mp4: nb_frames
+    lines[5] = "v4.mp4\t1"                                  # v4.mp4: cut short
+    table.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "v.json"
+
+    result = run_cli("validate", "--probe", str(table), "--out", str(out))
+
+    assert result.returncode == 0, result.stderr
+    problems = ["line 3 (v1.mp4): width 'abc' is not a number", "line 5 (v3.mp4): nb_frames 'inf' is not a number",
+                "line 6 (v4.mp4): 2 fields, the header has 22"]
+    assert result.stderr.splitlines() == [f"validate: skipped {table}, {problem}" for problem in problems]
+    assert "files 3: ok 3, blocked 0; 3 malformed table rows skipped" in result.stdout
+    report = json.loads(out.read_text())
+    assert [entry["file"] for entry in report["files"]] == ["v0.mp4", "v2.mp4", "v5.mp4"]
+    assert report["skipped_rows"] == problems
+    with pytest.raises(ValueError, match=r"t.tsv, line 3 \(v1.mp4\): width 'abc' is not a number"):
+        read_table(table)   # without a list for the skipped rows: strict
+
+    json_table = tmp_path / "t.json"
+    json_table.write_text(json.dumps({"rows": [7, _row(file="ok.mp4"), dict(_row(), file="")]}))
+    skipped = []
+    assert [row["file"] for row in read_table(json_table, skipped)] == ["ok.mp4"]
+    assert skipped == ["row 1: not a row of named fields (int)", "row 3: no file name"]
+
+    table.write_text("\n".join(lines[:1] + ["v0.mp4\t1", "v1.mp4"]) + "\n")
+    result = run_cli("validate", "--probe", str(table), "--out", str(tmp_path / "w.json"))
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == \
+        f"validate: error: no row of the probe table {table} is usable (2 malformed)"
+    assert not (tmp_path / "w.json").exists()
 
 
 def test_frame_rate_helpers():
