@@ -16,6 +16,9 @@ One block per sample:
             ([-1, 1] mapped back to 0..255; every frame, or 8 evenly spaced when T > 8),
             enlarged by an integer factor with nearest-neighbour sampling
 
+The picture is at most 2048 px wide: source frames wider than 2.2:1 are scaled down
+(aspect kept), and with a crop size over 240 fewer output frames are drawn.
+
 The samples come from the real loader (DALI on cpu or gpu, or the PIL reference
 executor) for rank 0 of a single-process run: the first N samples of the epoch are
 the ones training reads first, whatever the batch size (the epoch order does not

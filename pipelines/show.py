@@ -25,12 +25,15 @@ TEXT_COLOUR = (0, 0, 0)
 MAX_OUTPUT_FRAMES = 8     # output frames drawn per view
 SOURCE_TIME_POINTS = 3    # source frames drawn per view (first, middle, last of the window)
 SOURCE_HEIGHT = 144       # display height of a source frame
-MAX_SOURCE_WIDTH = 4 * SOURCE_HEIGHT   # wider frames (a 6000x24 video) are shown smaller, not 36000 px wide
 FONT_SIZE = 12
 LINE = 16                 # text line height
 PAD = 6
 GAP = 4                   # between tiles
 ROW_LABEL_W = 92          # left margin holding the row labels
+MAX_PICTURE_WIDTH = 2048  # whatever the videos' aspect ratio or the crop size
+# Wider source frames (a 6000x24 video) are scaled down, aspect kept, so that the row of
+# 2 x SOURCE_TIME_POINTS of them fits MAX_PICTURE_WIDTH: 320 px, a 2.2:1 frame at full height.
+MAX_SOURCE_WIDTH = (MAX_PICTURE_WIDTH - ROW_LABEL_W - GAP - PAD) // (2 * SOURCE_TIME_POINTS) - GAP
 TIMELINE_H = 22
 CAPTION_LINES = 7        # 6 of the plan, 1 for a label mismatch
 HEADER_LINES = 2
@@ -184,7 +187,9 @@ class Layout:
         s = plan_cfg.crop_size
         self.zoom = min(4, max(1, 128 // s))
         self.tile = s * self.zoom
-        self.shown = shown_frames(plan_cfg.frames)
+        # Fewer output frames (never smaller ones) when MAX_OUTPUT_FRAMES tiles would not fit.
+        fit = (MAX_PICTURE_WIDTH - ROW_LABEL_W - PAD) // (self.tile + GAP)
+        self.shown = shown_frames(plan_cfg.frames, max(1, min(MAX_OUTPUT_FRAMES, fit)))
         self.header_h = HEADER_LINES * LINE + PAD
         self.caption_y = PAD
         self.source_y = self.caption_y + CAPTION_LINES * LINE + LINE      # one line of frame labels

@@ -1,6 +1,7 @@
 """`python show.py` (over pipelines/show.py) draws what the loader yields, and captions the plan's labels."""
 
 import dataclasses
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from PIL import Image
 from cstp.config import load_config
 import show as show_cli
 from pipelines import show
-from pipelines.lmdb_store import read_metadata
+from pipelines.lmdb_store import VideoMeta, read_metadata
 from pipelines.loader import LoaderSettings, PretrainLoader
 from pipelines.plan import make_pretrain_plan, plan_config_from
 from tests.lmdb_fixtures import coded_video, write_lmdb
@@ -167,7 +168,27 @@ def test_very_tall_or_very_wide_videos_draw_a_bounded_picture(tmp_path):
     out = tmp_path / "odd.png"
     assert show_cli.main(["--data", str(db), "--n", "2", "--out", str(out), "--device", "cpu", *OVERRIDES]) == 0
     with Image.open(out) as image:
-        assert image.width < 5000
+        assert image.width == 2046 <= show.MAX_PICTURE_WIDTH   # was 3582: six 576-px source frames
+
+
+def test_the_picture_is_at_most_2048_px_wide_and_keeps_aspect_where_it_fits():
+    """Source frames: 144 px high with their aspect up to 2.2:1 (16:9 and 2.2:1 untouched), wider
+    ones scaled down to 320 px wide; output tiles keep their size, fewer are drawn when 8 do not fit."""
+    layout = show.Layout(PLAN_CFG)
+    assert show.MAX_PICTURE_WIDTH == 2048 and show.MAX_SOURCE_WIDTH == 320
+    for (width, height), drawn in {(1920, 1080): 256, (320, 144): 320, (640, 240): 320, (6000, 24): 320,
+                                   (24, 1536): 2}.items():
+        meta = VideoMeta(name="v", label=0, frames=8, height=height, width=width, fps=25.0, source="v.mp4")
+        assert layout.source_width(meta) == drawn
+        assert layout.sources_w(meta, PLAN_CFG.frames) + show.PAD <= show.MAX_PICTURE_WIDTH
+    jpeg = io.BytesIO()
+    Image.new("RGB", (6000, 24), (90, 90, 90)).save(jpeg, "JPEG")
+    plan = make_pretrain_plan(SEED, 0, 0, 8, 24, 6000, PLAN_CFG)
+    assert show.draw_source_frame(jpeg.getvalue(), plan, 1, show.SOURCE_HEIGHT).size == (320, 1)
+    for crop, shown in {112: 8, 224: 8, 240: 7, 512: 3, 1024: 1}.items():
+        layout = show.Layout(dataclasses.replace(PLAN_CFG, crop_size=crop, frames=16))
+        assert (layout.tile, len(layout.shown)) == (crop, shown)
+        assert layout.outputs_w + show.PAD <= show.MAX_PICTURE_WIDTH
 
 
 def test_a_database_of_only_unreadable_videos_is_one_line(tmp_path, capsys):
