@@ -411,16 +411,34 @@ def read_metadata(path: str, list_path: str | None = None) -> tuple[list[VideoMe
                     not all(isinstance(c, str) for c in classes):
                 raise LmdbFormatError(f"{path}: __meta__ must be a list of video records and __classes__ a list "
                                       "of names")
-            try:
-                metas = [video_meta_from(m, f"{path} __meta__[{i}]") for i, m in enumerate(records)]
-            except ValueError as err:
-                raise LmdbFormatError(f"{err}; rebuild the database (python -m preprocessing build-lmdb)") from None
+            metas, malformed = [], []
+            for i, record in enumerate(records):
+                try:
+                    metas.append(video_meta_from(record, f"__meta__[{i}]"))
+                except ValueError as err:
+                    # The video keeps its id, as an unreadable one: no frames, no size, so every
+                    # reader skips it (as a reference LMDB's unreadable entry, reference_lmdb.py).
+                    name = record.get("name") if isinstance(record, dict) else None
+                    metas.append(VideoMeta(name=name if isinstance(name, str) and name else f"__meta__[{i}]",
+                                           label=0, frames=0, height=0, width=0))
+                    malformed.append(str(err))
+            if malformed and len(malformed) == len(records):
+                raise LmdbFormatError(f"{path}: every one of its {len(records)} __meta__ records is malformed "
+                                      f"(first: {malformed[0]}); rebuild the database "
+                                      "(python -m preprocessing build-lmdb)")
+            if malformed and path not in _malformed_warned:
+                _malformed_warned.add(path)
+                more = f"; and {len(malformed) - 3} more" if len(malformed) > 3 else ""
+                log.warning("%s: %d of its %d videos have a malformed __meta__ record; each keeps its id and is "
+                            "skipped like an unreadable video (rebuild the database to read them): %s%s", path,
+                            len(malformed), len(records), "; ".join(malformed[:3]), more)
             return metas, classes
     with shared_env(path).begin(buffers=True) as txn:
         return metadata_without_list(txn, path)
 
 
 _whole_video_warned: set[str] = set()
+_malformed_warned: set[str] = set()
 
 
 def layout_version(path: str) -> int:

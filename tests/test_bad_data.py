@@ -126,25 +126,64 @@ def rewrite_meta(path, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: [{**m[0], "frames": 0}, *m[1:]], "has frames 0, not an integer in [1, "),
-    (lambda m: [{**m[0], "height": 0}, *m[1:]], "has height 0"),
-    (lambda m: [{**m[0], "width": 10 ** 9}, *m[1:]], "has width 1000000000"),
-    (lambda m: [{**m[0], "label": -1}, *m[1:]], "has label -1"),
-    (lambda m: [{**m[0], "label": 10 ** 11}, *m[1:]], "has label 100000000000"),
-    (lambda m: [{**m[0], "label": "x"}, *m[1:]], "has label 'x'"),
-    (lambda m: [{k: v for k, v in m[0].items() if k != "frames"}, *m[1:]], "has frames None"),
-    (lambda m: [{**m[0], "name": 5}, *m[1:]], "a video without a name"),
-    (lambda m: 5, "__meta__ must be a list"),
+    (lambda r: {**r, "frames": 0}, "has frames 0, not an integer in [1, "),
+    (lambda r: {**r, "height": 0}, "has height 0"),
+    (lambda r: {**r, "width": 10 ** 9}, "has width 1000000000"),
+    (lambda r: {**r, "label": -1}, "has label -1"),
+    (lambda r: {**r, "label": 10 ** 11}, "has label 100000000000"),
+    (lambda r: {**r, "label": "x"}, "has label 'x'"),
+    (lambda r: {k: v for k, v in r.items() if k != "frames"}, "has frames None"),
+    (lambda r: {**r, "name": 5}, "a video without a name"),
+    (lambda r: [r], "a video's record is a list, not a mapping"),
 ])
-def test_absurd_metadata_is_refused_at_open_naming_the_video(tmp_path, edit, message):
+def test_absurd_metadata_of_one_video_skips_it_and_of_every_video_refuses(tmp_path, edit, message, caplog):
     """__meta__ is trusted for every video's size: a count of 0 or a missing field was a
     ValueError/TypeError traceback once training started, a label of 10**11 an OverflowError
-    or a 10**11-way classifier, a width of 10**9 silently wrong boxes."""
-    path = write_lmdb(tmp_path / "db.lmdb", [coded_video(6, H, W) for _ in range(2)])
-    rewrite_meta(path, edit)
+    or a 10**11-way classifier, a width of 10**9 silently wrong boxes. One such record made
+    the whole database unreadable: now that video keeps its id as an unreadable one (no
+    frames, no size: every reader skips it), with a warning naming it; a database whose
+    every record is absurd is still refused."""
+    path, every = (write_lmdb(tmp_path / name, [coded_video(6, H, W) for _ in range(3)]) for name in ("a", "b"))
+    rewrite_meta(path, lambda m: [m[0], edit(m[1]), m[2]])
+    rewrite_meta(every, lambda m: [edit(r) for r in m])
+    caplog.set_level(logging.WARNING, logger="pipelines.lmdb_store")
+    metas, _ = fmt.read_metadata(str(path))
+    assert [metas[0], metas[2]] == [fmt.VideoMeta(f"class{i % 2}/video{i:03d}", i % 2, 6, H, W, 25.0) for i in (0, 2)]
+    name = "class1/video001" if "without a name" not in message and "list" not in message else "__meta__[1]"
+    assert metas[1] == fmt.VideoMeta(name=name, label=0, frames=0, height=0, width=0)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"{path}: 1 of its 3 videos have a malformed __meta__ record; each keeps its id and is skipped like an "
+        "unreadable video (rebuild the database to read them): __meta__[1]: ")
+    assert message in warnings[0] and "\n" not in warnings[0]
+
     with pytest.raises(fmt.LmdbFormatError) as caught:
-        fmt.read_metadata(str(path))
+        fmt.read_metadata(str(every))
+    assert str(caught.value).startswith(f"{every}: every one of its 3 __meta__ records is malformed (first: "
+                                        "__meta__[0]: ")
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_malformed_meta_header_is_still_refused(tmp_path):
+    path = write_lmdb(tmp_path / "db.lmdb", [coded_video(6, H, W) for _ in range(2)])
+    rewrite_meta(path, lambda m: 5)
+    with pytest.raises(fmt.LmdbFormatError, match="__meta__ must be a list"):
+        fmt.read_metadata(str(path))
+
+
+def test_a_video_with_a_malformed_meta_record_is_replaced_and_keeps_the_ids(tmp_path, caplog):
+    """Training over a database with one absurd __meta__ record runs every step; that video
+    is never read, the others keep their ids (a skipped record would have shifted them)."""
+    path = write_lmdb(tmp_path / "db.lmdb", [coded_video(24, H, W) for _ in range(8)])
+    rewrite_meta(path, lambda m: [{**r, "frames": -1} if i == 5 else r for i, r in enumerate(m)])
+    caplog.set_level(logging.WARNING)
+    steps = run_epochs(str(path), epochs=2)
+    assert len(steps) == 4   # 8 videos / batch 4 x 2 epochs
+    videos = [v for ids, _, _ in steps for v in ids]
+    assert 5 not in videos and set(videos) <= set(range(8)) - {5}
+    assert sum(1 for _, subs, _ in steps for s in subs if s > 0) == 2   # video 5, once per epoch
+    skipping = [r.getMessage() for r in caplog.records if "skipping video 5 (class1/video005)" in r.getMessage()]
+    assert len(skipping) == 1 and "has no frames or no size" in skipping[0]
 
 
 def test_labels_past_the_class_names_size_the_classifier(tmp_path):
