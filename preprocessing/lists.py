@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .build_lmdb import find_videos
+from .build_lmdb import find_videos, outside_problem
 from .ffmpeg_io import summarize_stderr
 from .ffmpeg_tools import executable
 
@@ -229,6 +229,8 @@ class VideoFinder:
         if len(parts) >= 3:  # Kinetics: also <label>/<file> without the split folder
             candidates += [c.split("/", 1)[1] for c in list(candidates)]
         for candidate in candidates:
+            if outside_problem(candidate):   # 'train//abs/x' loses its first folder: '/abs/x'
+                continue
             if (self.root / candidate).is_file():
                 return candidate
             found = self.lower.get(candidate.lower())
@@ -295,9 +297,10 @@ def make_lists(dataset: str, annotations, videos_dir, out_dir, split: int = 1, f
     finder = VideoFinder(videos_dir, by_name=dataset == "kinetics400")
     missing = []
     for entry in lists.entries:
-        entry.source = finder.find(entry.ref)
+        problem = outside_problem(entry.ref)   # never looked for, never read
+        entry.source = None if problem else finder.find(entry.ref)
         if entry.source is None:
-            missing.append((entry, "not found under --videos"))
+            missing.append((entry, problem or "not found under --videos"))
 
     found = [e for e in lists.entries if e.source is not None]
     if frame_counts:

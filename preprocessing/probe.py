@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
-from .build_lmdb import VIDEO_EXTENSIONS, find_videos, read_list_file, shown
+from .build_lmdb import VIDEO_EXTENSIONS, find_videos, outside_problem, read_list_file, shown
 from .ffmpeg_io import summarize_stderr
 from .ffmpeg_tools import executable
 
@@ -266,9 +266,13 @@ def _float(text) -> float | None:
 
 # --------------------------------------------------------------------------- many files
 
-def files_to_probe(videos_dir, list_file=None) -> list[str]:
+def files_to_probe(videos_dir, list_file=None, skipped: list | None = None) -> list[str]:
     """Relative paths: every video under videos_dir, or the list file's paths in order
-    (labels and extra fields ignored; a path listed twice is probed once)."""
+    (labels and extra fields ignored; a path listed twice is probed once).
+
+    A listed path that leaves videos_dir (absolute, or '..') is never read: it raises
+    ProbeError, or, when `skipped` is a list, is left out and described there as
+    {"file": path, "reason": why}."""
     videos_dir = Path(videos_dir)
     if not videos_dir.is_dir():
         raise ProbeError(f"videos folder not found: {videos_dir}")
@@ -283,13 +287,21 @@ def files_to_probe(videos_dir, list_file=None) -> list[str]:
         entries = read_list_file(list_file)
     except Exception as err:  # BuildError: a bad line, with its number
         raise ProbeError(str(err)) from None
-    return list(dict.fromkeys(source.replace("\\", "/") for _, source, _ in entries))
+    files = []
+    for source in dict.fromkeys(source.replace("\\", "/") for _, source, _ in entries):
+        if problem := outside_problem(source):
+            if skipped is None:
+                raise ProbeError(f"{list_file}: {shown(source)}: {problem}")
+            skipped.append(dict(file=source, reason=problem))
+        else:
+            files.append(source)
+    return files
 
 
 def probe_videos(videos_dir, list_file=None, workers: int = 4, count_frames: bool = False,
-                 progress: bool = False) -> list[dict]:
-    """Probe rows of every video (see files_to_probe), in that order."""
-    files = files_to_probe(videos_dir, list_file)
+                 progress: bool = False, skipped: list | None = None) -> list[dict]:
+    """Probe rows of every video (see files_to_probe, which fills `skipped`), in that order."""
+    files = files_to_probe(videos_dir, list_file, skipped)
     root = Path(videos_dir)
 
     def one(name: str) -> dict:
@@ -383,8 +395,10 @@ def _typed(row) -> dict:
 def run_probe(videos_dir, out_path, list_file=None, workers: int = 4, count_frames: bool = False,
               progress: bool = False) -> dict:
     start = time.perf_counter()
-    rows = probe_videos(videos_dir, list_file, workers=workers, count_frames=count_frames, progress=progress)
+    skipped = []   # list entries outside videos_dir: never read
+    rows = probe_videos(videos_dir, list_file, workers=workers, count_frames=count_frames, progress=progress,
+                        skipped=skipped)
     write_table(rows, out_path, meta=dict(videos_dir=str(Path(videos_dir).absolute()),
                                           list_file=None if list_file is None else str(list_file),
                                           count_frames=count_frames))
-    return dict(rows=rows, seconds=round(time.perf_counter() - start, 2))
+    return dict(rows=rows, skipped=skipped, seconds=round(time.perf_counter() - start, 2))

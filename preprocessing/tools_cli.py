@@ -22,7 +22,8 @@ frame rate (the two rates differ by over 1 %, or the first 300 packet timestamps
 are unevenly spaced), audio-only, whether the file ends before the packets its
 header lists (over the first 300), and readable + error. With --count-frames each file is also decoded once
 (ffprobe -count_frames) for an exact count and any decode errors (slower).
-Files: every video under --videos, or the paths of --list (a build-lmdb list).
+Files: every video under --videos, or the paths of --list (a build-lmdb list);
+a listed path that leaves --videos (absolute or '..') is skipped with its reason.
 --out ending in .json writes JSON, anything else a TSV with a header line.
 Feed the table to `validate`."""
 
@@ -159,6 +160,7 @@ def add_tool_commands(commands) -> None:
 # --------------------------------------------------------------------------- runners
 
 def run_probe(args, parser) -> int:
+    from .build_lmdb import shown
     from .probe import ProbeError, run_probe as probe
 
     require_videos_and_list(args, parser)
@@ -168,9 +170,12 @@ def run_probe(args, parser) -> int:
     except ProbeError as err:
         print(f"probe: error: {err}", file=sys.stderr)
         return 2
-    rows = result["rows"]
+    rows, skipped = result["rows"], result["skipped"]
+    for entry in skipped:
+        print(f"skipped {shown(entry['file'])}: {entry['reason']}", file=sys.stderr)
     unreadable = sum(1 for row in rows if not row["readable"])
-    print(f"probed {len(rows)} files ({unreadable} unreadable), {result['seconds']:.1f} s -> {args.out}")
+    print(f"probed {len(rows)} files ({unreadable} unreadable)" + (f", skipped {len(skipped)}" if skipped else "")
+          + f", {result['seconds']:.1f} s -> {args.out}")
     return 0
 
 

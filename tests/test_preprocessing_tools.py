@@ -131,6 +131,25 @@ def test_probe_json_table_and_list(zoo, tmp_path):
     assert rows[0]["counted_frames"] == "" and rows[0]["nb_frames"] == 25
 
 
+def test_probe_skips_list_entries_outside_videos(zoo, tmp_path):
+    """A --list entry that leaves --videos ('../x.mp4', an absolute path, 'a/../../x.mp4') is
+    skipped with build-lmdb's reason and counted; before, the file beside --videos was probed."""
+    outside = tmp_path / "outside.mp4"
+    shutil.copy(zoo / "good.mp4", outside)
+    videos = tmp_path / "videos"
+    shutil.copytree(zoo, videos, ignore=lambda folder, names: [n for n in names if n != "good.mp4"])
+    listed = ["good.mp4", "../outside.mp4", str(outside), "a/../../outside.mp4"]
+    (tmp_path / "list.txt").write_text("".join(f"{path} 0\n" for path in listed))
+    out = tmp_path / "t.tsv"
+    result = run_cli("probe", "--videos", str(videos), "--list", str(tmp_path / "list.txt"), "--out", str(out),
+                     "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "probed 1 files (0 unreadable), skipped 3, " in result.stdout
+    reason = "path leaves --videos (absolute or '..'); list paths are relative to --videos"
+    assert result.stderr.splitlines() == [f"skipped {path}: {reason}" for path in listed[1:]]
+    assert [row["file"] for row in read_table(out)] == ["good.mp4"]
+
+
 EXPECTED_BUCKETS = {
     "good.mp4": "ok", "three_frames.mp4": "ok", ODD_NAME: "ok", "rotated.mp4": "ok", "vfr.mp4": "ok",
     "with_audio.mp4": "ok",
@@ -357,6 +376,38 @@ def test_lists_kinetics400_with_frame_counts(tmp_path):
     assert _lines(out / "train.txt") == ["elsewhere/zz_000000_000010.mp4 2"]
     assert _lines(out / "train_list_label_nframe.txt") == ["elsewhere/zz_000000_000010.mp4  2  4"]
     assert _lines(out / "missing.txt") == ["train/zumba/gone_000030_000040.mp4\tnot found under --videos"]
+
+
+def test_lists_skips_annotated_paths_outside_videos(tmp_path):
+    """An annotated path that leaves --videos is never looked for nor counted: it is listed as
+    missing with build-lmdb's reason. Kinetics drops a path's first folder when looking: a label
+    that is an absolute path made 'train//abs/x.mp4' find /abs/x.mp4 outside --videos."""
+    ann, videos, out = tmp_path / "ann", tmp_path / "UCF-101", tmp_path / "out"
+    outside = make_clip(tmp_path / "YoYo" / "v_YoYo_g09_c01.avi", frames=3, codec="mpeg4")
+    make_clip(videos / "YoYo" / "v_YoYo_g01_c01.avi", frames=4, codec="mpeg4")
+    _write(ann / "classInd.txt", "1 YoYo\n")
+    _write(ann / "trainlist01.txt", f"YoYo/v_YoYo_g01_c01.avi 1\n../YoYo/v_YoYo_g09_c01.avi 1\n{outside} 1\n"
+                                    "YoYo/../../YoYo/v_YoYo_g09_c01.avi 1\n")
+    _write(ann / "testlist01.txt", "")
+    result = run_cli("lists", "--dataset", "ucf101", "--annotations", str(ann), "--videos", str(videos),
+                     "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    reason = "path leaves --videos (absolute or '..'); list paths are relative to --videos"
+    refs = ["../YoYo/v_YoYo_g09_c01.avi", str(outside), "YoYo/../../YoYo/v_YoYo_g09_c01.avi"]
+    assert result.stderr.splitlines() == [f"missing {ref}: {reason}" for ref in refs]
+    assert "missing 3 ->" in result.stdout
+    assert _lines(out / "train.txt") == ["YoYo/v_YoYo_g01_c01.avi 0"]
+    assert _lines(out / "missing.txt") == [f"{ref}\t{reason}" for ref in refs]
+
+    k400, k_out = tmp_path / "k400.csv", tmp_path / "k_out"
+    _write(k400, f"label,youtube_id,time_start,time_end,split\n{tmp_path / 'elsewhere'},zz,0,10,train\n")
+    make_clip(tmp_path / "elsewhere" / "zz_000000_000010.mp4", frames=3)
+    result = run_cli("lists", "--dataset", "kinetics400", "--annotations", str(k400), "--videos", str(videos),
+                     "--out", str(k_out), "--no-frame-counts")
+    assert result.returncode == 1
+    assert _lines(k_out / "train.txt") == []
+    assert _lines(k_out / "missing.txt") == [f"train/{tmp_path}/elsewhere/zz_000000_000010.mp4\t"
+                                             "not found under --videos"]
 
 
 def test_lists_output_is_a_usable_build_list(tmp_path):
