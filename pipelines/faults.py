@@ -107,6 +107,14 @@ def check_lmdb_complete(path: str) -> None:
             "copy it again in full")
 
 
+def too_large(path, limit: int, what: str) -> str | None:
+    """Why the file at `path` cannot be `what` ("a video index"), from its size alone, or
+    None: a file read whole is bounded before it is read, so that one that is no such file
+    is refused instead of filling the memory."""
+    size = os.path.getsize(path)
+    return f"{path} is {size} bytes, more than {what} can be ({limit})" if size > limit else None
+
+
 # ---------------------------------------------------------------- video files vs their index
 
 def file_stamp(path: str) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .faults import check_video_files, stamp_problem
+from .faults import check_video_files, stamp_problem, too_large
 from .lmdb_store import VideoMeta, video_meta_from
 from .plan import PlanConfig, PretrainPlan
 from .sample_source import BadSampleError
@@ -74,10 +74,8 @@ def load_video_index_json(path: str) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"video index not found: {path} (make one with "
                                 "`python -m preprocessing index-videos --videos DIR --out INDEX.json`)")
-    size = p.stat().st_size
-    if size > MAX_VIDEO_INDEX_BYTES:
-        raise VideoIndexError(f"{path} is {size} bytes, more than a video index can be ({MAX_VIDEO_INDEX_BYTES}); "
-                              "pass the file that `python -m preprocessing index-videos` wrote")
+    if problem := too_large(path, MAX_VIDEO_INDEX_BYTES, "a video index"):
+        raise VideoIndexError(f"{problem}; pass the file that `python -m preprocessing index-videos` wrote")
     try:
         index = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, OSError) as err:   # JSONDecodeError and UnicodeDecodeError are ValueErrors

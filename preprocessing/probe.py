@@ -39,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
+from pipelines.faults import too_large
+
 from .build_lmdb import VIDEO_EXTENSIONS, find_videos, outside_problem, read_list_file, shown
 from .ffmpeg_io import summarize_stderr
 from .ffmpeg_tools import executable
@@ -54,6 +56,9 @@ PTS_CHECK_PACKETS = 300        # packets read to judge timestamp regularity (dem
 PROBE_TIMEOUT_S = 120
 COUNT_TIMEOUT_S = 1800
 MAX_JSON_BYTES = 64 * 1024 * 1024
+# A table is read whole; a row is ~200 bytes, so 1 GiB (the video index's bound) holds
+# millions of videos and still refuses a file that is no table before it fills the memory.
+MAX_TABLE_BYTES = 1 << 30
 RATE_TOLERANCE = 0.01           # avg vs r_frame_rate differing by more than this -> variable frame rate
 PTS_TOLERANCE = 0.25            # a packet step off the median step by more than this fraction -> irregular
 
@@ -336,11 +341,14 @@ def write_table(rows: list[dict], out_path, meta: dict | None = None) -> None:
 def read_table(path, skipped: list | None = None) -> list[dict]:
     """Rows of a table written by write_table, with numbers as numbers ("" stays "").
 
-    A file that is not such a table raises ValueError. A malformed row (wrong number of
+    A file that is not such a table (or over MAX_TABLE_BYTES, refused from its size
+    before it is read) raises ValueError. A malformed row (wrong number of
     fields, no file name, a number that is not one) raises ValueError naming its line
     (JSON: its row number), or, when `skipped` is a list, is left out and described there
     as "line N: what is wrong"."""
     path = Path(path)
+    if problem := too_large(path, MAX_TABLE_BYTES, "a probe table"):
+        raise ValueError(f"{problem}; pass the table that `python -m preprocessing probe` wrote")
     tsv = path.suffix.lower() != ".json"
     if not tsv:
         data = json.loads(path.read_text(encoding="utf-8"))

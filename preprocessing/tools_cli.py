@@ -45,8 +45,8 @@ Writes the JSON report (--out) and a blocklist (--blocklist, default
 <REPORT>.blocklist.txt): one blocked file per line, `path<TAB>bucket: reason`.
 A malformed row (wrong number of fields, no file name, a number that is not
 one) is reported with its line and skipped; the others are judged.
-Exit status 0 (a summary line is printed), 2 when the table cannot be read or
-none of its rows is usable."""
+Exit status 0 (a summary line is printed), 2 when the table cannot be read (or is
+over 1 GiB: refused from its size) or none of its rows is usable."""
 
 VALIDATE_EXAMPLES = """\
 examples:

@@ -261,6 +261,29 @@ def test_validate_skips_a_malformed_row_and_judges_the_others(tmp_path):
     assert not (tmp_path / "w.json").exists()
 
 
+@pytest.mark.parametrize("suffix", [".tsv", ".json"])
+def test_validate_refuses_a_table_too_large_to_be_one_before_reading_it(tmp_path, monkeypatch, capsys, suffix):
+    """A table is read whole: one over MAX_TABLE_BYTES (1 GiB) is refused from its size, exit 2,
+    never opened; before, any file named by --probe was read into memory."""
+    import preprocessing.probe as probe
+    from preprocessing.__main__ import main
+
+    table, out = tmp_path / f"t{suffix}", tmp_path / "v.json"
+    write_table([_row(file="v0.mp4")], table)
+    size = table.stat().st_size
+    monkeypatch.setattr(probe, "MAX_TABLE_BYTES", size - 1)
+    opened = []
+    monkeypatch.setattr(probe, "open", lambda *a, **k: opened.append(a), raising=False)
+    monkeypatch.setattr(probe.Path, "read_text", lambda self, *a, **k: opened.append(self))
+
+    assert main(["validate", "--probe", str(table), "--out", str(out)]) == 2
+
+    assert capsys.readouterr().err.splitlines() == [
+        f"validate: error: cannot read the probe table {table}: {table} is {size} bytes, more than a probe table "
+        f"can be ({size - 1}); pass the table that `python -m preprocessing probe` wrote"]
+    assert opened == [] and not out.exists()
+
+
 def test_frame_rate_helpers():
     assert not rates_differ(29.97, 30000 / 1001) and rates_differ(12.5, 25) and not rates_differ(0, 25)
     assert not pts_irregular([0, 1024, 512, 1536, 2048, 2560])      # B-frame order, even spacing
