@@ -241,6 +241,7 @@ class VideoMeta:
     fps: float = 0.0
     source: str = ""
     key: int = -1       # the LMDB entry id when it differs from the video's position (reference lists)
+    problem: str = ""   # why it is never read, on a placeholder that keeps a video's id (read_metadata)
 
     def to_dict(self) -> dict:
         return dict(name=self.name, label=self.label, frames=self.frames, height=self.height,
@@ -420,7 +421,9 @@ def read_metadata(path: str, list_path: str | None = None) -> tuple[list[VideoMe
                     # reader skips it (as a reference LMDB's unreadable entry, reference_lmdb.py).
                     name = record.get("name") if isinstance(record, dict) else None
                     metas.append(VideoMeta(name=name if isinstance(name, str) and name else f"__meta__[{i}]",
-                                           label=0, frames=0, height=0, width=0))
+                                           label=0, frames=0, height=0, width=0,
+                                           problem=f"its __meta__ record is malformed ({err}); rebuild the "
+                                                   "database (python -m preprocessing build-lmdb)"))
                     malformed.append(str(err))
             if malformed and len(malformed) == len(records):
                 raise LmdbFormatError(f"{path}: every one of its {len(records)} __meta__ records is malformed "

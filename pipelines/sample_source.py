@@ -114,6 +114,8 @@ class EpochSampleSource(SubstitutesUndecodable):
             video = item[0]
             try:
                 self.check_not_failed(epoch, position, attempt, video)
+                if self.metas[video].problem:   # a placeholder (read_metadata): never read
+                    raise BadSampleError(self.metas[video].problem)
                 result = read(*item)
             except self.SUBSTITUTED_ERRORS as err:
                 self._report_once(video, err)

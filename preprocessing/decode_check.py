@@ -55,13 +55,15 @@ def decode_check_lmdb(db_path: str, workers: int = 2, progress: bool = True) -> 
     metas, _ = read_metadata(db_path)
     jobs = [(db_path, m.key if m.key >= 0 else i, m.height, m.width) for i, m in enumerate(metas)]
     by_entry = {job[1]: i for i, job in enumerate(jobs)}
+    placeholders = [(job[1], metas[i].problem) for i, job in enumerate(jobs) if metas[i].problem]
+    jobs = [job for i, job in enumerate(jobs) if not metas[i].problem]   # nothing to check them against
     # fork: workers open the database themselves (shared_env reopens it after a fork)
     with multiprocessing.get_context("fork").Pool(max(1, workers)) as pool:
         results = pool.imap_unordered(_check_video, jobs, chunksize=4)
         if progress:
             from tqdm import tqdm
             results = tqdm(results, total=len(jobs), unit="video", desc="decode", dynamic_ncols=True)
-        damaged = [(entry, why) for entry, why in results if why]
+        damaged = placeholders + [(entry, why) for entry, why in results if why]
     out = []
     for entry, why in sorted(damaged):
         meta = metas[by_entry[entry]]

@@ -150,7 +150,10 @@ def test_absurd_metadata_of_one_video_skips_it_and_of_every_video_refuses(tmp_pa
     metas, _ = fmt.read_metadata(str(path))
     assert [metas[0], metas[2]] == [fmt.VideoMeta(f"class{i % 2}/video{i:03d}", i % 2, 6, H, W, 25.0) for i in (0, 2)]
     name = "class1/video001" if "without a name" not in message and "list" not in message else "__meta__[1]"
-    assert metas[1] == fmt.VideoMeta(name=name, label=0, frames=0, height=0, width=0)
+    assert metas[1] == fmt.VideoMeta(name=name, label=0, frames=0, height=0, width=0, problem=metas[1].problem)
+    assert metas[1].problem.startswith("its __meta__ record is malformed (__meta__[1]: ") and message in \
+        metas[1].problem and metas[1].problem.endswith("); rebuild the database (python -m preprocessing build-lmdb)")
+    assert metas[0].problem == metas[2].problem == ""
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and warnings[0].startswith(
         f"{path}: 1 of its 3 videos have a malformed __meta__ record; each keeps its id and is skipped like an "
@@ -183,7 +186,27 @@ def test_a_video_with_a_malformed_meta_record_is_replaced_and_keeps_the_ids(tmp_
     assert 5 not in videos and set(videos) <= set(range(8)) - {5}
     assert sum(1 for _, subs, _ in steps for s in subs if s > 0) == 2   # video 5, once per epoch
     skipping = [r.getMessage() for r in caplog.records if "skipping video 5 (class1/video005)" in r.getMessage()]
-    assert len(skipping) == 1 and "has no frames or no size" in skipping[0]
+    assert skipping == [f"skipping video 5 (class1/video005) of {path}: its __meta__ record is malformed "
+                        "(__meta__[5]: video 'class1/video005' has frames -1, not an integer in [1, 1000000]); "
+                        "rebuild the database (python -m preprocessing build-lmdb); another sample takes its place"]
+
+
+def test_verify_decode_names_a_malformed_meta_record(tmp_path, capsys):
+    """verify --decode reports a video kept for a malformed __meta__ record as such, and
+    blocklists it with that reason; before, it decoded its frames against the placeholder's
+    size ("frame is 64x48, metadata says 0x0")."""
+    from preprocessing.__main__ import main
+
+    path = write_lmdb(tmp_path / "db.lmdb", [coded_video(6, H, W) for _ in range(3)])
+    rewrite_meta(path, lambda m: [m[0], {**m[1], "height": 0}, m[2]])
+    blocklist = tmp_path / "blocked.txt"
+    assert main(["verify", "--db", str(path), "--decode", "--blocklist", str(blocklist), "--workers", "1",
+                 "--quiet"]) == 1
+    reason = ("its __meta__ record is malformed (__meta__[1]: video 'class1/video001' has height 0, not an integer "
+              "in [1, 65535]); rebuild the database (python -m preprocessing build-lmdb)")
+    assert blocklist.read_text().splitlines() == [f"class1/video001\t{reason}"]
+    out = capsys.readouterr().out
+    assert f"problem class1/video001: {reason}\n" in out and "metadata says" not in out
 
 
 def test_labels_past_the_class_names_size_the_classifier(tmp_path):
