@@ -276,6 +276,11 @@ def video_meta_from(fields, where: str) -> VideoMeta:
                      source=str(fields.get("source", "")), key=whole("key", -1, 2 ** 63 - 1, -1))
 
 
+def malformed_record_problem(err: ValueError) -> str:
+    """What the readers say of a video whose __meta__ record video_meta_from refused (`err`)."""
+    return f"its __meta__ record is malformed ({err}); rebuild the database (python -m preprocessing build-lmdb)"
+
+
 def lmdb_keys(metas: list[VideoMeta]) -> list[int] | None:
     """The LMDB entry id of each video, or None when every video sits at its own
     position (our databases); see LmdbFrameReader."""
@@ -422,8 +427,7 @@ def read_metadata(path: str, list_path: str | None = None) -> tuple[list[VideoMe
                     name = record.get("name") if isinstance(record, dict) else None
                     metas.append(VideoMeta(name=name if isinstance(name, str) and name else f"__meta__[{i}]",
                                            label=0, frames=0, height=0, width=0,
-                                           problem=f"its __meta__ record is malformed ({err}); rebuild the "
-                                                   "database (python -m preprocessing build-lmdb)"))
+                                           problem=malformed_record_problem(err)))
                     malformed.append(str(err))
             if malformed and len(malformed) == len(records):
                 raise LmdbFormatError(f"{path}: every one of its {len(records)} __meta__ records is malformed "

@@ -252,8 +252,9 @@ def run_verify(args, parser) -> int:
         start = time.perf_counter()
         damaged = decode_check_lmdb(args.db, workers=args.workers, progress=not args.quiet)
         report["seconds"] = round(report["seconds"] + time.perf_counter() - start, 2)
-        report["problems"] = [p for p in report["problems"] if " frame " not in f" {p['problem']}"] + \
-            [dict(video=d["name"], problem=d["problem"]) for d in damaged]
+        found = [dict(video=d["name"], problem=d["problem"]) for d in damaged]   # malformed records: both
+        report["problems"] = [p for p in report["problems"] if " frame " not in f" {p['problem']}" and
+                              p not in found] + found
         report["frames_checked"] = report["frames"]
         report["damaged"] = damaged
         report_damaged("verify --decode", args.db, args.blocklist, damaged, quiet_ok=True)

@@ -26,7 +26,8 @@ import msgpack
 
 from pipelines.lmdb_store import (
     CLASSES_KEY, FORMAT_VERSION, KEYS_KEY, LEN_KEY, META_KEY, ORDER_KEY, VLEN_KEY, LmdbFormatError,
-    header_frames, jpeg_problem, jpeg_size, layout_version, read_video_frames, shared_env, video_key,
+    header_frames, jpeg_problem, jpeg_size, layout_version, malformed_record_problem, read_video_frames, shared_env,
+    video_key, video_meta_from,
 )
 
 _VIDEO_KEY = re.compile(rb"^\d{9}$")
@@ -134,6 +135,12 @@ def verify_db(db_path, videos_dir=None, sample: int | None = None, progress: boo
                     else None
                 if bar is not None:
                     bar.update(1)
+                if meta is not None:
+                    try:
+                        video_meta_from(meta, f"__meta__[{video_id}]")
+                    except ValueError as err:   # no yardstick for its frames (a height of 'x': no verify at all)
+                        problem(name, malformed_record_problem(err))
+                        meta = None
                 if meta is not None and video_id < len(order) and meta.get("name") != order[video_id]:
                     problem(name, f"__order__ says {order[video_id]!r}, __meta__ says {meta.get('name')!r}")
                 if meta is not None and classes and not (isinstance(meta.get("label"), int)

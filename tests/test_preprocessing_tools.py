@@ -534,6 +534,25 @@ def test_verify_reports_a_meta_entry_that_is_not_a_list(good_db, tmp_path):
     assert "problem (index): __meta__ is a int, not a list of video records" in result.stdout
 
 
+@pytest.mark.parametrize("height, shown", [("x", "'x'"), (float("inf"), "inf")])
+def test_verify_reports_a_malformed_meta_record_and_checks_its_frames(good_db, tmp_path, height, shown):
+    """A __meta__ record with a height of 'x' stopped verify ('invalid literal for int()', exit 2),
+    one of inf with an OverflowError traceback; now it is one problem naming the record, and its
+    frames are still checked, against the first frame's size. With --decode it is said once."""
+    def edit(txn):
+        metas = _unpack(txn.get(b"__meta__"))
+        metas[1]["height"] = height
+        txn.put(b"__meta__", _pack(metas))
+    bad = _corrupt_copy(good_db[0], tmp_path / "bad.lmdb", edit)
+    expected = [f"problem a/clip1: its __meta__ record is malformed (__meta__[1]: video 'a/clip1' has height {shown}, "
+                "not an integer in [1, 65535]); rebuild the database (python -m preprocessing build-lmdb)"]
+    for decode in ([], ["--decode", "--workers", "1"]):
+        result = run_cli("verify", "--db", str(bad), "--quiet", *decode)
+        assert result.returncode == 1, result.stderr
+        assert [line for line in result.stdout.splitlines() if line.startswith("problem")] == expected
+        assert "1 PROBLEMS: 3 videos, 15 frames (15 checked)" in result.stdout
+
+
 def test_verify_finds_count_mismatches(good_db, tmp_path):
     def miscount(txn):
         vlen = _unpack(txn.get(b"__vlen__"))
