@@ -366,10 +366,11 @@ def read_table(path, skipped: list | None = None) -> list[dict]:
     typed = []
     for where, row in numbered:
         try:
-            if tsv and (None in row or None in row.values()):   # DictReader: more / fewer fields than the header
-                fields = len(row) - (None in row)
-                raise ValueError(f"{fields + len(row.get(None) or ()) - list(row.values()).count(None)} "
-                                 f"fields, the header has {fields}")
+            if tsv and (None in row or None in row.values()):
+                # DictReader puts extra fields in a list under None and gives missing ones the value None
+                header = [column for column in row if column is not None]
+                found = sum(row[column] is not None for column in header) + len(row.get(None) or ())
+                raise ValueError(f"{found} fields, the header has {len(header)}")
             typed.append(_typed(row))
         except ValueError as err:
             if isinstance(row, dict) and isinstance(row.get("file"), str) and row["file"]:
