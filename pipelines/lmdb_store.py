@@ -276,9 +276,15 @@ def video_meta_from(fields, where: str) -> VideoMeta:
                      source=str(fields.get("source", "")), key=whole("key", -1, 2 ** 63 - 1, -1))
 
 
+def placeholder_problem(what: str) -> str:
+    """VideoMeta.problem of a placeholder that keeps the id of a video that cannot be read
+    (`what` says why): its __meta__ record here, its entry in a reference LMDB (reference_lmdb)."""
+    return f"{what}; rebuild the database (python -m preprocessing build-lmdb)"
+
+
 def malformed_record_problem(err: ValueError) -> str:
     """What the readers say of a video whose __meta__ record video_meta_from refused (`err`)."""
-    return f"its __meta__ record is malformed ({err}); rebuild the database (python -m preprocessing build-lmdb)"
+    return placeholder_problem(f"its __meta__ record is malformed ({err})")
 
 
 def lmdb_keys(metas: list[VideoMeta]) -> list[int] | None:

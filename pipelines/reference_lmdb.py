@@ -25,7 +25,7 @@ from pathlib import Path
 import msgpack
 
 from .lmdb_store import (KEYS_KEY, MAX_FRAMES_PER_VIDEO, MAX_LABEL, ORDER_KEY, LmdbFormatError, VideoMeta, frame_key,
-                         header_frames, jpeg_size, shared_env, unpack, video_key)
+                         header_frames, jpeg_size, placeholder_problem, shared_env, unpack, video_key)
 
 log = logging.getLogger(__name__)
 
@@ -88,30 +88,38 @@ def read_reference_list(path: str | Path) -> list[tuple[str, int, int | None]]:
     return entries
 
 
-def entry_header(txn, entry: int) -> tuple[int, int, int] | None:
+def entry_header(txn, entry: int) -> tuple[int, int, int] | str:
     """(frames, height, width) of an LMDB entry from its msgpack array header (or
-    version 2 video header) and its first frame's JPEG header; None when the entry is
-    missing or unreadable."""
+    version 2 video header) and its first frame's JPEG header; when the entry is missing
+    or unreadable, why (a str), which a placeholder carries as VideoMeta.problem: the
+    readers' skip message and verify --decode then say what is wrong with the entry,
+    not that a video has 0 frames and size 0x0."""
+    key = video_key(entry).decode()
     raw = txn.get(video_key(entry))
     if raw is None:
-        return None
+        return placeholder_problem(f"its LMDB entry {key} is missing")
     try:
         frames = header_frames(raw)
         if frames is not None:   # a converted reference LMDB: the header, then frame 0's JPEG header
             first = txn.get(frame_key(entry, 0)) if frames else None
-            return None if first is None else (frames, *jpeg_size(first))
-    except (LmdbFormatError, ValueError):
-        return None
+            if first is None:
+                return placeholder_problem(f"its LMDB entry {key} has no frame 0" if frames else
+                                                f"its LMDB entry {key} holds no frames")
+            return (frames, *jpeg_size(first))
+    except (LmdbFormatError, ValueError) as err:
+        return placeholder_problem(f"its LMDB entry {key} is malformed ({err})")
     try:
         # raw=True: frames packed as msgpack str by old msgpack versions come back as bytes too.
         unpacker = msgpack.Unpacker(raw=True, max_buffer_size=len(raw))
         unpacker.feed(raw)
         frames = unpacker.read_array_header()
         if not 0 < frames <= MAX_FRAMES_PER_VIDEO:
-            return None
+            return placeholder_problem(f"its LMDB entry {key} holds {frames} frames, not 1 to "
+                                            f"{MAX_FRAMES_PER_VIDEO}")
         height, width = jpeg_size(bytes(unpacker.unpack()))
-    except Exception:  # noqa: BLE001 - msgpack and PIL raise several kinds for foreign data
-        return None
+    except Exception as err:  # noqa: BLE001 - msgpack and PIL raise several kinds for foreign data
+        return placeholder_problem(f"its LMDB entry {key} could not be decoded as a msgpack list of JPEG "
+                                        f"frames ({type(err).__name__}: {err})")
     return frames, height, width
 
 
@@ -130,9 +138,13 @@ def metadata_without_list(txn, path: str) -> tuple[list[VideoMeta], list[str]]:
     class_index = {c: i for i, c in enumerate(classes)}
     metas = []
     for entry, name in enumerate(names):
-        frames, height, width = entry_header(txn, entry) or (0, 0, 0)
+        header = entry_header(txn, entry)
+        # An unreadable entry keeps its id as a placeholder (no frames, no size, its reason
+        # as problem) that every reader skips, as read_metadata does for a malformed __meta__ record.
+        frames, height, width = (0, 0, 0) if isinstance(header, str) else header
         metas.append(VideoMeta(name=name, label=class_index.get(name.split("/")[0], -1),
-                               frames=frames, height=height, width=width))
+                               frames=frames, height=height, width=width,
+                               problem=header if isinstance(header, str) else ""))
     return metas, classes
 
 
@@ -154,7 +166,7 @@ def metadata_from_list(db_path: str, list_path: str | Path) -> tuple[list[VideoM
                 missing.append(name)
                 continue
             header = entry_header(txn, entry)
-            if header is None:
+            if isinstance(header, str):
                 unreadable.append(name)
                 continue
             frames, height, width = header

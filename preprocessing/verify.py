@@ -29,6 +29,7 @@ from pipelines.lmdb_store import (
     header_frames, jpeg_problem, jpeg_size, layout_version, malformed_record_problem, read_video_frames, shared_env,
     video_key, video_meta_from,
 )
+from pipelines.reference_lmdb import entry_header
 
 _VIDEO_KEY = re.compile(rb"^\d{9}$")
 MAX_PROBLEMS_PER_VIDEO = 5
@@ -146,6 +147,11 @@ def verify_db(db_path, videos_dir=None, sample: int | None = None, progress: boo
                 if meta is not None and classes and not (isinstance(meta.get("label"), int)
                                                          and 0 <= meta["label"] < len(classes)):
                     problem(name, f"label {meta.get('label')!r} is not an index into the {len(classes)} classes")
+                if not ours and isinstance(why := entry_header(txn, video_id), str):
+                    # A reference LMDB's entry the readers cannot read: their reason, in their words
+                    # (the placeholder's problem), so that --decode says it once.
+                    problem(name, why)
+                    continue
                 raw = txn.get(video_key(video_id))
                 if raw is None:
                     problem(name, f"entry {video_key(video_id).decode()} is missing")

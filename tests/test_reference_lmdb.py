@@ -175,3 +175,57 @@ def test_pretraining_loaders_read_a_reference_lmdb_through_its_list(tmp_path, ex
             assert decoded <= own, (name, view, decoded, own)
     if hasattr(loader, "close"):
         loader.close()
+
+
+def test_an_unreadable_entry_read_without_a_list_is_skipped_saying_why(tmp_path, caplog):
+    """Read without a list, an unreadable entry keeps its id as a placeholder whose problem
+    names the entry and what is wrong with it; the skip message said only 'video 1 has no
+    frames or no size (0 frames, 0x0)'."""
+    import logging
+
+    from pipelines.loader import LoaderSettings, PretrainLoader
+    from pipelines.plan import PlanConfig
+
+    db = tmp_path / "ref.lmdb"
+    order = build_reference_lmdb(db)
+    env = lmdb.open(str(db), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        txn.put(fmt.video_key(1), b"\xc1 not msgpack")
+        txn.delete(fmt.video_key(3))
+    env.close()
+    metas, _ = read_metadata(str(db))
+    rebuild = "; rebuild the database (python -m preprocessing build-lmdb)"
+    assert metas[1].problem == ("its LMDB entry 000000001 could not be decoded as a msgpack list of JPEG frames "
+                                "(ValueError: Unexpected type header on stream)" + rebuild)
+    assert metas[3].problem == "its LMDB entry 000000003 is missing" + rebuild
+    assert [(m.frames, m.height, m.width) for m in (metas[1], metas[3])] == [(0, 0, 0)] * 2
+    assert all(m.problem == "" for i, m in enumerate(metas) if i not in (1, 3))
+
+    caplog.set_level(logging.WARNING, logger="pipelines.sources")
+    loader = PretrainLoader(str(db), PlanConfig(frames=4, crop_size=16),
+                            LoaderSettings(batch_size=5, num_threads=1, shuffle=False))
+    batch = next(iter(loader))
+    assert not {1, 3} & set(batch["video_index"].tolist())
+    skipping = sorted(r.getMessage() for r in caplog.records if "skipping video" in r.getMessage())
+    assert skipping == [f"skipping video {v} ({order[v]}) of {db}: {metas[v].problem}; another sample takes its "
+                        "place" for v in (1, 3)]
+
+
+def test_verify_decode_says_an_unreadable_entry_once_in_the_readers_words(tmp_path, capsys):
+    """verify names an unreadable entry of a reference LMDB with the placeholder's problem,
+    so that --decode (which reports the placeholder) says it once and blocklists it."""
+    from preprocessing.__main__ import main
+
+    db = tmp_path / "ref.lmdb"
+    order = build_reference_lmdb(db)
+    env = lmdb.open(str(db), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        txn.put(fmt.video_key(1), b"\xc1 not msgpack")
+    env.close()
+    reason = read_metadata(str(db))[0][1].problem
+    blocklist = tmp_path / "blocked.txt"
+    for decode in ([], ["--decode", "--blocklist", str(blocklist)]):
+        assert main(["verify", "--db", str(db), "--workers", "1", "--quiet", *decode]) == 1
+        out = capsys.readouterr().out
+        assert [line for line in out.splitlines() if line.startswith("problem")] == [f"problem {order[1]}: {reason}"]
+    assert blocklist.read_text().splitlines() == [f"{order[1]}\t{reason}"]
