@@ -24,6 +24,12 @@ Columns (TSV header / JSON keys), see PROBE_COLUMNS:
     has_audio       1 when there is an audio stream
     audio_only      1 when there is audio but no video stream
     size_bytes      file size
+
+The JSON form is {"format": "cstp-probe", "version": 1, "meta": {videos_dir, list_file,
+count_frames}, "rows": [...], "skipped": [{"file", "reason"}, ...]}: "skipped" records the
+--list entries that were never probed (a path that leaves --videos), which are not rows,
+so that the table still says later what was left out and why (validate reads only
+"rows"). A TSV holds the rows only; its skipped entries are printed, not recorded.
 """
 
 from __future__ import annotations
@@ -320,14 +326,16 @@ def probe_videos(videos_dir, list_file=None, workers: int = 4, count_frames: boo
         return list(iterator)
 
 
-def write_table(rows: list[dict], out_path, meta: dict | None = None) -> None:
-    """TSV (header + one row per file) or, for a .json path, {"meta": ..., "rows": [...]}."""
+def write_table(rows: list[dict], out_path, meta: dict | None = None, skipped: list | None = None) -> None:
+    """TSV (header + one row per file) or, for a .json path, {"meta": ..., "rows": [...],
+    "skipped": [...]} (see the module docstring; a TSV has no room for `skipped`)."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     if out.suffix.lower() == ".json":
         tmp.write_text(json.dumps({"format": "cstp-probe", "version": 1, "meta": meta or {},
-                                   "rows": [{c: row.get(c, "") for c in PROBE_COLUMNS} for row in rows]},
+                                   "rows": [{c: row.get(c, "") for c in PROBE_COLUMNS} for row in rows],
+                                   "skipped": list(skipped or [])},
                                   indent=1) + "\n", encoding="utf-8")
     else:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
@@ -339,7 +347,8 @@ def write_table(rows: list[dict], out_path, meta: dict | None = None) -> None:
 
 
 def read_table(path, skipped: list | None = None) -> list[dict]:
-    """Rows of a table written by write_table, with numbers as numbers ("" stays "").
+    """Rows of a table written by write_table, with numbers as numbers ("" stays "");
+    a JSON table's "skipped" entries are no rows and are not read.
 
     A file that is not such a table (or over MAX_TABLE_BYTES, refused from its size
     before it is read) raises ValueError. A malformed row (wrong number of
@@ -409,5 +418,5 @@ def run_probe(videos_dir, out_path, list_file=None, workers: int = 4, count_fram
                         skipped=skipped)
     write_table(rows, out_path, meta=dict(videos_dir=str(Path(videos_dir).absolute()),
                                           list_file=None if list_file is None else str(list_file),
-                                          count_frames=count_frames))
+                                          count_frames=count_frames), skipped=skipped)
     return dict(rows=rows, skipped=skipped, seconds=round(time.perf_counter() - start, 2))

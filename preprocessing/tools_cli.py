@@ -24,7 +24,8 @@ header lists (over the first 300), and readable + error. With --count-frames eac
 (ffprobe -count_frames) for an exact count and any decode errors (slower).
 Files: every video under --videos, or the paths of --list (a build-lmdb list);
 a listed path that leaves --videos (absolute or '..') is skipped with its reason.
---out ending in .json writes JSON, anything else a TSV with a header line.
+--out ending in .json writes JSON, anything else a TSV with a header line;
+only the JSON form records the skipped entries ("skipped": [{"file", "reason"}]).
 Feed the table to `validate`."""
 
 PROBE_EXAMPLES = """\

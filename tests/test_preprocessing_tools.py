@@ -140,14 +140,33 @@ def test_probe_skips_list_entries_outside_videos(zoo, tmp_path):
     shutil.copytree(zoo, videos, ignore=lambda folder, names: [n for n in names if n != "good.mp4"])
     listed = ["good.mp4", "../outside.mp4", str(outside), "a/../../outside.mp4"]
     (tmp_path / "list.txt").write_text("".join(f"{path} 0\n" for path in listed))
-    out = tmp_path / "t.tsv"
+    reason = "path leaves --videos (absolute or '..'); list paths are relative to --videos"
+    for out in (tmp_path / "t.tsv", tmp_path / "t.json"):
+        result = run_cli("probe", "--videos", str(videos), "--list", str(tmp_path / "list.txt"), "--out", str(out),
+                         "--quiet")
+        assert result.returncode == 0, result.stderr
+        assert "probed 1 files (0 unreadable), skipped 3, " in result.stdout
+        assert result.stderr.splitlines() == [f"skipped {path}: {reason}" for path in listed[1:]]
+        assert [row["file"] for row in read_table(out)] == ["good.mp4"]
+
+
+def test_a_json_probe_table_records_the_skipped_entries_and_validate_reads_its_rows(zoo, tmp_path):
+    """The JSON table keeps the entries probe skipped (they were printed, then lost), as
+    "skipped": [{"file", "reason"}]; validate still judges its rows only."""
+    videos = tmp_path / "videos"
+    shutil.copytree(zoo, videos, ignore=lambda folder, names: [n for n in names if n != "good.mp4"])
+    (tmp_path / "list.txt").write_text("good.mp4 0\n../outside.mp4 0\n/abs/x.mp4 1\n")
+    out = tmp_path / "t.json"
     result = run_cli("probe", "--videos", str(videos), "--list", str(tmp_path / "list.txt"), "--out", str(out),
                      "--quiet")
     assert result.returncode == 0, result.stderr
-    assert "probed 1 files (0 unreadable), skipped 3, " in result.stdout
     reason = "path leaves --videos (absolute or '..'); list paths are relative to --videos"
-    assert result.stderr.splitlines() == [f"skipped {path}: {reason}" for path in listed[1:]]
-    assert [row["file"] for row in read_table(out)] == ["good.mp4"]
+    table = json.loads(out.read_text())
+    assert table["skipped"] == [{"file": "../outside.mp4", "reason": reason}, {"file": "/abs/x.mp4", "reason": reason}]
+    assert [row["file"] for row in table["rows"]] == ["good.mp4"]
+    result = run_cli("validate", "--probe", str(out), "--out", str(tmp_path / "report.json"))
+    assert result.returncode == 0, result.stderr
+    assert [entry["file"] for entry in json.loads((tmp_path / "report.json").read_text())["files"]] == ["good.mp4"]
 
 
 EXPECTED_BUCKETS = {
