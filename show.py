@@ -17,7 +17,9 @@ One block per sample:
             enlarged by an integer factor with nearest-neighbour sampling
 
 The picture is at most 2048 px wide: source frames wider than 2.2:1 are scaled down
-(aspect kept), and with a crop size over 240 fewer output frames are drawn.
+(aspect kept), and with a crop size over 240 fewer output frames are drawn. It is at
+most 8192 px high: when --n samples would not fit (over 14 at crop size 112, over 10
+at 224), the first ones that fit are drawn, and a message says so.
 
 The samples come from the real loader (DALI on cpu or gpu, or the PIL reference
 executor) for rank 0 of a single-process run: the first N samples of the epoch are
@@ -37,7 +39,7 @@ from cstp.config import ConfigError, load_config
 from pipelines.faults import BrokenDataError
 from pipelines.lmdb_store import LmdbFormatError, read_metadata
 from pipelines.plan import plan_config_from
-from pipelines.show import label_mismatches, load_samples, render
+from pipelines.show import MAX_PICTURE_HEIGHT, Layout, label_mismatches, load_samples, render
 
 
 def parse_args(argv=None):
@@ -94,6 +96,13 @@ def main(argv=None) -> int:
         if n > len(metas):
             print(f"show.py: {args.data} holds {len(metas)} videos; drawing {len(metas)}", file=sys.stderr)
             n = len(metas)
+        # Bounded as the width is (pipelines/show.py): fewer sample blocks, never smaller ones;
+        # decided before loading, so that the samples left out are never read.
+        layout = Layout(plan_cfg)
+        if (fit := layout.samples_that_fit(n)) < n:
+            print(f"show.py: {n} samples would make the picture {layout.height(n)} px high (at most "
+                  f"{MAX_PICTURE_HEIGHT}); drawing the first {fit}", file=sys.stderr)
+            n = fit
         samples = load_samples(args.data, plan_cfg, cfg, n=n, epoch=args.epoch, executor=args.executor,
                                device=device)
     except lmdb.Error as err:

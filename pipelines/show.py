@@ -31,6 +31,7 @@ PAD = 6
 GAP = 4                   # between tiles
 ROW_LABEL_W = 92          # left margin holding the row labels
 MAX_PICTURE_WIDTH = 2048  # whatever the videos' aspect ratio or the crop size
+MAX_PICTURE_HEIGHT = 8192  # whatever --n and the crop size: 14 samples at crop 112, 10 at 224
 # Wider source frames (a 6000x24 video) are scaled down, aspect kept, so that the row of
 # 2 x SOURCE_TIME_POINTS of them fits MAX_PICTURE_WIDTH: 320 px, a 2.2:1 frame at full height.
 MAX_SOURCE_WIDTH = (MAX_PICTURE_WIDTH - ROW_LABEL_W - GAP - PAD) // (2 * SOURCE_TIME_POINTS) - GAP
@@ -168,6 +169,12 @@ def label_mismatches(sample: Sample) -> list[str]:
 # ---------------------------------------------------------------- layout
 
 
+def fitting(count: int, room: int, each: int) -> int:
+    """How many of `count` things `each` px long fit in `room` px, and at least one: the
+    picture's bounds draw fewer output frames or samples, never smaller ones."""
+    return max(1, min(count, room // each))
+
+
 def shown_frames(frames: int, limit: int = MAX_OUTPUT_FRAMES) -> list[int]:
     """Which of a view's T output frames are drawn: all, or `limit` evenly spaced."""
     if frames <= limit:
@@ -188,8 +195,8 @@ class Layout:
         self.zoom = min(4, max(1, 128 // s))
         self.tile = s * self.zoom
         # Fewer output frames (never smaller ones) when MAX_OUTPUT_FRAMES tiles would not fit.
-        fit = (MAX_PICTURE_WIDTH - ROW_LABEL_W - PAD) // (self.tile + GAP)
-        self.shown = shown_frames(plan_cfg.frames, max(1, min(MAX_OUTPUT_FRAMES, fit)))
+        self.shown = shown_frames(plan_cfg.frames,
+                                  fitting(MAX_OUTPUT_FRAMES, MAX_PICTURE_WIDTH - ROW_LABEL_W - PAD, self.tile + GAP))
         self.header_h = HEADER_LINES * LINE + PAD
         self.caption_y = PAD
         self.source_y = self.caption_y + CAPTION_LINES * LINE + LINE      # one line of frame labels
@@ -200,6 +207,11 @@ class Layout:
 
     def height(self, n: int) -> int:
         return self.header_h + n * self.block_h
+
+    def samples_that_fit(self, n: int) -> int:
+        """How many of n sample blocks fit MAX_PICTURE_HEIGHT (a block is at most 2374 px
+        high, at the largest crop size, 1024: three fit)."""
+        return fitting(n, MAX_PICTURE_HEIGHT - self.header_h, self.block_h)
 
     def block_top(self, i: int) -> int:
         return self.header_h + i * self.block_h

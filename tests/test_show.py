@@ -204,3 +204,22 @@ def test_a_database_of_only_unreadable_videos_is_one_line(tmp_path, capsys):
     env.close()
     assert show_cli.main(["--data", str(db), "--out", str(tmp_path / "x.png"), "--device", "cpu", *OVERRIDES]) == 2
     assert "unreadable videos in a row" in capsys.readouterr().err
+
+
+def test_the_picture_is_at_most_8192_px_high_drawing_fewer_samples(coded_db, tmp_path, capsys):
+    """The height grew with --n and the crop size without bound (--n 5 at crop 700: 8668 px);
+    now the first samples that fit are drawn, never smaller ones, and a message says so."""
+    assert show.MAX_PICTURE_HEIGHT == 8192
+    for crop, fit in {16: 17, 112: 14, 224: 10, 700: 4, 1024: 3}.items():
+        layout = show.Layout(dataclasses.replace(PLAN_CFG, crop_size=crop))
+        assert layout.samples_that_fit(100) == fit and layout.samples_that_fit(2) == 2
+        assert layout.height(fit) <= show.MAX_PICTURE_HEIGHT < layout.height(fit + 1)
+    out = tmp_path / "tall.png"
+    assert show_cli.main(["--data", coded_db, "--n", "5", "--out", str(out), "--device", "cpu", "--seed", str(SEED),
+                          "plan.frames=4", "crop_size=700", "num_threads=1"]) == 0
+    captured = capsys.readouterr()
+    assert "show.py: 5 samples would make the picture 8668 px high (at most 8192); drawing the first 4\n" \
+        in captured.err
+    assert f"wrote {out} (" in captured.out and ", 4 samples)" in captured.out
+    with Image.open(out) as image:
+        assert image.height == 38 + 4 * 1726 <= show.MAX_PICTURE_HEIGHT
