@@ -23,7 +23,6 @@ Every kind yields a state dict that loads strictly into `R2Plus1D10(width)`.
 from __future__ import annotations
 
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,13 +88,6 @@ def load_classifier(raw: dict, path: str | Path):
 def read_checkpoint_file(path: str | Path) -> dict:
     """torch.load(weights_only=True) of `path`, refusing files that are not PyTorch
     checkpoints at all (a log, an image) with a plain message instead of an unpickling error."""
-    path = Path(path)
-    if path.is_file():
-        with open(path, "rb") as f:
-            head = f.read(2)
-        # torch.save writes a zip archive ("PK"); files of old torch versions are raw pickles (0x80)
-        if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
-            raise BackboneLoadError(f"{path} is not a PyTorch checkpoint file (torch.save output); {KINDS_HELP}")
     try:
         return load_checkpoint(path)
     except CheckpointError as err:

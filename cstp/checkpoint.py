@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -64,6 +65,18 @@ def save_from_rank0(make_state, out_dir: str | Path, step: int, keep: int = 3) -
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """torch.load(weights_only=True) of `path`, or CheckpointError with a one-line reason.
+    A file that is not torch.save output at all (empty, random bytes, a log) is said to be
+    so: torch's weights-only unpickler reports such bytes like a pickled object."""
+    if Path(path).is_file():
+        with open(path, "rb") as f:
+            head = f.read(2)
+        # torch.save writes a zip archive ("PK"); files of old torch versions are raw pickles (0x80)
+        if head == b"PK" and not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path} is a damaged checkpoint: a zip archive without its end "
+                                  "(cut short by a full disk or an interrupted copy?)")
+        if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint file (torch.save output)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

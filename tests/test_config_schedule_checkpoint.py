@@ -160,6 +160,24 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_files_that_are_not_checkpoints_are_not_called_pickled_objects(tmp_path):
+    """train.py/finetune.py --resume on random bytes said the file 'contains pickled Python
+    objects ... loading would execute code' (torch's weights-only unpickler words every bad
+    byte that way), and on a cut checkpoint quoted a miniz internal error."""
+    good = save_checkpoint({"w": torch.ones(1000)}, tmp_path, 1).read_bytes()
+    files = {"empty.pt": b"", "random.pt": bytes(range(7, 256)) * 40, "log.pt": b'{"step": 1}\n',
+             "cut.pt": good[: len(good) // 2]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(tmp_path / name)
+        message = str(caught.value)
+        assert "pickled" not in message and "miniz" not in message and "\n" not in message, message
+        expected = "a damaged checkpoint: a zip archive without its end" if name == "cut.pt" else \
+            "is not a PyTorch checkpoint file (torch.save output)"
+        assert expected in message, message
+
+
 @pytest.mark.parametrize("name, global_lr, per_gpu_batch", [("ucf101", 0.03, 10), ("k400", 0.09, 16)])
 def test_reference_recipes(name, global_lr, per_gpu_batch):
     cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
