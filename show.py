@@ -81,9 +81,8 @@ def main(argv=None) -> int:
         return 2
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.seed is not None:
-            cfg["run"]["seed"] = args.seed
+        seed = [f"run.seed={args.seed}"] if args.seed is not None else []   # checked like the config's
+        cfg = load_config(args.config, [*args.overrides, *seed])
         plan_cfg = plan_config_from(cfg["plan"])
         device = resolve_device(args.device or cfg["data"]["device"])
     except (ConfigError, ValueError) as err:

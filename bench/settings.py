@@ -28,7 +28,8 @@ def load_benchmark_config(args) -> dict:
     from cstp.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        seed = [f"run.seed={args.seed}"] if args.seed is not None else []   # checked like the config's
+        cfg = load_config(args.config, [*args.overrides, *seed])
     except ConfigError as err:
         raise BenchmarkError(str(err)) from None
     d, t = cfg["data"], cfg["train"]
@@ -41,8 +42,6 @@ def load_benchmark_config(args) -> dict:
         d["decode"] = args.decode
     t["precision"] = args.precision or ("bf16" if args.device == "gpu" else "fp32")
     t["channels_last"] = bool(args.channels_last)
-    if args.seed is not None:
-        cfg["run"]["seed"] = args.seed
     return cfg
 
 

@@ -112,6 +112,7 @@ DEFAULTS: dict = {
 }
 
 
+MAX_SEED = 2 ** 63 - 1    # run.seed: an int64 everywhere it goes (numpy, torch, DALI)
 MAX_HEAD_WIDTH = 65_536     # projector / predictor widths, and finetuning's class count: beyond is a typo
 
 
@@ -232,6 +233,8 @@ def validate_shared(cfg: dict):
     need(cfg["run"]["epochs"] >= 1, "run.epochs must be >= 1")
     need(cfg["train"]["precision"] in ("auto", "fp32", "bf16"), "train.precision must be auto, fp32 or bf16")
     r, d, o = cfg["run"], cfg["data"], cfg["optim"]
+    # numpy's SeedSequence refuses a negative seed, torch.manual_seed one past 64 bits: tracebacks at the start
+    need(0 <= r["seed"] <= MAX_SEED, f"run.seed must be in [0, {MAX_SEED}]")
     need(r["max_steps"] >= 0, "run.max_steps must be >= 0 (0 = run all epochs)")
     need(r["log_every"] >= 1, "run.log_every must be >= 1")
     need(r["checkpoint_every"] >= 0, "run.checkpoint_every must be >= 0 (0 = only at epoch ends)")

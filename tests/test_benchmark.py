@@ -168,6 +168,7 @@ def test_bad_flags_give_a_message(argv, message, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["model", "no_such_key=1"], "unknown config key 'no_such_key'"),
     (["loader", "--data", "/nonexistent/db.lmdb"], "cannot read the data"),
+    (["model", "--seed", "-1"], "run.seed must be in [0, "),   # --seed skipped the config's check
 ])
 def test_bad_config_or_data_give_a_message(argv, message, tmp_path, capsys):
     assert benchmark.main([*argv, "--json", str(tmp_path / "x.json")]) == 2

@@ -84,6 +84,8 @@ def test_bad_overrides_are_refused_with_a_message(override, message):
     ("proj_hidden=0", "model.proj_hidden must be in [1, "),
     ("proj_dim=-1", "model.proj_dim must be in [1, "),
     ("proj_dim=1000000000", "model.proj_dim must be in [1, "),
+    ("run.seed=-1", "run.seed must be in [0, "),                 # numpy: 'expected non-negative integer'
+    ("run.seed=99999999999999999999", "run.seed must be in [0, "),   # torch: 'Overflow when unpacking long long'
 ])
 def test_values_that_would_crash_or_mislead_a_run_are_refused(override, message):
     """Each of these passed validation before: a ZeroDivisionError (log_every=0), DALI or torch

@@ -149,6 +149,8 @@ def test_clear_errors(coded_db, tmp_path, capsys):
     assert "LMDB not found" in capsys.readouterr().err
     assert show_cli.main(["--data", coded_db, "framez=3"]) == 2
     assert "did you mean 'frames'" in capsys.readouterr().err
+    assert show_cli.main(["--data", coded_db, "--seed", "-1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "run.seed must be in [0, " in capsys.readouterr().err   # numpy's 'expected non-negative integer'
     for bad in (["--data", coded_db, "--n", "0"], ["--data", coded_db, "--executor", "tf"], ["--bogus"]):
         with pytest.raises(SystemExit) as exit_info:
             show_cli.main(bad)
