@@ -104,8 +104,7 @@ def state_problems(state, expected: dict) -> list[str]:
     tensors = {k: v for k, v in state.items() if k in expected and torch.is_tensor(v)}
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
              for k, v in tensors.items() if tuple(v.shape) != tuple(expected[k].shape)]
-    non_finite = [k for k, v in tensors.items()
-                  if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    non_finite = [k for k, v in tensors.items() if _non_finite(v)]
     problems = []
     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                        ("values that are not tensors", not_tensors), ("wrong shapes", wrong),
@@ -113,6 +112,24 @@ def state_problems(state, expected: dict) -> list[str]:
         if keys:
             problems.append(f"{len(keys)} {what} (e.g. {'; '.join(keys[:3])})")
     return problems
+
+
+def _non_finite(tensor: torch.Tensor) -> bool:
+    return (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all())
+
+
+def check_optimizer_state(state) -> None:
+    """CheckpointError, one line, when an optimizer state dict read from a file holds NaN or
+    infinite tensors (momentum buffers): loaded, its first step silently turns every weight
+    to NaN. Anything malformed is left to the optimizer's own load_state_dict."""
+    per_param = state.get("state") if isinstance(state, dict) else None
+    if not isinstance(per_param, dict):
+        return
+    bad = [f"{name} of parameter {index}" for index, values in per_param.items() if isinstance(values, dict)
+           for name, value in values.items() if torch.is_tensor(value) and _non_finite(value)]
+    if bad:
+        raise CheckpointError(f"its optimizer state has {len(bad)} tensors with NaN or infinite values "
+                              f"(e.g. {'; '.join(bad[:3])}); the first step would make every weight NaN")
 
 
 def load_model_state(module: torch.nn.Module, state, hint: str = "") -> None:

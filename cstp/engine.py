@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import atomic_save, load_model_state, restoring_training_state, save_from_rank0
+from .checkpoint import (atomic_save, check_optimizer_state, load_model_state, restoring_training_state,
+                         save_from_rank0)
 from .losses import CSTPLossWeights, cstp_loss
 from .models.cstp_model import CSTPModel
 from .run_logs import open_metrics, open_tensorboard
@@ -184,6 +185,7 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a CSTP-DALI pretraining checkpoint (no 'format' entry)")
         load_model_state(self.model, state.get("model"), "set model.* as in the run that wrote it")
+        check_optimizer_state(state.get("optimizer"))
         with restoring_training_state():
             self.optimizer.load_state_dict(state["optimizer"])
             self.position = Position(**state["position"])

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import atomic_save, load_model_state, restoring_training_state, save_from_rank0
+from .checkpoint import (atomic_save, check_optimizer_state, load_model_state, restoring_training_state,
+                         save_from_rank0)
 from .classifier import VideoClassifier
 from .metrics import VideoAverager
 from .run_logs import open_metrics, open_tensorboard
@@ -120,6 +121,7 @@ class FinetuneTrainer:
                              f"expected {FINETUNE_FORMAT!r})")
         load_model_state(self.model, state.get("model"),
                          "set model.* as in the run that wrote it, on data with the same classes")
+        check_optimizer_state(state.get("optimizer"))
         with restoring_training_state():
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])

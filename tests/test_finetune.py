@@ -141,8 +141,13 @@ def test_resuming_a_finetune_run_that_does_not_fit_is_one_line(tmp_path, tiny_db
     assert "its weights do not fit this model: 2 wrong shapes (e.g. head.fc.weight" in err, err
     assert len(err.strip().splitlines()) == 1 and (tmp_path / "config.yaml").read_text() == config
     path, state = latest_checkpoint(tmp_path)
+    nan_momentum = {"state": {k: {n: v * float("nan") for n, v in buffers.items()}
+                              for k, buffers in state["optimizer"]["state"].items()},
+                    "param_groups": state["optimizer"]["param_groups"]}
     for damaged, message in [({**state, "width": "wide"}, "its 'width' entry is 'wide'"),
-                             ({**state, "position": None}, "has no valid 'position' entry")]:
+                             ({**state, "position": None}, "has no valid 'position' entry"),
+                             # loaded before: NaN weights after the first step, every later step skipped
+                             ({**state, "optimizer": nan_momentum}, "its optimizer state has ")]:
         torch.save(damaged, path)
         assert finetune.main(argv) == 2
         assert message in capsys.readouterr().err

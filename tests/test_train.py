@@ -92,6 +92,12 @@ def test_resuming_with_another_model_shape_or_from_only_broken_checkpoints_is_on
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert (tmp_path / "config.yaml").read_text() == config   # the run's own config is kept
     state = torch.load(tmp_path / "ckpt_000000002.pt", weights_only=True)
+    optimizer = {**state["optimizer"], "state": {k: {n: v * float("inf") for n, v in buffers.items()}
+                                                 for k, buffers in state["optimizer"]["state"].items()}}
+    torch.save({**state, "optimizer": optimizer}, tmp_path / "ckpt_000000003.pt")
+    assert train.main(["--out", str(tmp_path), "--resume", "auto", f"data.path={tiny_db}", *TINY]) == 2
+    err = capsys.readouterr().err   # loaded before: the first step made every weight NaN, exported in backbone.pt
+    assert "its optimizer state has " in err and "tensors with NaN or infinite values" in err, err
     torch.save({**state, "position": {"epoch": 0}}, tmp_path / "ckpt_000000003.pt")
     assert train.main(["--out", str(tmp_path), "--resume", "auto", f"data.path={tiny_db}", *TINY]) == 2
     assert "has no valid 'position' entry" in capsys.readouterr().err
