@@ -571,6 +571,11 @@ def _refuse_too_long(info: dict, fps, max_frames: int) -> None:
                                        "split the video or lower --fps")
 
 
+# What ffmpeg's demuxers say, exiting 0, when the file ends before the data its headers
+# promise (Matroska/WebM, MP4/MOV): a file cut by an interrupted copy or download.
+CUT_OFF_MESSAGES = ("File ended prematurely", "partial file")
+
+
 def _raise_on_failure(path, returncode: int, count: int, stderr: str, stream) -> None:
     detail = summarize_stderr(stderr, path)
     if returncode != 0:
@@ -578,6 +583,8 @@ def _raise_on_failure(path, returncode: int, count: int, stderr: str, stream) ->
     problem = stream.problem_at_end()
     if problem:
         raise VideoError(path, problem)
+    if any(message in stderr for message in CUT_OFF_MESSAGES):
+        raise VideoError(path, f"the file is cut off after {count} frames ({detail})")
     if count == 0:
         raise VideoError(path, f"ffmpeg produced no frames{': ' + detail if detail else ''}")
 

@@ -272,6 +272,19 @@ def test_unreadable_videos_raise_a_clear_error(broken_files, kind, reason):
     assert caught.value.path.endswith(broken_files[kind].name)
 
 
+@pytest.mark.parametrize("name", ["cut.mp4", "cut.mkv"])
+def test_a_video_cut_off_in_the_middle_is_refused_not_kept_short(tmp_path, name):
+    """A file cut in the middle (index at the front, so ffprobe reads it) decoded to its cut,
+    ffmpeg exited 0 saying 'partial file' / 'File ended prematurely', and build-lmdb kept the
+    first 20 of 50 frames as the whole video, silently (index-videos and validate refuse it)."""
+    whole = make_clip(tmp_path / f"whole{Path(name).suffix}", seconds=2.0)
+    data = whole.read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoError, match=r"the file is cut off after \d+ frames \(.*(partial file|ended prematurely)"):
+        list(iter_jpeg_frames(tmp_path / name, short_side=24))
+    assert len(list(iter_jpeg_frames(whole, short_side=24))) == 50
+
+
 @pytest.mark.parametrize("suffix", ["png", "jpg"])
 def test_an_image_renamed_to_a_video_is_not_a_video(tmp_path, suffix):
     """It landed as a one-frame video (ffmpeg's image demuxers read it)."""
