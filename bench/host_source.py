@@ -299,7 +299,7 @@ def main(argv) -> int:
     from pipelines.plan import plan_config_from
 
     try:
-        cfg = load_config(args.config, args.words)
+        cfg = load_config(args.config, [*args.words, f"run.seed={args.seed}"])   # --seed checked like run.seed
     except ConfigError as err:
         print(f"benchmark.py source: {err}", flush=True)
         return 2
@@ -315,7 +315,7 @@ def main(argv) -> int:
                     write_repeated_db(data, repeated, args.repeat)
                     data = str(repeated)
                 results.append(measure(data, plan_cfg, samples=args.samples, warm_rounds=args.warm_rounds,
-                                       seed=args.seed, batch_size=args.batch, profile=args.profile, gop=args.gop))
+                                       seed=cfg["run"]["seed"], batch_size=args.batch, profile=args.profile, gop=args.gop))
     except BenchmarkError as err:
         print(f"benchmark.py source: {err}")
         return 2

@@ -27,19 +27,17 @@ def data_source(args) -> str:
 def load_benchmark_config(args) -> dict:
     from cstp.config import ConfigError, load_config
 
+    # The flags win over the overrides and are checked like them (--batch 1 was torch's BatchNorm
+    # traceback, data.batch_size must be >= 2): they go last in the same list.
+    flags = {"run.seed": args.seed, "data.batch_size": args.batch, "data.num_threads": args.threads,
+             "data.decode": args.decode}
     try:
-        seed = [f"run.seed={args.seed}"] if args.seed is not None else []   # checked like the config's
-        cfg = load_config(args.config, [*args.overrides, *seed])
+        cfg = load_config(args.config, [*args.overrides,
+                                        *(f"{key}={value}" for key, value in flags.items() if value is not None)])
     except ConfigError as err:
         raise BenchmarkError(str(err)) from None
     d, t = cfg["data"], cfg["train"]
     d["device"] = args.device
-    if args.batch:
-        d["batch_size"] = args.batch
-    if args.threads:
-        d["num_threads"] = args.threads
-    if args.decode:
-        d["decode"] = args.decode
     t["precision"] = args.precision or ("bf16" if args.device == "gpu" else "fp32")
     t["channels_last"] = bool(args.channels_last)
     return cfg

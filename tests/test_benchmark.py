@@ -169,10 +169,26 @@ def test_bad_flags_give_a_message(argv, message, capsys):
     (["model", "no_such_key=1"], "unknown config key 'no_such_key'"),
     (["loader", "--data", "/nonexistent/db.lmdb"], "cannot read the data"),
     (["model", "--seed", "-1"], "run.seed must be in [0, "),   # --seed skipped the config's check
+    (["model", "--batch", "1"], "data.batch_size must be >= 2"),   # was torch's BatchNorm traceback
 ])
 def test_bad_config_or_data_give_a_message(argv, message, tmp_path, capsys):
     assert benchmark.main([*argv, "--json", str(tmp_path / "x.json")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_flags_win_over_the_overrides_and_are_checked_like_them():
+    from bench.settings import load_benchmark_config
+
+    args = benchmark.parse_args(["loader", "data.num_threads=0", "data.batch_size=1", "data.decode=x",
+                                 "--threads", "3", "--batch", "4", "--decode", "full"])
+    d = load_benchmark_config(args)["data"]
+    assert (d["num_threads"], d["batch_size"], d["decode"]) == (3, 4, "full")
+
+
+def test_the_source_commands_seed_is_checked_like_run_seed(tmp_path, capsys):
+    """benchmark.py source --seed -1 was numpy's 'expected non-negative integer' traceback."""
+    assert benchmark.main(["source", "--data", str(tmp_path / "none.lmdb"), "--seed", "-1"]) == 2
+    assert "run.seed must be in [0, " in capsys.readouterr().out
 
 
 def test_an_unwritable_json_or_a_broken_database_is_one_line(tmp_path, capsys):
