@@ -29,6 +29,7 @@ the file when the header has none or with --count-frames.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -75,12 +76,17 @@ class Lists:
 
 # --------------------------------------------------------------------------- reading annotation text
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
+def _read_text(path: Path) -> str:
+    """An annotation file's text, at most MAX_ANNOTATION_BYTES; bytes that are not UTF-8 become U+FFFD."""
     if not path.is_file():
         raise ListsError(f"annotation file not found: {path}")
     if path.stat().st_size > MAX_ANNOTATION_BYTES:
         raise ListsError(f"{path}: larger than {MAX_ANNOTATION_BYTES >> 20} MiB; not an annotation file")
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    return path.read_text(encoding="utf-8-sig", errors="replace")
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    text = _read_text(path)
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
@@ -172,16 +178,26 @@ def kinetics400_entries(annotations) -> Lists:
         raise ListsError(f"{root}: no .csv files")
     rows, unlabelled = [], 0
     for path in csv_files:
-        if not path.is_file():
-            raise ListsError(f"annotation file not found: {path}")
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+        # bounded like the other annotation files; csv.Error: a field over csv's limit, a NUL in older Pythons
+        reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+        try:
+            header = [name.strip() for name in next(reader, [])]
             needed = {"youtube_id", "time_start", "time_end", "split"}
-            if not needed <= set(reader.fieldnames or []):
+            if not needed <= set(header):
                 raise ListsError(f"{path}: expected the header label,youtube_id,time_start,time_end,split; "
-                                 f"got {','.join(reader.fieldnames or [])}")
-            for line_no, row in enumerate(reader, start=2):
-                label = (row.get("label") or "").strip()
+                                 f"got {','.join(header)[:80]!r}")
+            for fields in reader:
+                if not fields:
+                    continue
+                line_no = reader.line_num
+                if len(fields) < len(header):   # an unclosed quote swallows the rest of the file into one field
+                    raise ListsError(f"{path}, line {line_no}: expected {len(header)} fields ({','.join(header)}), "
+                                     f"got {len(fields)}")
+                row = dict(zip(header, fields))
+                if any(c in "\n\r\t" for key in ("label", "youtube_id", "split") for c in row.get(key, "")):
+                    raise ListsError(f"{path}, line {line_no}: a line break or TAB inside a field "
+                                     "(it would break the lists' lines)")
+                label = row.get("label", "").strip()
                 if not label:
                     unlabelled += 1
                     continue
@@ -189,8 +205,10 @@ def kinetics400_entries(annotations) -> Lists:
                     name = kinetics_file_name(row["youtube_id"].strip(), row["time_start"], row["time_end"])
                 except (TypeError, ValueError):
                     raise ListsError(f"{path}, line {line_no}: bad time_start/time_end "
-                                     f"{row.get('time_start')!r}/{row.get('time_end')!r}") from None
+                                     f"{row['time_start']!r}/{row['time_end']!r}") from None
                 rows.append((row["split"].strip() or "unknown", label, name))
+        except csv.Error as err:
+            raise ListsError(f"{path}, line {reader.line_num}: not a CSV file ({err})") from None
     classes = sorted({label for _, label, _ in rows})
     label_of = {name: i for i, name in enumerate(classes)}
     parts = list(dict.fromkeys(split for split, _, _ in rows))

@@ -466,6 +466,36 @@ def test_lists_output_is_a_usable_build_list(tmp_path):
         [("train/air drumming/a b_000000_000010.mp4", 0)]
 
 
+K400_HEADER = "label,youtube_id,time_start,time_end,split\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (K400_HEADER + '"abc,x,1,2,train\n', "line 2: expected 5 fields"),       # unclosed quote: AttributeError
+    (K400_HEADER + "abc,x,1,2\n", "line 2: expected 5 fields"),               # no split: AttributeError
+    (K400_HEADER + '"a\nb",x,1,2,train\n', "a line break or TAB inside a field"),   # broke classes.txt
+    (K400_HEADER + "a," + "x" * 200_000 + ",1,2,train\n", "not a CSV file (field larger than"),   # csv.Error
+])
+def test_a_malformed_kinetics_csv_says_which_line(tmp_path, text, message):
+    from preprocessing.lists import ListsError, load_annotations
+
+    with pytest.raises(ListsError, match=message.replace("(", r"\(")):
+        load_annotations("kinetics400", _write(tmp_path / "k.csv", text))
+
+
+def test_a_binary_or_huge_kinetics_csv_is_refused(tmp_path, monkeypatch):
+    """Bytes that are not UTF-8 were a UnicodeDecodeError traceback; the CSV was read without
+    MAX_ANNOTATION_BYTES, which bounds the other annotation files."""
+    from preprocessing import lists
+
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(bytes(range(128, 256)) * 8)
+    with pytest.raises(lists.ListsError, match="expected the header label,youtube_id"):
+        lists.load_annotations("kinetics400", binary)
+    monkeypatch.setattr(lists, "MAX_ANNOTATION_BYTES", 100)
+    with pytest.raises(lists.ListsError, match="larger than 0 MiB; not an annotation file"):
+        lists.load_annotations("kinetics400", _write(tmp_path / "k.csv", K400_HEADER + "abc,x,1,2,train\n" * 10))
+
+
 # --------------------------------------------------------------------------- verify
 
 @pytest.fixture(scope="module")
