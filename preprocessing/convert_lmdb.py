@@ -63,6 +63,8 @@ def _open_source(db_path: Path) -> _Source:
         raise ConvertError(f"LMDB not found: {db_path}")
     try:
         env = shared_env(str(db_path))  # the process-wide read-only environment (py-lmdb opens a database once)
+    except (LmdbFormatError, ValueError) as err:   # not an LMDB (empty file, folder of videos); a cut data.mdb
+        raise ConvertError(str(err)) from None
     except lmdb.Error as err:
         raise ConvertError(f"cannot open {db_path} as an LMDB: {err}") from None
     with env.begin(buffers=False) as txn:

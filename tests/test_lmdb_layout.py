@@ -222,3 +222,19 @@ def test_convert_skips_an_unreadable_entry_and_refuses_what_it_cannot_do(tmp_pat
         convert_lmdb(old, tmp_path / "new.lmdb", progress=False)
     with pytest.raises(ConvertError, match="LMDB not found"):
         convert_lmdb(tmp_path / "nope.lmdb", tmp_path / "x.lmdb", progress=False)
+
+
+def test_convert_refuses_what_is_not_an_lmdb_or_is_cut_short(tmp_path):
+    """An empty folder, a stray file or a data.mdb cut short were LmdbFormatError / DataFaultError
+    tracebacks (open_readonly raises those, not the lmdb.Error that convert caught)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "stray.bin").write_bytes(bytes(range(256)) * 64)
+    whole = write_lmdb(tmp_path / "whole.lmdb", videos(), version=1)
+    cut = tmp_path / "cut.lmdb"
+    cut.mkdir()
+    data = (whole / "data.mdb").read_bytes()
+    (cut / "data.mdb").write_bytes(data[:len(data) // 2])
+    for db, message in (("empty", "is not an LMDB (a folder without data.mdb)"),
+                        ("stray.bin", "is not an LMDB"), ("cut.lmdb", "an incomplete copy")):
+        with pytest.raises(ConvertError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            convert_lmdb(tmp_path / db, tmp_path / f"{db}.out", progress=False)
