@@ -38,6 +38,7 @@ from .ffmpeg_tools import executable, missing_tools
 MAX_FRAMES = 100_000
 MAX_JPEG_BYTES = 64 * 1024 * 1024
 MAX_FRAME_PIXELS = 8192 * 8192  # a raw frame buffer of at most 96 MiB
+TRUNCATED_FRACTION = 0.9  # decoded frames below this fraction of the header's count -> truncated
 READ_CHUNK_BYTES = 1 << 20
 
 # JPEG encoders, their quality scales and defaults. "turbo" 94 is the lowest libjpeg
@@ -160,7 +161,7 @@ def _describe_stream(path: Path, stream: dict, fmt: dict) -> dict:
     nb_frames = _parse_int(stream.get("nb_frames"))
     return dict(path=str(path), has_video=True, stream_index=int(stream["index"]), width=width,
                 height=height, fps=fps, codec=stream.get("codec_name", "unknown"),
-                nb_frames=nb_frames, duration=duration, rotation=rotation,
+                nb_frames=nb_frames, duration=duration, rotation=rotation, container=str(fmt.get("format_name", "")),
                 pix_fmt=stream.get("pix_fmt"), color_range=stream.get("color_range"), profile=stream.get("profile"),
                 bits_per_raw_sample=stream.get("bits_per_raw_sample"))
 
@@ -473,6 +474,7 @@ def iter_jpeg_frames(path, short_side=None, fps=None, quality=None, *, encoder: 
         returncode = process.wait()
         stderr_tail.join()
         _raise_on_failure(info["path"], returncode, count, stderr_tail.text(), stream)
+        _refuse_cut_avi(info, fps, count)
         finished = True
     finally:
         if not finished:  # error, or the caller stopped early: do not leave ffmpeg running
@@ -587,6 +589,21 @@ def _raise_on_failure(path, returncode: int, count: int, stderr: str, stream) ->
         raise VideoError(path, f"the file is cut off after {count} frames ({detail})")
     if count == 0:
         raise VideoError(path, f"ffmpeg produced no frames{': ' + detail if detail else ''}")
+
+
+def _refuse_cut_avi(info: dict, fps, count: int) -> None:
+    """An AVI cut off in the middle decodes to its first frames with only a decoder error
+    (MJPEG: 'overread'), exit 0 and none of CUT_OFF_MESSAGES; its header still declares every
+    frame. Only AVI: an MP4/MOV's sample count includes frames its edit list drops, so a healthy
+    file can decode to fewer; Matroska declares no count. Some AVIs hold a dropped frame or two
+    (82 declared, 81 decoded): hence the fraction."""
+    declared = info.get("nb_frames")
+    if info.get("container") != "avi" or not declared or (fps is not None and not info.get("fps")):
+        return
+    expected = declared if fps is None else declared * float(fps) / info["fps"]
+    if count < TRUNCATED_FRACTION * expected:
+        raise VideoError(info["path"], f"the file is cut off after {count} frames (its AVI header declares "
+                                       f"{declared})")
 
 
 def _stop(process: subprocess.Popen) -> None:

@@ -29,6 +29,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from .ffmpeg_io import TRUNCATED_FRACTION
+
 # Codecs that NVDEC decodes (and DALI's fn.decoders.video accepts on the GPU).
 NVDEC_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mpeg1video", "mpeg2video", "mjpeg"})
 NVDEC_MAX_SIDE = 4096     # H.264's NVDEC limit (HEVC/AV1 allow 8192 on recent GPUs; we keep one rule)
@@ -36,7 +38,6 @@ NVDEC_MIN_SIDE = 48       # NVDEC's minimum coded width is 48 (height 16); we re
 NVDEC_RULES = (f"codec in {{{', '.join(sorted(NVDEC_CODECS))}}}; 8-bit samples; 4:2:0 chroma for H.264 and "
                f"HEVC (NVDEC has no 4:2:2, and 4:4:4 only for HEVC on some GPUs); width and height "
                f"{NVDEC_MIN_SIDE}..{NVDEC_MAX_SIDE} and even (4:2:0 surfaces are even-sized)")
-TRUNCATED_FRACTION = 0.9  # decoded frames below this fraction of the header's count -> truncated
 
 BUCKETS = ("ok", "unreadable", "no_video", "zero_frames", "truncated", "nvdec_unsupported")
 BLOCKED = BUCKETS[1:]

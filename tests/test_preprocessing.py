@@ -285,6 +285,19 @@ def test_a_video_cut_off_in_the_middle_is_refused_not_kept_short(tmp_path, name)
     assert len(list(iter_jpeg_frames(whole, short_side=24))) == 50
 
 
+@pytest.mark.parametrize("fps", [None, 10])
+def test_an_mjpeg_avi_cut_off_in_the_middle_is_refused_not_kept_short(tmp_path, fps):
+    """ffmpeg decodes it to the cut, prints only the JPEG decoder's 'overread' and exits 0 (none of
+    CUT_OFF_MESSAGES): build-lmdb kept 19 of 50 frames, silently. Its AVI header still declares 50."""
+    whole = tmp_path / "whole.avi"
+    ffmpeg_run("-f", "lavfi", "-i", "testsrc=duration=2:size=64x48:rate=25", "-c:v", "mjpeg", str(whole))
+    data = whole.read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoError, match=r"the file is cut off after \d+ frames \(its AVI header declares 50\)"):
+        list(iter_jpeg_frames(tmp_path / "cut.avi", short_side=24, fps=fps))
+    assert len(list(iter_jpeg_frames(whole, short_side=24, fps=fps))) == (50 if fps is None else 20)
+
+
 @pytest.mark.parametrize("suffix", ["png", "jpg"])
 def test_an_image_renamed_to_a_video_is_not_a_video(tmp_path, suffix):
     """It landed as a one-frame video (ffmpeg's image demuxers read it)."""
