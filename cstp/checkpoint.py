@@ -92,6 +92,10 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+NON_FINITE = "tensors with NaN or infinite values"   # state_problems' value problem; the others are of layout
+DIVERGED_HINT = "the run that wrote it had diverged: resume from an earlier checkpoint (--resume PATH)"
+
+
 def state_problems(state, expected: dict) -> list[str]:
     """Why `state`, a model state dict read from a file, cannot be loaded into a model whose own
     state dict is `expected`: missing or unexpected keys, values that are not tensors, wrong
@@ -108,7 +112,7 @@ def state_problems(state, expected: dict) -> list[str]:
     problems = []
     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                        ("values that are not tensors", not_tensors), ("wrong shapes", wrong),
-                       ("tensors with NaN or infinite values", non_finite)):
+                       (NON_FINITE, non_finite)):
         if keys:
             problems.append(f"{len(keys)} {what} (e.g. {'; '.join(keys[:3])})")
     return problems
@@ -128,17 +132,20 @@ def check_optimizer_state(state) -> None:
     bad = [f"{name} of parameter {index}" for index, values in per_param.items() if isinstance(values, dict)
            for name, value in values.items() if torch.is_tensor(value) and _non_finite(value)]
     if bad:
-        raise CheckpointError(f"its optimizer state has {len(bad)} tensors with NaN or infinite values "
+        raise CheckpointError(f"its optimizer state has {len(bad)} {NON_FINITE} "
                               f"(e.g. {'; '.join(bad[:3])}); the first step would make every weight NaN")
 
 
 def load_model_state(module: torch.nn.Module, state, hint: str = "") -> None:
     """`module.load_state_dict(state)`, or CheckpointError with a one-line reason (instead of
-    torch's multi-line error, or silently loading NaN weights)."""
+    torch's multi-line error, or silently loading NaN weights). `hint` (what to set) follows a
+    layout problem only; NaN weights get DIVERGED_HINT, since no setting fits them."""
     problems = state_problems(state, module.state_dict())
     if problems:
-        raise CheckpointError(f"its weights do not fit this model: {'; '.join(problems)}"
-                              + (f"; {hint}" if hint else ""))
+        layout = [p for p in problems if NON_FINITE not in p]
+        hints = ([hint] if hint and layout else []) + ([DIVERGED_HINT] if len(layout) < len(problems) else [])
+        lead = "its weights do not fit this model" if layout else "its weights are not finite"
+        raise CheckpointError(f"{lead}: {'; '.join(problems + hints)}")
     module.load_state_dict(state)
 
 

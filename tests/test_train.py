@@ -98,6 +98,12 @@ def test_resuming_with_another_model_shape_or_from_only_broken_checkpoints_is_on
     assert train.main(["--out", str(tmp_path), "--resume", "auto", f"data.path={tiny_db}", *TINY]) == 2
     err = capsys.readouterr().err   # loaded before: the first step made every weight NaN, exported in backbone.pt
     assert "its optimizer state has " in err and "tensors with NaN or infinite values" in err, err
+    model = {k: v * float("nan") if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save({**state, "model": model}, tmp_path / "ckpt_000000003.pt")
+    assert train.main(["--out", str(tmp_path), "--resume", "auto", f"data.path={tiny_db}", *TINY]) == 2
+    err = capsys.readouterr().err   # the hint said to set model.* as in the run that wrote it: no setting fits NaN
+    assert "tensors with NaN or infinite values" in err and "resume from an earlier checkpoint" in err, err
+    assert "set model.*" not in err, err
     torch.save({**state, "position": {"epoch": 0}}, tmp_path / "ckpt_000000003.pt")
     assert train.main(["--out", str(tmp_path), "--resume", "auto", f"data.path={tiny_db}", *TINY]) == 2
     assert "has no valid 'position' entry" in capsys.readouterr().err
