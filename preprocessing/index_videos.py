@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pipelines import lmdb_store
 from pipelines.faults import file_stamp
 from pipelines.video_source import VIDEO_INDEX_FORMAT
 
@@ -42,6 +43,11 @@ def count_decoded_frames(path: str, stream_index: int) -> int:
         raise VideoError(path, "ffprobe did not report a frame count") from None
     if frames <= 0:
         raise VideoError(path, "no decodable frames")
+    if frames > lmdb_store.MAX_FRAMES_PER_VIDEO:
+        # The index's readers refuse a record over this bound, and with it the whole index:
+        # skip the one video here instead of writing an index that no run can open.
+        raise VideoError(path, f"{frames} frames, more than {lmdb_store.MAX_FRAMES_PER_VIDEO} per video: "
+                               "split it into shorter files (ffmpeg -f segment) and index those")
     return frames
 
 

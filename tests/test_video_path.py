@@ -220,3 +220,22 @@ def test_a_file_too_large_to_be_a_video_index_is_refused_before_it_is_read(tmp_p
         with pytest.raises(vs.VideoIndexError, match="more than a video index can be"):
             load(str(path))
     assert read == []          # refused from its size, never read into memory
+
+
+def test_a_video_longer_than_the_readers_bound_is_skipped_by_index_videos(tmp_path, monkeypatch):
+    # Readers refuse an index record over MAX_FRAMES_PER_VIDEO, and with it the whole index,
+    # so index-videos must skip such a video instead of writing it (the bound lowered to 20).
+    from pipelines import lmdb_store
+    monkeypatch.setattr(lmdb_store, "MAX_FRAMES_PER_VIDEO", 20)
+    (tmp_path / "a").mkdir()
+    write_coded_video(tmp_path / "a" / "short.webm", 12, "webm")
+    write_coded_video(tmp_path / "a" / "long.webm", 30, "webm")
+    out = tmp_path / "index.json"
+    assert preprocessing_main(["index-videos", "--videos", str(tmp_path), "--out", str(out), "--quiet"]) == 0
+    index = json.loads(out.read_text())
+    assert [v["name"] for v in index["videos"]] == ["a/short"]
+    assert [f["file"] for f in index["failed"]] == ["a/long.webm"]
+    assert index["failed"][0]["reason"].startswith("30 frames, more than 20 per video")
+    from pipelines.video_source import read_video_index
+    metas, _, _ = read_video_index(str(out))
+    assert [m.frames for m in metas] == [12]
