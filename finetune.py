@@ -60,7 +60,8 @@ def main(argv=None) -> int:
         return fail(str(err))
     if args.out:
         cfg["run"]["out"] = args.out
-    from train import distributed_env, find_resume_state, no_resume_message, resolve_device, unwritable
+    from train import (distributed_env, find_resume_state, join_ranks, no_resume_message, refuse_on_every_rank,
+                       resolve_device, unwritable)
 
     rank, world_size, local_rank = distributed_env()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -87,19 +88,21 @@ def main(argv=None) -> int:
     if cfg["train"]["threads"]:
         torch.set_num_threads(cfg["train"]["threads"])
     device = resolve_device(d["device"])
+    problem, resume_path, resume_state = None, None, None
     try:
         resume_path, resume_state = find_resume_state(
             args.resume, out_dir, FINETUNE_FORMAT,
             "--resume continues a finetuning run; a pretrained backbone goes to model.init")
     except CheckpointError as err:
-        return fail(str(err))
-    if resume_state is None and list_checkpoints(out_dir):
-        return fail(no_resume_message(args.resume, out_dir))
+        problem = str(err)
+    else:
+        if resume_state is None and list_checkpoints(out_dir):
+            problem = no_resume_message(args.resume, out_dir)
     position = Position(**resume_state["position"]) if resume_state else Position()
 
     backbone = None
     width = m["width"] or 1.0
-    if m["init"] and resume_state is None:
+    if m["init"] and resume_state is None and problem is None:
         try:
             backbone = load_backbone(m["init"], expected_width=m["width"] or None)
         except BackboneLoadError as err:
@@ -109,7 +112,10 @@ def main(argv=None) -> int:
         try:
             width = checked_width(resume_state.get("width"), str(resume_path))
         except BackboneLoadError as err:
-            return fail(f"--resume: {err}")
+            problem = f"--resume: {err}"
+    if problem is not None:
+        message = refuse_on_every_rank(problem, device, rank, local_rank, world_size)
+        return fail(message) if message else 2
 
     try:
         clip_cfg = clip_config_from(cfg["clip"])
@@ -146,13 +152,13 @@ def main(argv=None) -> int:
         train_loader.close()
         val_loader.close()
         return fail(f"model.num_classes={num_classes} but {d['train']} has {train_loader.num_classes} classes")
-    if world_size > 1:
-        dist.init_process_group("nccl" if device == "gpu" else "gloo")
+    problem = join_ranks(device, local_rank, world_size, position=resume_state and resume_state["position"])
     train_device = torch.device(f"cuda:{local_rank}" if device == "gpu" else "cpu")
     if device == "gpu":
-        torch.cuda.set_device(train_device)
         torch.backends.cudnn.benchmark = True
     try:
+        if problem is not None:
+            return fail(problem) if rank == 0 else 2
         torch.manual_seed(cfg["run"]["seed"])   # the head's (and a scratch backbone's) initialisation
         model = build_classifier(width, num_classes, backbone.state_dict if backbone else None,
                                  frozen=m["mode"] == "linear")
@@ -164,7 +170,8 @@ def main(argv=None) -> int:
             trainer = FinetuneTrainer(cfg, model, train_loader, val_loader, out_dir, train_device,
                                       resume_state=resume_state, meta=meta)
         except CheckpointError as err:   # before config.yaml is written: the run's own stays as it was
-            return fail(f"--resume: {resume_path}: {err}")
+            # the same on every rank; with several, it names the failing rank, whose path may differ
+            return 2 if rank else fail(f"--resume: {resume_path}: {err}" if world_size == 1 else f"--resume: {err}")
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -16,6 +16,7 @@ SIGTERM/SIGINT (preemption; torchrun forwards them): finish the step, checkpoint
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -88,6 +89,48 @@ def no_resume_message(resume: str | None, out_dir: Path) -> str:
     return f"{out_dir} already holds checkpoints; pass --resume auto to continue that run or choose another --out"
 
 
+# How long a rank that cannot resume waits for the others to join the process group (they
+# build their loaders first) before it leaves with its own message: they may have stopped too.
+REFUSING_RANK_WAIT_S = 300
+
+
+def join_ranks(device: str, local_rank: int, world_size: int, problem: str | None = None,
+               position: dict | None = None, timeout_s: float | None = None) -> str | None:
+    """The process group (several ranks) and this rank's GPU, then checkpoint.agree_across_ranks
+    on resuming: None when every rank can go on from the same position, else the message that
+    stops them all (shared by train.py and finetune.py). A rank that cannot resume joins only
+    to pass on its `problem`: left out, the others would wait for it until the timeout."""
+    import torch
+    import torch.distributed as dist
+
+    from cstp.checkpoint import agree_across_ranks
+
+    if world_size > 1:
+        timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group("nccl" if device == "gpu" else "gloo", **timeout)
+    if device == "gpu":
+        torch.cuda.set_device(torch.device(f"cuda:{local_rank}"))
+    return agree_across_ranks(problem, position)
+
+
+def refuse_on_every_rank(problem: str, device: str, rank: int, local_rank: int, world_size: int) -> str | None:
+    """For a rank that cannot resume: join_ranks to stop the others, then the message to print
+    (rank 0 prints it; None on the other ranks). Its own, when the others do not join within
+    REFUSING_RANK_WAIT_S."""
+    import torch.distributed as dist
+
+    if world_size == 1:
+        return problem
+    try:
+        agreed = join_ranks(device, local_rank, world_size, problem, timeout_s=REFUSING_RANK_WAIT_S)
+    except (RuntimeError, ValueError) as err:   # torch's DistError is a RuntimeError
+        return f"{problem} (the other ranks did not join within {REFUSING_RANK_WAIT_S} s: {type(err).__name__})"
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return agreed if rank == 0 else None
+
+
 def unwritable(path: Path, folder: bool) -> str | None:
     """Why `path` cannot be written as a folder (`folder`) or as a file, or None: checked
     before the work whose results go there."""
@@ -154,14 +197,19 @@ def main(argv=None) -> int:
     if cfg["train"]["threads"]:
         torch.set_num_threads(cfg["train"]["threads"])
     device = resolve_device(cfg["data"]["device"])
+    problem = None
     try:
         resume_path, resume_state = find_resume_state(
             args.resume, out_dir, CHECKPOINT_FORMAT,
             "--resume continues a pretraining run of train.py (finetuning runs resume with finetune.py)")
     except CheckpointError as err:
-        return fail(f"--resume: {err}")
-    if resume_state is None and list_checkpoints(out_dir):
-        return fail(no_resume_message(args.resume, out_dir))
+        problem = f"--resume: {err}"
+    else:
+        if resume_state is None and list_checkpoints(out_dir):
+            problem = no_resume_message(args.resume, out_dir)
+    if problem is not None:
+        message = refuse_on_every_rank(problem, device, rank, local_rank, world_size)
+        return fail(message) if message else 2
     position = Position(**resume_state["position"]) if resume_state else Position()
     if resume_state:
         logging.info("resuming from %s at epoch %d, sample %d, step %d", resume_path, position.epoch,
@@ -184,18 +232,18 @@ def main(argv=None) -> int:
     except (FileNotFoundError, LmdbFormatError, ValueError) as err:
         print(f"train.py: cannot read the data: {err}", file=sys.stderr)
         return 2
-    if world_size > 1:
-        backend = "nccl" if device == "gpu" else "gloo"
-        dist.init_process_group(backend)
+    problem = join_ranks(device, local_rank, world_size, position=resume_state and resume_state["position"])
     train_device = torch.device(f"cuda:{local_rank}" if device == "gpu" else "cpu")
     if device == "gpu":
-        torch.cuda.set_device(train_device)
         torch.backends.cudnn.benchmark = cfg["train"]["cudnn_benchmark"]
     try:
+        if problem is not None:
+            return fail(problem) if rank == 0 else 2
         try:
             trainer = Trainer(cfg, loader, out_dir, train_device, resume_state=resume_state)
         except CheckpointError as err:   # before config.yaml is written: the run's own stays as it was
-            return fail(f"--resume: {resume_path}: {err}")
+            # the same on every rank; with several, it names the failing rank, whose path may differ
+            return 2 if rank else fail(f"--resume: {resume_path}: {err}" if world_size == 1 else f"--resume: {err}")
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -64,6 +64,42 @@ def save_from_rank0(make_state, out_dir: str | Path, step: int, keep: int = 3) -
         dist.barrier()
 
 
+def agree_across_ranks(problem: str | None, position: dict | None = None) -> str | None:
+    """Once the process group is up, before the first collective that needs every rank (DDP's
+    broadcast): each rank's `problem` (why it cannot resume, or None) and the `position` it
+    resumes from (None: from the start) go to every rank. Returns, on every rank, the first
+    failing rank's problem prefixed with its rank, or a line naming the ranks' differing
+    positions, or None. Ranks may read node-local copies of a checkpoint: one that cannot load
+    its copy stops them all with its message instead of leaving them in a collective until
+    its timeout. Without a process group: `problem`."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return problem
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (problem, position))
+    for rank, (rank_problem, _) in enumerate(reports):
+        if rank_problem is not None:
+            return f"rank {rank}: {rank_problem}"
+    positions = [rank_position for _, rank_position in reports]
+    if any(p != positions[0] for p in positions):
+        where = "; ".join(f"rank {rank}: " + (f"step {p['step']}" if isinstance(p, dict) else "the start")
+                          for rank, p in enumerate(positions))
+        return (f"the ranks would resume from different points ({where}): their checkpoints differ; "
+                "give every node the same checkpoint")
+    return None
+
+
+def restore_on_every_rank(restore, state: dict) -> None:
+    """`restore(state)` (a trainer's), then agree_across_ranks: CheckpointError on every rank,
+    with the failing rank's message, when it failed on any (before DDP's first broadcast)."""
+    try:
+        restore(state)
+        problem = None
+    except CheckpointError as err:
+        problem = str(err)
+    if problem := agree_across_ranks(problem):
+        raise CheckpointError(problem)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """torch.load(weights_only=True) of `path`, or CheckpointError with a one-line reason.
     A file that is not torch.save output at all (empty, random bytes, a log) is said to be

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (atomic_save, check_optimizer_state, load_model_state, restoring_training_state,
-                         save_from_rank0)
+from .checkpoint import (atomic_save, check_optimizer_state, load_model_state, restore_on_every_rank,
+                         restoring_training_state, save_from_rank0)
 from .losses import CSTPLossWeights, cstp_loss
 from .models.cstp_model import CSTPModel
 from .run_logs import open_metrics, open_tensorboard
@@ -126,8 +126,8 @@ class Trainer:
         self.worst_in_a_row = torch.zeros((), device=device)     # longest run since the last check
         # samples the loader had to take from another video (unreadable data)
         self.substituted_samples = torch.zeros((), dtype=torch.long, device=device)
-        if resume_state is not None:
-            self._restore(resume_state)
+        if resume_state is not None:   # on every rank before DDP's broadcast: one may fail alone
+            restore_on_every_rank(self._restore, resume_state)
         self._prepare_optimizer_state()
         self.ddp_model = self.model
         if self.world_size > 1:

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import (atomic_save, check_optimizer_state, load_model_state, restoring_training_state,
-                         save_from_rank0)
+from .checkpoint import (atomic_save, check_optimizer_state, load_model_state, restore_on_every_rank,
+                         restoring_training_state, save_from_rank0)
 from .classifier import VideoClassifier
 from .metrics import VideoAverager
 from .run_logs import open_metrics, open_tensorboard
@@ -99,8 +99,8 @@ class FinetuneTrainer:
         self.skipped_steps = 0
         self.bad_steps_in_a_row = 0
         self.substituted = torch.zeros((), dtype=torch.long)
-        if resume_state is not None:
-            self._restore(resume_state)
+        if resume_state is not None:   # on every rank before DDP's broadcast: one may fail alone
+            restore_on_every_rank(self._restore, resume_state)
         self.ddp_model = self.model
         if self.world_size > 1:
             ids = [device.index] if device.type == "cuda" else None

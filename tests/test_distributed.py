@@ -118,6 +118,73 @@ def test_max_restarts_brings_a_dead_rank_back_and_the_run_resumes(tmp_path, tiny
     assert final_digest(out) == final_digest(two_node_run)
 
 
+def damaged_copy(good: Path, damage: str, dest: Path) -> Path:
+    if damage == "cut in half":
+        data = good.read_bytes()
+        dest.write_bytes(data[:len(data) // 2])
+    elif damage == "NaN weights":
+        state = torch.load(good, weights_only=True)
+        state["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in state["model"].items()}
+        torch.save(state, dest)
+    else:   # "a later step": a good checkpoint, but not the one the other rank resumes from
+        shutil.copyfile(good.with_name("ckpt_000000004.pt"), dest)
+    return dest
+
+
+def resume_on_two_nodes(script: str, paths: list[Path], *args) -> tuple[list[int], str]:
+    """`script` ('train' or 'finetune') on two torchrun nodes of one rank each, rank r resuming
+    from paths[r] (node-local copies of a checkpoint): the launchers' exit codes and their
+    stderr together. Fails the test when they still run after 90 s."""
+    port = free_port()
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cstp-resume"]
+    # this file as each rank's script (`__main__` below)
+    env = dict(child_env(), RESUME_SCRIPT=script, RANK_PATHS=os.pathsep.join(map(str, paths)))
+    procs = [subprocess.Popen(torchrun(*common, str(Path(__file__).resolve()), "--resume", "per-rank", *args),
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        errs = [p.communicate(timeout=90)[1] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.terminate()   # torchrun passes SIGTERM on to its rank, then SIGKILL after 30 s
+        for p in procs:
+            try:
+                p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        pytest.fail(f"{script}.py: the ranks still run after 90 s")
+    return [p.returncode for p in procs], "".join(errs)
+
+
+def assert_one_rank_stopped_all(codes: list[int], stderr: str, script: str, message: str):
+    """Both launchers report a rank that exited 2 (no traceback's 1), and one line says why."""
+    assert codes == [1, 1], stderr[-3000:]   # torchrun's code for a failed rank
+    assert "exitcode: 2" in stderr and "exitcode: 1" not in stderr, stderr[-3000:]
+    lines = [x for x in stderr.splitlines() if x.startswith(f"{script}.py: ")]
+    assert len(lines) == 1 and message in lines[0], stderr[-3000:]
+    assert "Connection closed by peer" not in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, message", [
+    ("cut in half", "rank 1: --resume: {path} is a damaged checkpoint"),
+    ("NaN weights", "--resume: rank 1: its weights are not finite"),
+    ("a later step", "the ranks would resume from different points (rank 0: step 2; rank 1: step 4)")])
+def test_a_checkpoint_only_one_node_cannot_resume_from_stops_every_rank(tmp_path, tiny_db, two_node_run, damage,
+                                                                        message):
+    """Nodes read node-local copies of a checkpoint: when rank 1's copy is damaged (or another
+    step) and rank 0's is good, every rank exits 2 within seconds with one line naming rank 1.
+    Rank 0 waited in init_process_group until the timeout (30 min) for a rank 1 that had
+    exited; a copy with NaN weights left it a gloo 'Connection closed by peer' traceback;
+    ranks at different steps ran on until their collectives no longer matched, and hung."""
+    good = two_node_run / "ckpt_000000002.pt"
+    paths = [good, damaged_copy(good, damage, tmp_path / "rank1.pt")]
+    codes, stderr = resume_on_two_nodes("train", paths, "--out", str(tmp_path / "run"), f"data.path={tiny_db}",
+                                        *DIST)
+    assert_one_rank_stopped_all(codes, stderr, "train", message.format(path=paths[1]))
+
+
 # ---------------------------------------------------------------- non-finite losses
 
 def run(out, db, *extra) -> int:
@@ -340,3 +407,12 @@ def test_slurm_script_parses_and_launches_torchrun_with_resume():
                    "#SBATCH --ntasks-per-node=1", "scontrol requeue", "srun ",
                    "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         assert needed in text, needed
+
+
+if __name__ == "__main__":
+    # a rank of resume_on_two_nodes: RESUME_SCRIPT's main with --resume per-rank replaced
+    # by this rank's path in RANK_PATHS
+    import importlib
+    argv = sys.argv[1:]
+    argv[argv.index("per-rank")] = os.environ["RANK_PATHS"].split(os.pathsep)[int(os.environ["RANK"])]
+    sys.exit(importlib.import_module(os.environ["RESUME_SCRIPT"]).main(argv))

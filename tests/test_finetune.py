@@ -232,6 +232,23 @@ def test_evaluate_writes_the_report(tmp_path, tiny_db):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_one_node_cannot_load_stops_both_ranks(tmp_path, tiny_db):
+    """Rank 1's node-local copy of the checkpoint is cut in half, rank 0's is good: both ranks
+    exit 2 within seconds with one line naming rank 1 (rank 0 waited for it in
+    init_process_group until the timeout)."""
+    from tests.test_distributed import assert_one_rank_stopped_all, resume_on_two_nodes
+
+    stopped = tmp_path / "stopped"
+    run(stopped, tiny_db, "max_steps=3")   # the end of epoch 0: a position for 2 ranks as well
+    good, _ = latest_checkpoint(stopped)
+    damaged = tmp_path / "rank1.pt"
+    damaged.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    codes, stderr = resume_on_two_nodes("finetune", [good, damaged], "--out", str(tmp_path / "run"),
+                                        f"data.train={tiny_db}", *TINY)
+    assert_one_rank_stopped_all(codes, stderr, "finetune", f"rank 1: {damaged} is a damaged checkpoint")
+
+
+@pytest.mark.slow
 def test_two_gloo_ranks_keep_identical_learning_rates_and_resume(tmp_path, tiny_db):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
