@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     from cstp.checkpoint import CheckpointError, list_checkpoints
     from cstp.classifier import build_classifier
     from cstp.finetune_engine import FINETUNE_FORMAT, FinetuneTrainer, Position, validation_split
+    from cstp.out_of_memory import is_out_of_memory, out_of_memory_message
     from pipelines.clip_loader import ClipLoader, ClipLoaderSettings
     from pipelines.clip_plan import clip_config_from
     from pipelines.faults import BrokenDataError
@@ -188,6 +189,13 @@ def main(argv=None) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+    except (RuntimeError, MemoryError) as err:   # building the model on the device, a step or a validation
+        if not is_out_of_memory(err):
+            raise
+        c = cfg["clip"]
+        return fail(out_of_memory_message(err, {"data.batch_size": d["batch_size"], "clip.frames": c["frames"],
+                                                "clip.crop_size": c["crop_size"]},
+                                          rank if world_size > 1 else None))
     finally:
         train_loader.close()
         val_loader.close()

@@ -189,6 +189,7 @@ def main(argv=None) -> int:
 
     from cstp.checkpoint import CheckpointError, list_checkpoints
     from cstp.engine import CHECKPOINT_FORMAT, NonFiniteLossError, Position, Trainer
+    from cstp.out_of_memory import is_out_of_memory, out_of_memory_message
     from pipelines.faults import BrokenDataError
     from pipelines.lmdb_store import LmdbFormatError
     from pipelines.loader import LoaderSettings, PretrainLoader
@@ -263,6 +264,13 @@ def main(argv=None) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+    except (RuntimeError, MemoryError) as err:   # building the model on the device, or a step
+        if not is_out_of_memory(err):
+            raise
+        p = cfg["plan"]
+        return fail(out_of_memory_message(err, {"data.batch_size": d["batch_size"], "plan.frames": p["frames"],
+                                                "plan.crop_size": p["crop_size"]},
+                                          rank if world_size > 1 else None))
     finally:
         loader.close()
         if dist.is_initialized():

@@ -297,3 +297,17 @@ def test_two_gloo_ranks_keep_identical_learning_rates_and_resume(tmp_path, tiny_
     assert a["videos"] == b["videos"] == 18
     assert a["confusion_matrix"] == b["confusion_matrix"]
     assert a["retrieval"] == pytest.approx(b["retrieval"])
+
+
+def test_running_out_of_memory_in_finetuning_says_what_to_lower(tmp_path, tiny_db, monkeypatch, capsys):
+    from cstp import finetune_engine
+
+    def no_memory(self, batch):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 512.00 MiB")
+    monkeypatch.setattr(finetune_engine.FinetuneTrainer, "train_step", no_memory)
+    argv = ["--out", str(tmp_path), f"data.train={tiny_db}", *TINY]
+    assert finetune.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "finetune.py: out of memory (CUDA out of memory. Tried to allocate 512.00 MiB) with data.batch_size=4, "
+        "clip.frames=4, clip.crop_size=32: lower the batch per rank")

@@ -223,3 +223,33 @@ def test_a_reference_lmdb_with_unreadable_entries_trains_to_the_end_and_writes_i
     out = tmp_path / "run"
     assert train.main(["--out", str(out), f"data.path={db}", *TINY, "max_steps=2"]) == 0
     assert "majority_baseline" in json.loads((out / "summary.json").read_text())
+
+
+def test_running_out_of_memory_says_what_to_lower_and_other_errors_are_not_hidden(tmp_path, tiny_db, monkeypatch,
+                                                                                    capsys):
+    from cstp import engine
+    from cstp.out_of_memory import is_out_of_memory
+
+    def no_memory(self, batch, lr):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.11 GiB total)")
+    monkeypatch.setattr(engine.Trainer, "train_step", no_memory)
+    assert train.main(["--out", str(tmp_path / "a"), f"data.path={tiny_db}", *TINY, "max_steps=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train.py: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.11 GiB "
+                   "total)) with data.batch_size=4, plan.frames=4, plan.crop_size=32: lower the batch per rank "
+                   "(the first of these) or the clip size; `python benchmark.py model --config CONFIG --batch N` "
+                   "measures what a batch takes"]
+
+    def broken(self, batch, lr):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x2)")
+    monkeypatch.setattr(engine.Trainer, "train_step", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train.main(["--out", str(tmp_path / "b"), f"data.path={tiny_db}", *TINY, "max_steps=3"])
+
+    # the allocators' own words: torch on the CPU, DALI, Python
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: "
+                                         "can't allocate memory: you tried to allocate 96000000000 bytes."))
+    assert is_out_of_memory(RuntimeError("CUDA allocation failed"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("Expected all tensors to be on the same device"))
+    assert not is_out_of_memory(ValueError("out of memory"))
