@@ -101,13 +101,19 @@ def main(argv=None) -> int:
             problem = no_resume_message(args.resume, out_dir)
     position = Position(**resume_state["position"]) if resume_state else Position()
 
+    def refuse(problem: str) -> int:
+        # before the process group is up: the other ranks, which may read other (node-local)
+        # copies of the files, must not wait for this one in it until its timeout
+        message = refuse_on_every_rank(problem, device, rank, local_rank, world_size)
+        return fail(message) if message else 2
+
     backbone = None
     width = m["width"] or 1.0
     if m["init"] and resume_state is None and problem is None:
         try:
             backbone = load_backbone(m["init"], expected_width=m["width"] or None)
         except BackboneLoadError as err:
-            return fail(f"model.init: {err}")
+            return refuse(f"model.init: {err}")
         width = backbone.width
     elif resume_state is not None:
         try:
@@ -115,8 +121,7 @@ def main(argv=None) -> int:
         except BackboneLoadError as err:
             problem = f"--resume: {err}"
     if problem is not None:
-        message = refuse_on_every_rank(problem, device, rank, local_rank, world_size)
-        return fail(message) if message else 2
+        return refuse(problem)
 
     try:
         clip_cfg = clip_config_from(cfg["clip"])
@@ -134,25 +139,25 @@ def main(argv=None) -> int:
         from pipelines.lmdb_store import read_metadata
         from pipelines.video_source import is_video_index, read_video_index
         if d["train_list"] and is_video_index(d["train"]):
-            return fail("data.train_list selects videos of an LMDB; a video index lists its videos itself")
+            return refuse("data.train_list selects videos of an LMDB; a video index lists its videos itself")
         metas = read_video_index(d["train"])[0] if is_video_index(d["train"]) else \
             read_metadata(d["train"], d["train_list"] or None)[0]
         train_ids, val_ids = validation_split([mm.label for mm in metas], d["val_fraction"], cfg["run"]["seed"])
         if not val_ids:
-            return fail(f"{d['train']}: no class has 2 videos, so there is nothing to validate on")
+            return refuse(f"{d['train']}: no class has 2 videos, so there is nothing to validate on")
         if resume_state is not None and resume_state.get("val_videos") not in (None, val_ids):
-            return fail("the validation split differs from the checkpoint's (data.val_fraction, run.seed or "
-                        "the training LMDB changed)")
+            return refuse("the validation split differs from the checkpoint's (data.val_fraction, run.seed or "
+                          "the training LMDB changed)")
         train_loader = ClipLoader(d["train"], "train", clip_cfg, settings, start_epoch=position.epoch,
                                   start_sample=position.sample, videos=train_ids, **common)
         val_loader = ClipLoader(d["train"], "val", clip_cfg, settings, videos=val_ids, **common)
     except (FileNotFoundError, LmdbFormatError, ValueError) as err:
-        return fail(f"cannot read the data: {err}")
+        return refuse(f"cannot read the data: {err}")
     num_classes = m["num_classes"] or train_loader.num_classes
     if num_classes < train_loader.num_classes:
         train_loader.close()
         val_loader.close()
-        return fail(f"model.num_classes={num_classes} but {d['train']} has {train_loader.num_classes} classes")
+        return refuse(f"model.num_classes={num_classes} but {d['train']} has {train_loader.num_classes} classes")
     problem = join_ranks(device, local_rank, world_size, position=resume_state and resume_state["position"])
     train_device = torch.device(f"cuda:{local_rank}" if device == "gpu" else "cpu")
     if device == "gpu":

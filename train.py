@@ -231,8 +231,9 @@ def main(argv=None) -> int:
                                 world_size=world_size, start_epoch=position.epoch, start_sample=position.sample,
                                 list_path=d["list"] or None, blocklist=d["blocklist"] or None)
     except (FileNotFoundError, LmdbFormatError, ValueError) as err:
-        print(f"train.py: cannot read the data: {err}", file=sys.stderr)
-        return 2
+        # nodes may read node-local copies of the data: one that cannot stops them all
+        message = refuse_on_every_rank(f"cannot read the data: {err}", device, rank, local_rank, world_size)
+        return fail(message) if message else 2
     problem = join_ranks(device, local_rank, world_size, position=resume_state and resume_state["position"])
     train_device = torch.device(f"cuda:{local_rank}" if device == "gpu" else "cpu")
     if device == "gpu":

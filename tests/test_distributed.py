@@ -135,12 +135,21 @@ def resume_on_two_nodes(script: str, paths: list[Path], *args) -> tuple[list[int
     """`script` ('train' or 'finetune') on two torchrun nodes of one rank each, rank r resuming
     from paths[r] (node-local copies of a checkpoint): the launchers' exit codes and their
     stderr together. Fails the test when they still run after 90 s."""
+    return on_two_nodes(script, paths, "--resume", RANK_PATH, *args)
+
+
+RANK_PATH = "{rank_path}"   # in on_two_nodes' arguments: this rank's entry of `paths`
+
+
+def on_two_nodes(script: str, paths: list[Path], *args) -> tuple[list[int], str]:
+    """`script` on two torchrun nodes of one rank each, RANK_PATH in `args` replaced by
+    paths[rank]: the launchers' exit codes and their stderr together (see resume_on_two_nodes)."""
     port = free_port()
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cstp-resume"]
     # this file as each rank's script (`__main__` below)
     env = dict(child_env(), RESUME_SCRIPT=script, RANK_PATHS=os.pathsep.join(map(str, paths)))
-    procs = [subprocess.Popen(torchrun(*common, str(Path(__file__).resolve()), "--resume", "per-rank", *args),
+    procs = [subprocess.Popen(torchrun(*common, str(Path(__file__).resolve()), *args),
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     try:
@@ -183,6 +192,16 @@ def test_a_checkpoint_only_one_node_cannot_resume_from_stops_every_rank(tmp_path
     codes, stderr = resume_on_two_nodes("train", paths, "--out", str(tmp_path / "run"), f"data.path={tiny_db}",
                                         *DIST)
     assert_one_rank_stopped_all(codes, stderr, "train", message.format(path=paths[1]))
+
+
+@pytest.mark.slow
+def test_data_only_one_node_cannot_read_stops_every_rank(tmp_path, tiny_db):
+    """Nodes read node-local copies of the data: when rank 1's is missing, every rank exits 2
+    within seconds with one line naming rank 1 (rank 0 waited in init_process_group until the
+    timeout, 30 min, for a rank 1 that had exited)."""
+    paths = [Path(tiny_db), tmp_path / "missing.lmdb"]
+    codes, stderr = on_two_nodes("train", paths, "--out", str(tmp_path / "run"), f"data.path={RANK_PATH}", *DIST)
+    assert_one_rank_stopped_all(codes, stderr, "train", f"rank 1: cannot read the data: LMDB not found: {paths[1]}")
 
 
 # ---------------------------------------------------------------- non-finite losses
@@ -410,9 +429,9 @@ def test_slurm_script_parses_and_launches_torchrun_with_resume():
 
 
 if __name__ == "__main__":
-    # a rank of resume_on_two_nodes: RESUME_SCRIPT's main with --resume per-rank replaced
+    # a rank of on_two_nodes: RESUME_SCRIPT's main with RANK_PATH in its arguments replaced
     # by this rank's path in RANK_PATHS
     import importlib
-    argv = sys.argv[1:]
-    argv[argv.index("per-rank")] = os.environ["RANK_PATHS"].split(os.pathsep)[int(os.environ["RANK"])]
+    rank_path = os.environ["RANK_PATHS"].split(os.pathsep)[int(os.environ["RANK"])]
+    argv = [arg.replace(RANK_PATH, rank_path) for arg in sys.argv[1:]]
     sys.exit(importlib.import_module(os.environ["RESUME_SCRIPT"]).main(argv))

@@ -249,6 +249,23 @@ def test_a_checkpoint_one_node_cannot_load_stops_both_ranks(tmp_path, tiny_db):
 
 
 @pytest.mark.slow
+def test_a_backbone_or_data_one_node_cannot_read_stops_both_ranks(tmp_path, tiny_db):
+    """Rank 1's node-local copy of the pretrained backbone, then of the data, is missing: both
+    ranks exit 2 within seconds with one line naming rank 1."""
+    from tests.test_distributed import RANK_PATH, assert_one_rank_stopped_all, on_two_nodes
+
+    pretrained = tmp_path / "pre"
+    run(pretrained, tiny_db, "max_steps=1")
+    backbones = [pretrained / "best.pt", tmp_path / "missing.pt"]
+    codes, stderr = on_two_nodes("finetune", backbones, "--out", str(tmp_path / "a"), f"data.train={tiny_db}",
+                                 f"model.init={RANK_PATH}", *TINY)
+    assert_one_rank_stopped_all(codes, stderr, "finetune", "rank 1: model.init: ")
+    data = [Path(tiny_db), tmp_path / "missing.lmdb"]
+    codes, stderr = on_two_nodes("finetune", data, "--out", str(tmp_path / "b"), f"data.train={RANK_PATH}", *TINY)
+    assert_one_rank_stopped_all(codes, stderr, "finetune", "rank 1: cannot read the data: ")
+
+
+@pytest.mark.slow
 def test_two_gloo_ranks_keep_identical_learning_rates_and_resume(tmp_path, tiny_db):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
