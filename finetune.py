@@ -197,9 +197,7 @@ def main(argv=None) -> int:
     except (RuntimeError, MemoryError) as err:   # building the model on the device, a step or a validation
         if not is_out_of_memory(err):
             raise
-        c = cfg["clip"]
-        return fail(out_of_memory_message(err, {"data.batch_size": d["batch_size"], "clip.frames": c["frames"],
-                                                "clip.crop_size": c["crop_size"]},
+        return fail(out_of_memory_message(err, d["batch_size"], "clip", cfg["clip"],
                                           rank if world_size > 1 else None))
     finally:
         train_loader.close()

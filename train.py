@@ -268,10 +268,7 @@ def main(argv=None) -> int:
     except (RuntimeError, MemoryError) as err:   # building the model on the device, or a step
         if not is_out_of_memory(err):
             raise
-        p = cfg["plan"]
-        return fail(out_of_memory_message(err, {"data.batch_size": d["batch_size"], "plan.frames": p["frames"],
-                                                "plan.crop_size": p["crop_size"]},
-                                          rank if world_size > 1 else None))
+        return fail(out_of_memory_message(err, d["batch_size"], "plan", p, rank if world_size > 1 else None))
     finally:
         loader.close()
         if dist.is_initialized():
