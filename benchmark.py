@@ -60,6 +60,7 @@ from bench.report import default_json, headline_lines, print_results, write_repo
 from bench.settings import (DEFAULT_CONFIG, BenchmarkError, explicit_data_path, int_at_least, load_benchmark_config,
                             repeat_count, require_gpu_if_asked)
 from bench.suite import run_all
+from cstp.out_of_memory import is_out_of_memory, out_of_memory_message
 from pipelines.faults import BrokenDataError
 from train import unwritable
 
@@ -181,6 +182,12 @@ def main(argv=None) -> int:
                 results = [summary]
     except (BenchmarkError, BrokenDataError) as err:
         print(f"benchmark.py: {err}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as err:   # a batch size that does not fit, the usual sweep's end
+        if not is_out_of_memory(err):
+            raise
+        print(f"benchmark.py: {out_of_memory_message(err, cfg['data']['batch_size'], 'plan', cfg['plan'])}",
+              file=sys.stderr)
         return 2
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -402,3 +402,18 @@ def test_the_device_memory_reaches_the_report_and_the_gpu_check_summary(tmp_path
     rows = {row[0]: row[1:] for row in gpu_check_rows(runs)}
     label = "GPU memory GiB in use on the device / torch peak (largest: e2e, batch 64)"
     assert rows[label] == ("31.25 / 12.00", "")
+
+
+def test_running_out_of_memory_in_a_measurement_says_what_to_lower(monkeypatch, tmp_path, capsys):
+    def no_memory(args, cfg, tmp):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+    monkeypatch.setattr(benchmark, "run_one", no_memory)
+    assert benchmark.main(["model", *TINY, "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"benchmark.py: out of memory (CUDA out of memory. Tried to allocate 6.00 GiB) with "
+                   f"data.batch_size={BATCH}, plan.frames={FRAMES}, plan.crop_size={CROP}: lower the batch per rank "
+                   "(the first of these) or the clip size; `python benchmark.py model --config CONFIG --batch N` "
+                   "measures what a batch takes"]
+    monkeypatch.setattr(benchmark, "run_one", lambda *a: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    with pytest.raises(RuntimeError, match="a real bug"):
+        benchmark.main(["model", *TINY, "--json", str(tmp_path / "y.json")])
