@@ -104,8 +104,7 @@ def main(argv=None) -> int:
     def refuse(problem: str) -> int:
         # before the process group is up: the other ranks, which may read other (node-local)
         # copies of the files, must not wait for this one in it until its timeout
-        message = refuse_on_every_rank(problem, device, rank, local_rank, world_size)
-        return fail(message) if message else 2
+        return refuse_on_every_rank(problem, fail, device, rank, local_rank, world_size)
 
     backbone = None
     width = m["width"] or 1.0

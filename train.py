@@ -96,10 +96,11 @@ REFUSING_RANK_WAIT_S = 300
 
 def join_ranks(device: str, local_rank: int, world_size: int, problem: str | None = None,
                position: dict | None = None, timeout_s: float | None = None) -> str | None:
-    """The process group (several ranks) and this rank's GPU, then checkpoint.agree_across_ranks
-    on resuming: None when every rank can go on from the same position, else the message that
-    stops them all (shared by train.py and finetune.py). A rank that cannot resume joins only
-    to pass on its `problem`: left out, the others would wait for it until the timeout."""
+    """The process group (several ranks) and this rank's GPU, then checkpoint.agree_across_ranks:
+    None when every rank can go on from the same resume position, else the message that stops
+    them all (shared by train.py and finetune.py). A rank that cannot start (its checkpoint,
+    data or backbone) joins only to pass on its `problem`: left out, the others would wait for
+    it until the timeout."""
     import torch
     import torch.distributed as dist
 
@@ -113,22 +114,23 @@ def join_ranks(device: str, local_rank: int, world_size: int, problem: str | Non
     return agree_across_ranks(problem, position)
 
 
-def refuse_on_every_rank(problem: str, device: str, rank: int, local_rank: int, world_size: int) -> str | None:
-    """For a rank that cannot resume: join_ranks to stop the others, then the message to print
-    (rank 0 prints it; None on the other ranks). Its own, when the others do not join within
-    REFUSING_RANK_WAIT_S."""
+def refuse_on_every_rank(problem: str, fail, device: str, rank: int, local_rank: int, world_size: int) -> int:
+    """For a rank that cannot start (its checkpoint, data or backbone), before the process group
+    is up: join_ranks to stop the others, `fail(message)` on rank 0 (or on this rank, with its
+    own message, when the others do not join within REFUSING_RANK_WAIT_S); the exit code, 2."""
     import torch.distributed as dist
 
     if world_size == 1:
-        return problem
+        return fail(problem)
     try:
         agreed = join_ranks(device, local_rank, world_size, problem, timeout_s=REFUSING_RANK_WAIT_S)
     except (RuntimeError, ValueError) as err:   # torch's DistError is a RuntimeError
-        return f"{problem} (the other ranks did not join within {REFUSING_RANK_WAIT_S} s: {type(err).__name__})"
+        return fail(f"{problem} (the other ranks did not join within {REFUSING_RANK_WAIT_S} s: "
+                    f"{type(err).__name__})")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return agreed if rank == 0 else None
+    return fail(agreed) if rank == 0 else 2
 
 
 def unwritable(path: Path, folder: bool) -> str | None:
@@ -209,8 +211,7 @@ def main(argv=None) -> int:
         if resume_state is None and list_checkpoints(out_dir):
             problem = no_resume_message(args.resume, out_dir)
     if problem is not None:
-        message = refuse_on_every_rank(problem, device, rank, local_rank, world_size)
-        return fail(message) if message else 2
+        return refuse_on_every_rank(problem, fail, device, rank, local_rank, world_size)
     position = Position(**resume_state["position"]) if resume_state else Position()
     if resume_state:
         logging.info("resuming from %s at epoch %d, sample %d, step %d", resume_path, position.epoch,
@@ -232,8 +233,7 @@ def main(argv=None) -> int:
                                 list_path=d["list"] or None, blocklist=d["blocklist"] or None)
     except (FileNotFoundError, LmdbFormatError, ValueError) as err:
         # nodes may read node-local copies of the data: one that cannot stops them all
-        message = refuse_on_every_rank(f"cannot read the data: {err}", device, rank, local_rank, world_size)
-        return fail(message) if message else 2
+        return refuse_on_every_rank(f"cannot read the data: {err}", fail, device, rank, local_rank, world_size)
     problem = join_ranks(device, local_rank, world_size, position=resume_state and resume_state["position"])
     train_device = torch.device(f"cuda:{local_rank}" if device == "gpu" else "cpu")
     if device == "gpu":

@@ -108,10 +108,11 @@ def load_checkpoint(path: str | Path) -> dict:
         with open(path, "rb") as f:
             head = f.read(2)
         # torch.save writes a zip archive ("PK"); files of old torch versions are raw pickles (0x80)
-        if head == b"PK" and not zipfile.is_zipfile(path):
+        is_zip = zipfile.is_zipfile(path)
+        if head == b"PK" and not is_zip:
             raise CheckpointError(f"{path} is a damaged checkpoint: a zip archive without its end "
                                   "(cut short by a full disk or an interrupted copy?)")
-        if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        if not is_zip and head[:1] != b"\x80":
             raise CheckpointError(f"{path} is not a PyTorch checkpoint file (torch.save output)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

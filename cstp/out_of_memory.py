@@ -1,6 +1,6 @@
 """Running out of GPU or host memory, told apart from other errors, and said as what to
 change: the first thing a user meets when a batch size or clip size does not fit a card.
-Shared by train.py and finetune.py."""
+Shared by train.py, finetune.py and benchmark.py."""
 
 from __future__ import annotations
 
